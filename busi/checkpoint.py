@@ -1,0 +1,69 @@
+"""Saving and loading our checkpoints: tensors plus a plain JSON-able config, read with weights_only=True."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import BusiError
+from .models import ARCHITECTURES, build
+
+FORMAT = "busi-checkpoint"
+REQUIRED = ("arch", "classes", "image_size", "mean", "std")
+
+
+def save(path: str | Path, model: nn.Module, config: dict) -> None:
+    """Write atomically, so an interrupted save never leaves a half file under the real name."""
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        raise ValueError(f"checkpoint config lacks {missing}")
+    json.dumps(config)  # plain types only: anything else would need unpickling to read back
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save({"format": FORMAT, "version": __version__, "state_dict": state,
+                "config": {"temperature": 1.0, **config}}, tmp)
+    os.replace(tmp, path)
+
+
+def read(path: str | Path) -> dict:
+    """The checkpoint's config, validated, without building the model."""
+    path = Path(path)
+    if not path.exists():
+        raise BusiError(f"{path}: checkpoint does not exist")
+    if path.is_dir():
+        raise BusiError(f"{path}: is a folder; pass the checkpoint.pth inside it")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BusiError(f"{path}: not a readable checkpoint (truncated, corrupt or not a PyTorch file: {type(e).__name__})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise BusiError(f"{path}: not a busi checkpoint (expected a checkpoint.pth written by `busi train`)")
+    config = obj.get("config")
+    if not isinstance(config, dict) or any(k not in config for k in REQUIRED) or not isinstance(obj.get("state_dict"), dict):
+        raise BusiError(f"{path}: busi checkpoint is incomplete (config or weights missing)")
+    if config["arch"] not in ARCHITECTURES:
+        raise BusiError(f"{path}: architecture '{config['arch']}' is unknown to this version of busi")
+    return obj
+
+
+def load(path: str | Path) -> tuple[nn.Module, dict]:
+    """(model in eval mode, config)."""
+    obj = read(path)
+    config = obj["config"]
+    model = build(config["arch"], len(config["classes"]))
+    try:
+        model.load_state_dict(obj["state_dict"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise BusiError(f"{path}: weights do not fit a {config['arch']} with {len(config['classes'])} classes ({first})") from None
+    return model.eval(), config
+
+
+def check_classes(path: str | Path, config: dict, classes: tuple[str, ...] | list[str]) -> None:
+    if list(config["classes"]) != list(classes):
+        raise BusiError(f"{path}: trained for classes {', '.join(config['classes'])}, but the data has {', '.join(classes)}")

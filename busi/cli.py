@@ -1,0 +1,137 @@
+"""The `busi` command: parses arguments, calls busi.workflow, prints results and one-line errors."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import BusiError
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="dataset folder with one sub-folder per class (e.g. Dataset_BUSI_with_GT)")
+    p.add_argument("--config", help="YAML file of settings (flags given here override it)")
+    p.add_argument("--model", dest="models", action="append", help="custom-cnn, resnet18 or resnet50 (repeat for several)")
+    p.add_argument("--classes", nargs="+", help="class folder names, in label order (default: every sub-folder)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--split", choices=["grouped", "random"], help="random ignores near-duplicates (leaky; for comparison only)")
+    p.add_argument("--weights", help="local ImageNet state dict for resnet models (offline machines)")
+    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
+                   help="start resnet models from random weights")
+    p.add_argument("--accelerator", help="cpu, gpu, mps or auto (Lightning)")
+    p.add_argument("--devices", help="how many devices, or auto (Lightning)")
+    p.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed … (Lightning)")
+    p.add_argument("--strategy", help="auto, ddp … (Lightning)")
+    p.add_argument("--num-nodes", type=int)
+    p.add_argument("--out", help="run folder (default: runs/<timestamp>-<name>)")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds a run")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+RUN_KEYS = ("data", "models", "classes", "image_size", "epochs", "batch_size", "lr", "weight_decay", "seed", "split",
+            "weights", "pretrained", "accelerator", "devices", "precision", "strategy", "num_nodes", "test_size",
+            "val_size")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="busi", description="Breast-ultrasound classifiers with honest, duplicate-aware evaluation.")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("audit", help="count images, find near-duplicates and label conflicts")
+    p.add_argument("data")
+    p.add_argument("--classes", nargs="+")
+    p.add_argument("--out")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+    p = sub.add_parser("train", help="train models on a grouped train/test split and evaluate them")
+    _add_run_options(p)
+    p.add_argument("--test-size", type=float, help="share of images in the test part (default 0.3)")
+    p.add_argument("--val-size", type=float, help="share of the training part kept to choose the best epoch (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last checkpoint")
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on every image of a folder")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+    p = sub.add_parser("predict", help="class and probabilities for images or folders of images")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return root
+
+
+def _overrides(args) -> dict:
+    return {k: getattr(args, k) for k in RUN_KEYS if getattr(args, k, None) is not None}
+
+
+def _print_metrics(name: str, m: dict) -> None:
+    recalls = ", ".join(f"{c} {v['recall']:.2f}" for c, v in m["per_class"].items())
+    auroc = "–" if m["auroc"] is None else f"{m['auroc']:.3f}"
+    print(f"{name}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, AUROC {auroc} "
+          f"(n={m['n']}; recall {recalls}; always-majority baseline {m['majority_baseline']:.3f})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except BusiError as e:
+        print(f"busi: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("busi: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from . import workflow  # late: keeps `busi --help` fast
+    from .audit import summary
+    from .config import make_config
+
+    if args.command == "audit":
+        result, folder = workflow.run_audit(args.data, args.out, args.classes, args.overwrite, args.progress)
+        print(summary(result))
+        print(f"wrote {folder / 'audit.json'}")
+    elif args.command == "train":
+        cfg = make_config(_overrides(args), args.config)
+        if not cfg.data:
+            raise BusiError("no data folder: pass --data DATA (or set 'data' in the config file)")
+        folder = workflow.run_train(cfg, args.out, args.overwrite, args.resume, args.progress)
+        for arch in cfg.models:
+            _print_metrics(arch, json.loads((folder / arch / "metrics.json").read_text()))
+        print(f"results in {folder}/ (summary.md, loss.png, <model>/metrics.json, checkpoint.pth)")
+    elif args.command == "evaluate":
+        metrics, folder = workflow.run_evaluate(args.checkpoint, args.data, args.out, args.overwrite, args.progress)
+        _print_metrics(metrics["model"], metrics)
+        print(f"results in {folder}/")
+    elif args.command == "predict":
+        rows = workflow.run_predict(args.checkpoint, args.inputs)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            ok = [r for r in rows if "error" not in r]
+            if ok:
+                classes = list(ok[0]["probabilities"])
+                print("\t".join(["image", "predicted", *classes]))
+                for r in ok:
+                    print("\t".join([r["path"], r["predicted"], *[f"{r['probabilities'][c]:.3f}" for c in classes]]))
+        for r in rows:
+            if "error" in r:
+                print(f"busi: error: {r['error']}", file=sys.stderr)
+        if not rows:
+            raise BusiError("no images found in " + ", ".join(args.inputs))
+        return 1 if any("error" in r for r in rows) else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

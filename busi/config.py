@@ -1,0 +1,140 @@
+"""Run configuration: one dataclass, read from YAML and flags, validated, saved beside every run's results."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import BusiError
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides a train or cv run's numbers; the run folder's config.yaml reproduces it."""
+
+    data: str = ""
+    models: list[str] = field(default_factory=lambda: ["custom-cnn", "resnet50"])
+    classes: list[str] | None = None  # None: every sub-folder of the data folder, in name order
+    image_size: int = 224
+    # split
+    test_size: float = 0.3
+    val_size: float = 0.0  # carved from the training part; picks the best epoch when > 0
+    split: str = "grouped"  # "grouped" keeps near-duplicates on one side; "random" ignores them (leaky)
+    seed: int = 0
+    folds: int = 5
+    repeats: int = 1
+    # optimisation (the seed: Adam, cross-entropy, 25 epochs)
+    epochs: int = 25
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    # augmentation, drawn per image on whole batches
+    flip_p: float = 0.5
+    max_rotation: float = 10.0
+    autocontrast_p: float = 0.5
+    # weights
+    pretrained: bool = True  # ImageNet weights for models that have them (resnet50)
+    weights: str | None = None  # a local ImageNet state dict, for offline machines
+    # hardware, passed to Lightning's Trainer
+    accelerator: str = "auto"
+    devices: str = "auto"
+    precision: str = "32-true"
+    strategy: str = "auto"
+    num_nodes: int = 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_HINTS = typing.get_type_hints(RunConfig)
+
+
+def _check_type(name: str, value, source: str):
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise BusiError(f"{source}: '{name}' must not be empty")
+    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
+    origin = typing.get_origin(base)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise BusiError(f"{source}: '{name}' must be a list of names, got {value!r}")
+        return list(value)
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # devices: 2
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise BusiError(f"{source}: '{name}' must be {base.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _validate(cfg: RunConfig, source: str) -> RunConfig:
+    from .models import ARCHITECTURES  # late import: models pulls in torchvision
+
+    for m in cfg.models:
+        if m not in ARCHITECTURES:
+            raise BusiError(f"{source}: unknown model '{m}' (choose from {', '.join(ARCHITECTURES)})")
+    if not cfg.models:
+        raise BusiError(f"{source}: 'models' is empty")
+    checks = [
+        (0 < cfg.test_size < 1, "'test_size' must be between 0 and 1"),
+        (0 <= cfg.val_size < 1, "'val_size' must be in [0, 1)"),
+        (cfg.split in ("grouped", "random"), "'split' must be 'grouped' or 'random'"),
+        (cfg.image_size >= 32, "'image_size' must be at least 32"),
+        (cfg.epochs >= 1, "'epochs' must be at least 1"),
+        (cfg.batch_size >= 1, "'batch_size' must be at least 1"),
+        (cfg.lr > 0, "'lr' must be positive"),
+        (cfg.folds >= 2, "'folds' must be at least 2"),
+        (cfg.repeats >= 1, "'repeats' must be at least 1"),
+        (0 <= cfg.flip_p <= 1 and 0 <= cfg.autocontrast_p <= 1, "probabilities must be in [0, 1]"),
+        (cfg.num_nodes >= 1, "'num_nodes' must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise BusiError(f"{source}: {message}")
+    return cfg
+
+
+def make_config(overrides: dict | None = None, config_file: str | Path | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then explicit overrides (flags); unknown keys and wrong types are errors."""
+    values: dict = {}
+    layers = []
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise BusiError(f"{path}: config file does not exist") from None
+        except yaml.YAMLError as e:
+            raise BusiError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise BusiError(f"{path}: a config file must be a mapping of keys to values")
+        layers.append((str(path), loaded))
+    layers.append(("command line", overrides or {}))
+    for source, layer in layers:
+        for key, value in layer.items():
+            if key not in FIELDS:
+                raise BusiError(f"{source}: unknown config key '{key}' (known keys: {', '.join(FIELDS)})")
+            values[key] = _check_type(key, value, source)
+    source = layers[0][0] if config_file is not None else "command line"
+    return _validate(RunConfig(**values), source)
+
+
+def save_config(cfg: RunConfig, path: Path, extra: dict | None = None) -> None:
+    data = cfg.to_dict()
+    if extra:
+        data = {**data, **extra}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))

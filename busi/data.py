@@ -1,0 +1,232 @@
+"""Finding images in a class-per-folder dataset, decoding any PNG/JPEG safely, and augmenting batches."""
+from __future__ import annotations
+
+import math
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from .errors import BusiError
+
+BUSI_CLASSES = ("benign", "malignant", "normal")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+# BUSI names masks "benign (12)_mask.png" and, for extra lesions, "benign (12)_mask_1.png".
+MASK_NAME = re.compile(r"^(?P<stem>.+)_mask(?:_\d+)?$")
+# Ultrasound frames are well under a megapixel; anything this large is a mistake or a decompression bomb.
+MAX_PIXELS = 64_000_000
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # relative to the dataset root, with forward slashes: stable across machines
+    label: int
+    mask_paths: tuple[str, ...] = ()
+
+
+@dataclass
+class Dataset:
+    root: Path
+    classes: tuple[str, ...]
+    samples: list[Sample]
+    skipped: dict[str, str] = field(default_factory=dict)  # relative path -> why it was left out
+
+    def file(self, sample: Sample | str) -> Path:
+        return self.root / (sample.path if isinstance(sample, Sample) else sample)
+
+    def counts(self) -> dict[str, int]:
+        return {c: sum(s.label == i for s in self.samples) for i, c in enumerate(self.classes)}
+
+    def subset(self, indices) -> "Dataset":
+        return Dataset(self.root, self.classes, [self.samples[i] for i in indices], dict(self.skipped))
+
+
+def scan(root: str | Path, classes: tuple[str, ...] | list[str] | None = None) -> Dataset:
+    """List the images of a folder with one sub-folder per class; masks are attached, not classified."""
+    root = Path(root)
+    if not root.exists():
+        raise BusiError(f"{root}: data folder does not exist")
+    if not root.is_dir():
+        raise BusiError(f"{root}: is not a folder")
+    skipped: dict[str, str] = {}
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for p in sorted(root.iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            skipped[p.name] = "not inside a class folder"
+    if classes is None:
+        if not folders:
+            raise BusiError(f"{root}: no class folders (expected one sub-folder per class, e.g. {', '.join(BUSI_CLASSES)})")
+        classes = tuple(p.name for p in folders)
+    else:
+        classes = tuple(classes)
+        names = {p.name for p in folders}
+        missing = [c for c in classes if c not in names]
+        if missing:
+            raise BusiError(f"{root}: missing class folder(s) {', '.join(missing)} (found: {', '.join(sorted(names)) or 'none'})")
+        for p in folders:
+            if p.name not in classes:
+                skipped[p.name + "/"] = "folder is not one of the classes " + ", ".join(classes)
+
+    samples: list[Sample] = []
+    for label, name in enumerate(classes):
+        images: dict[str, str] = {}
+        masks: dict[str, list[str]] = {}
+        for f in sorted((root / name).iterdir()):
+            rel = f"{name}/{f.name}"
+            if f.name.startswith("."):
+                skipped[rel] = "hidden file"
+            elif f.is_dir():
+                skipped[rel + "/"] = "nested folder inside a class folder"
+            elif f.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped[rel] = f"not an image file ({f.suffix or 'no extension'})"
+            elif m := MASK_NAME.match(f.stem):
+                masks.setdefault(m["stem"], []).append(rel)
+            else:
+                images[f.stem] = rel
+        for stem, rels in masks.items():
+            if stem not in images:
+                for rel in rels:
+                    skipped[rel] = "mask without a matching image"
+        if not images:
+            raise BusiError(f"{root / name}: class folder holds no images")
+        samples += [Sample(rel, label, tuple(masks.get(stem, ()))) for stem, rel in images.items()]
+    return Dataset(root, classes, samples, skipped)
+
+
+def _to_rgb8(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; 16-bit and float images are rescaled, not clipped."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = a.max() if a.size else 0
+        # 16-bit PNGs sometimes hold 8-bit values; only rescale when the range is really wider.
+        if hi > 255:
+            scale = 65535.0 if hi <= 65535 and a.min() >= 0 else hi
+            a = a / scale * 255.0
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # Composite on black (the ultrasound background) rather than letting alpha decide pixel values.
+        rgba = im.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Decode one image file into an 8-bit RGB PIL image, or raise BusiError naming the file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise BusiError(f"{path}: image too large ({w}x{h} pixels; the limit is {MAX_PIXELS:,})")
+            im = ImageOps.exif_transpose(im)
+            im.load()  # decode now, so a truncated file fails here and not later
+            return _to_rgb8(im)
+    except BusiError:
+        raise
+    except FileNotFoundError:
+        raise BusiError(f"{path}: file does not exist") from None
+    except IsADirectoryError:
+        raise BusiError(f"{path}: is a folder, not an image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BusiError(f"{path}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def read_image(path: str | Path, size: int | None = None) -> np.ndarray:
+    """HxWx3 uint8 array; resized to size x size (as the seed did, aspect ratio not kept) when size is given."""
+    im = open_image(path)
+    if size is not None:
+        im = im.resize((size, size), Image.BILINEAR)
+    return np.array(im)
+
+
+def read_mask(paths: list[str | Path] | tuple[str | Path, ...], size: int | None = None) -> np.ndarray | None:
+    """Union of an image's lesion masks as a bool array, resized to size x size when given (None without masks)."""
+    union = None
+    for p in paths:
+        im = open_image(p).convert("L")
+        if size is not None:
+            im = im.resize((size, size), Image.NEAREST)
+        m = np.asarray(im) > 127
+        if union is not None and union.shape != m.shape:
+            raise BusiError(f"{p}: mask size {m.shape[1]}x{m.shape[0]} differs from the image's other masks")
+        union = m if union is None else union | m
+    return union
+
+
+def load(dataset: Dataset, image_size: int, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, Dataset]:
+    """Decode and resize every image once into memory: (uint8 Nx3xSxS, int64 labels, the dataset minus failures).
+
+    Unreadable images are dropped with a warning that names them, and recorded in the dataset's `skipped`.
+    """
+    def decode(sample: Sample):
+        try:
+            return read_image(dataset.file(sample), image_size), None
+        except BusiError as e:
+            return None, str(e)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # PIL releases the GIL while decoding and resizing
+        results = list(tqdm(pool.map(decode, dataset.samples), total=len(dataset.samples), desc="decoding images",
+                            disable=not progress, leave=False))
+    kept, arrays, skipped = [], [], dict(dataset.skipped)
+    for sample, (arr, err) in zip(dataset.samples, results):
+        if err is None:
+            kept.append(sample)
+            arrays.append(arr)
+        else:
+            skipped[sample.path] = err
+            warn(f"skipping {err}")
+    if not kept:
+        raise BusiError(f"{dataset.root}: none of the images could be read")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([s.label for s in kept], dtype=torch.int64)
+    return images, labels, Dataset(dataset.root, dataset.classes, kept, skipped)
+
+
+def warn(message: str) -> None:
+    tqdm.write(f"warning: {message}")
+
+
+def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 (or [0,1] float) NCHW -> float normalised by mean/std, on the images' device."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def augment(images: torch.Tensor, flip_p: float = 0.5, max_rotation: float = 10.0, autocontrast_p: float = 0.5,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """The seed's train-time augmentation, drawn per image but computed on the whole batch at once.
+
+    uint8 NCHW in, float [0,1] NCHW out, on the same device (so on a GPU nothing waits on the CPU).
+    """
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.clone()
+    n, device = x.shape[0], x.device
+
+    def draw(*shape):
+        return torch.rand(*shape, generator=generator, device="cpu").to(device)
+
+    if autocontrast_p > 0:
+        # per image and channel: stretch [min, max] to [0, 1]; constant channels stay as they are
+        lo = x.amin(dim=(2, 3), keepdim=True)
+        hi = x.amax(dim=(2, 3), keepdim=True)
+        stretched = torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-6), x)
+        x = torch.where(draw(n, 1, 1, 1) < autocontrast_p, stretched, x)
+    if flip_p > 0:
+        x = torch.where(draw(n, 1, 1, 1) < flip_p, x.flip(-1), x)
+    if max_rotation > 0:
+        angle = (draw(n) * 2 - 1) * math.radians(max_rotation)
+        cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return x

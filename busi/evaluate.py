@@ -1,0 +1,51 @@
+"""Predicted probabilities -> metrics.json (torchmetrics, averages always explicit)."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassAUROC, MulticlassConfusionMatrix,
+                                         MulticlassF1Score, MulticlassPrecision, MulticlassRecall)
+
+
+def _clean(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else round(float(x), 6)
+
+
+def compute_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: list[str] | tuple[str, ...]) -> dict:
+    """Accuracy (micro), macro precision/recall/F1/AUROC (one-vs-rest), per-class scores, confusion matrix."""
+    k = len(classes)
+    probs, labels = probs.float(), labels.long()
+    kw = dict(num_classes=k, zero_division=0)
+    per_precision = MulticlassPrecision(average="none", **kw)(probs, labels)
+    per_recall = MulticlassRecall(average="none", **kw)(probs, labels)
+    per_f1 = MulticlassF1Score(average="none", **kw)(probs, labels)
+    support = torch.bincount(labels, minlength=k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # AUROC warns when a class is absent; we report null instead
+        per_auroc = MulticlassAUROC(num_classes=k, average="none")(probs, labels)
+        auroc = MulticlassAUROC(num_classes=k, average="macro")(probs, labels)
+    present = support > 0
+    return {
+        "n": int(len(labels)),
+        "classes": list(classes),
+        "accuracy": _clean(MulticlassAccuracy(num_classes=k, average="micro")(probs, labels)),
+        "macro_precision": _clean(MulticlassPrecision(average="macro", **kw)(probs, labels)),
+        "macro_recall": _clean(MulticlassRecall(average="macro", **kw)(probs, labels)),
+        "macro_f1": _clean(MulticlassF1Score(average="macro", **kw)(probs, labels)),
+        # one-vs-rest AUROC is undefined for a class with no positive (or no negative) example
+        "auroc": _clean(auroc) if bool(present.all()) and int(present.sum()) > 1 else None,
+        "per_class": {
+            c: {"precision": _clean(per_precision[i]), "recall": _clean(per_recall[i]), "f1": _clean(per_f1[i]),
+                "auroc": _clean(per_auroc[i]) if present[i] and support[i] < len(labels) else None,
+                "support": int(support[i])}
+            for i, c in enumerate(classes)
+        },
+        "confusion_matrix": MulticlassConfusionMatrix(num_classes=k)(probs, labels).tolist(),
+    }
+
+
+def majority_baseline(labels: torch.Tensor, num_classes: int) -> float:
+    """Accuracy of always answering the most common class: the floor any model must beat."""
+    return float(torch.bincount(labels, minlength=num_classes).max()) / max(1, len(labels))

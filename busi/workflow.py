@@ -1,0 +1,209 @@
+"""What each subcommand does, as plain functions that fill a run folder (the CLI only parses and calls these)."""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from . import __version__, checkpoint
+from .audit import audit
+from .config import RunConfig, save_config
+from .data import IMAGE_SUFFIXES, MASK_NAME, IMAGENET_MEAN, IMAGENET_STD, Dataset, load, read_image, scan, warn
+from .errors import BusiError
+from .evaluate import compute_metrics, majority_baseline
+from .models import IMAGENET_WEIGHTS, build, count_parameters
+from .plots import confusion_matrix, gallery, loss_curves
+from .split import group_ids, train_test
+from .train import fit, logits_of
+
+
+def run_dir(out: str | Path | None, name: str, overwrite: bool = False, resume: bool = False) -> Path:
+    """The run folder: --out, or runs/<timestamp>-<name>; a folder already holding files is refused."""
+    path = Path(out) if out else Path("runs") / f"{datetime.now():%Y-%m-%dT%H%M%S}-{name}"
+    if path.exists() and not path.is_dir():
+        raise BusiError(f"{path}: --out exists and is not a folder")
+    if path.exists() and any(path.iterdir()) and not (overwrite or resume):
+        raise BusiError(f"{path}: already holds a run; pass --overwrite to write over it, or choose another --out")
+    return path
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def run_audit(data: str | Path, out: str | Path | None = None, classes=None, overwrite: bool = False,
+              progress: bool = True) -> tuple[dict, Path]:
+    dataset = scan(data, classes)
+    folder = run_dir(out, "audit", overwrite)
+    result = audit(dataset, progress=progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / "audit.json", result)
+    return result, folder
+
+
+def prepare(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, dict, torch.Tensor, torch.Tensor, list[str]]:
+    """Scan, audit, leave out label conflicts and unreadable files, decode the rest once into memory."""
+    dataset = scan(cfg.data, cfg.classes)
+    report = audit(dataset, progress=progress)
+    conflicted = sorted({p for g in report["label_conflicts"] for p in g})
+    usable = [s for s in dataset.samples if s.path not in report["skipped"] and s.path not in set(conflicted)]
+    for path in report["skipped"]:
+        if any(s.path == path for s in dataset.samples):
+            warn(f"skipping {report['skipped'][path]}")
+    images, labels, kept = load(Dataset(dataset.root, dataset.classes, usable, report["skipped"]), cfg.image_size, progress)
+    for c, n in kept.counts().items():
+        if n == 0:
+            raise BusiError(f"{dataset.root / c}: no usable images left in this class")
+    return kept, report, images, labels, conflicted
+
+
+def write_evaluation(folder: Path, probs: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
+                     paths: list[str], classes: list[str], extra: dict | None = None, max_gallery: int = 20) -> dict:
+    """metrics.json, predictions.csv, confusion_matrix.png and misclassified.png for one model on one set."""
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = {**compute_metrics(probs, labels, classes), "majority_baseline": round(majority_baseline(labels, len(classes)), 6),
+               **(extra or {})}
+    _write_json(folder / "metrics.json", metrics)
+    predicted = probs.argmax(1)
+    with open(folder / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true", "predicted", *[f"p_{c}" for c in classes]])
+        for p, t, y, pr in zip(paths, labels.tolist(), predicted.tolist(), probs.tolist()):
+            w.writerow([p, classes[t], classes[y], *[f"{v:.6f}" for v in pr]])
+    confusion_matrix(metrics["confusion_matrix"], classes, folder / "confusion_matrix.png",
+                     f"{extra.get('model', '') if extra else ''} (n={len(labels)}, accuracy {metrics['accuracy']:.1%})")
+    wrong = (predicted != labels).nonzero().flatten().tolist()
+    wrong.sort(key=lambda i: -float(probs[i, predicted[i]]))  # most confident mistakes first: the worrying ones
+    wrong = wrong[:max_gallery]
+    gallery([images[i].permute(1, 2, 0).numpy() for i in wrong],
+            [f"{Path(paths[i]).name}\ntrue {classes[labels[i]]}, said {classes[predicted[i]]} {float(probs[i, predicted[i]]):.0%}"
+             for i in wrong],
+            folder / "misclassified.png", f"Misclassified ({len(wrong)} most confident of {int((predicted != labels).sum())})")
+    return metrics
+
+
+def _checkpoint_config(arch: str, cfg: RunConfig, classes) -> dict:
+    return {"arch": arch, "classes": list(classes), "image_size": cfg.image_size, "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD), "trained_on": str(cfg.data), "trained_at": datetime.now().isoformat(timespec="seconds"),
+            "seed": cfg.seed, "epochs": cfg.epochs, "version": __version__}
+
+
+def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = False, resume: bool = False,
+              progress: bool = True) -> Path:
+    """Audit, split (grouped, stratified, seeded), train every model in cfg.models, evaluate on the test part."""
+    folder = run_dir(out, "-".join(cfg.models), overwrite, resume)
+    dataset, report, images, labels, conflicted = prepare(cfg, progress)
+    # Build every model before training any, so a missing weight file fails in seconds, not after an hour.
+    models = {arch: build(arch, len(dataset.classes), pretrained=cfg.pretrained and arch in IMAGENET_WEIGHTS,
+                          weights=cfg.weights if arch in IMAGENET_WEIGHTS else None) for arch in cfg.models}
+    paths = [s.path for s in dataset.samples]
+    grouped = cfg.split == "grouped"
+    groups = group_ids(paths, report["duplicate_groups"]) if grouped else np.arange(len(paths))
+    train_idx, test_idx = train_test(labels.numpy(), groups, cfg.test_size, cfg.seed, grouped)
+    val_idx = np.array([], dtype=int)
+    if cfg.val_size > 0:
+        sub_train, sub_val = train_test(labels[train_idx].numpy(), groups[train_idx], cfg.val_size, cfg.seed, grouped)
+        train_idx, val_idx = train_idx[sub_train], train_idx[sub_val]
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, folder / "config.yaml", {"busi_version": __version__, "command": "train"})
+    _write_json(folder / "audit.json", report)
+    _write_json(folder / "split.json", {
+        "seed": cfg.seed, "test_size": cfg.test_size, "val_size": cfg.val_size, "split": cfg.split,
+        "classes": list(dataset.classes),
+        "train": [paths[i] for i in train_idx], "val": [paths[i] for i in val_idx], "test": [paths[i] for i in test_idx],
+        "left_out_label_conflicts": conflicted, "skipped": dataset.skipped})
+    part = lambda idx: (images[idx], labels[idx])  # noqa: E731
+    histories, rows = {}, []
+    for arch, model in models.items():
+        L.seed_everything(cfg.seed, verbose=False)
+        start = time.perf_counter()
+        model, history = fit(model, cfg, part(train_idx), folder / arch, val=part(val_idx) if len(val_idx) else None,
+                             test=part(test_idx), resume=resume, progress=progress)
+        seconds = time.perf_counter() - start
+        histories[arch] = history
+        probs = torch.softmax(logits_of(model, images[test_idx]), 1)
+        metrics = write_evaluation(folder / arch, probs, labels[test_idx], images[test_idx], [paths[i] for i in test_idx],
+                                   list(dataset.classes), {"model": arch, "parameters": count_parameters(model),
+                                                           "epochs": cfg.epochs, "train_seconds": round(seconds, 1),
+                                                           "n_train": len(train_idx), "n_val": len(val_idx)})
+        checkpoint.save(folder / arch / "checkpoint.pth", model, _checkpoint_config(arch, cfg, dataset.classes))
+        rows.append(metrics)
+    loss_curves(histories, folder / "loss.png")
+    write_summary(folder, rows, list(dataset.classes))
+    return folder
+
+
+SUMMARY_COLUMNS = ["model", "parameters", "epochs", "train_seconds", "n", "accuracy", "macro_precision", "macro_recall",
+                   "macro_f1", "auroc", "majority_baseline"]
+
+
+def write_summary(folder: Path, rows: list[dict], classes: list[str]) -> None:
+    """summary.csv for machines and summary.md for people: one row per model."""
+    columns = SUMMARY_COLUMNS + [f"recall_{c}" for c in classes]
+    flat = [{**{k: r.get(k) for k in SUMMARY_COLUMNS}, **{f"recall_{c}": r["per_class"][c]["recall"] for c in classes}}
+            for r in rows]
+    with open(folder / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(flat)
+    fmt = lambda v: "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in flat]
+    (folder / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path | None = None, overwrite: bool = False,
+                 progress: bool = True) -> tuple[dict, Path]:
+    """Evaluate a saved model on every readable image of a folder."""
+    model, config = checkpoint.load(checkpoint_path)
+    dataset = scan(data)
+    checkpoint.check_classes(checkpoint_path, config, dataset.classes)
+    folder = run_dir(out, f"evaluate-{config['arch']}", overwrite)
+    images, labels, dataset = load(dataset, config["image_size"], progress)
+    probs = predict_probs(model, config, images)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(json.dumps({"command": "evaluate", "checkpoint": str(checkpoint_path),
+                                                     "data": str(data), "busi_version": __version__}, indent=2))
+    metrics = write_evaluation(folder, probs, labels, images, [s.path for s in dataset.samples], list(config["classes"]),
+                               {"model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped})
+    return metrics, folder
+
+
+def predict_probs(model, config: dict, images: torch.Tensor) -> torch.Tensor:
+    logits = logits_of(model, images, config["mean"], config["std"])
+    return torch.softmax(logits / float(config.get("temperature", 1.0)), 1)
+
+
+def image_files(inputs: list[str | Path]) -> list[Path]:
+    """Files as given; folders searched recursively for images, masks left out."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                            and not MASK_NAME.match(p.stem) and not p.name.startswith("."))
+        else:
+            files.append(item)
+    return files
+
+
+def run_predict(checkpoint_path: str | Path, inputs: list[str | Path]) -> list[dict]:
+    """One row per image: path, predicted class, probability of each class, or the error that stopped it."""
+    model, config = checkpoint.load(checkpoint_path)
+    rows = []
+    for path in image_files(inputs):
+        try:
+            image = torch.from_numpy(read_image(path, config["image_size"])).permute(2, 0, 1)[None]
+        except BusiError as e:
+            rows.append({"path": str(path), "error": str(e)})
+            continue
+        probs = predict_probs(model, config, image)[0]
+        rows.append({"path": str(path), "predicted": config["classes"][int(probs.argmax())],
+                     "probabilities": {c: round(float(p), 6) for c, p in zip(config["classes"], probs)}})
+    return rows

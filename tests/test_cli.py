@@ -1,0 +1,140 @@
+"""End to end through `busi.cli.main`, as a user types it, on small generated data and a few real images."""
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+
+from busi.cli import main
+
+TINY = ["--epochs", "1", "--image-size", "32", "--batch-size", "8", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run of both seed models, shared by the tests that only read it."""
+    from conftest import make_kaggle_folder
+    root = tmp_path_factory.mktemp("e2e")
+    data = make_kaggle_folder(root / "Dataset_BUSI_with_GT", per_class=10, size=64)
+    out = root / "run"
+    assert main(["train", "--data", str(data), "--model", "custom-cnn", "--model", "resnet50", "--no-pretrained",
+                 "--out", str(out), *TINY]) == 0
+    return data, out
+
+
+def test_train_writes_the_run_folder(trained):
+    data, out = trained
+    for name in ("config.yaml", "audit.json", "split.json", "loss.png", "summary.md", "summary.csv"):
+        assert (out / name).is_file(), name
+    for arch in ("custom-cnn", "resnet50"):
+        for name in ("checkpoint.pth", "history.csv", "metrics.json", "confusion_matrix.png", "misclassified.png", "predictions.csv"):
+            assert (out / arch / name).is_file(), (arch, name)
+        m = json.loads((out / arch / "metrics.json").read_text())
+        for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "auroc", "per_class", "confusion_matrix", "classes", "n"):
+            assert key in m, key
+        assert m["n"] == sum(map(sum, m["confusion_matrix"])) == len(json.loads((out / "split.json").read_text())["test"])
+        assert set(m["per_class"]) == {"benign", "malignant", "normal"}
+        rows = list(csv.DictReader(open(out / arch / "history.csv")))
+        assert len(rows) == 1 and {"train_loss", "test_loss", "test_accuracy"} <= set(rows[0])
+        ckpt = torch.load(out / arch / "checkpoint.pth", weights_only=True)
+        assert ckpt["config"]["arch"] == arch and ckpt["config"]["image_size"] == 32
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["epochs"] == 1 and cfg["models"] == ["custom-cnn", "resnet50"] and cfg["seed"] == 0
+    split = json.loads((out / "split.json").read_text())
+    assert not set(split["train"]) & set(split["test"])
+    assert len(list(csv.DictReader(open(out / "summary.csv")))) == 2
+
+
+def test_same_seed_same_split(trained, tmp_path):
+    data, out = trained
+    assert main(["train", "--data", str(data), "--model", "custom-cnn", "--out", str(tmp_path / "again"), *TINY]) == 0
+    first, second = (json.loads((d / "split.json").read_text()) for d in (out, tmp_path / "again"))
+    assert first["test"] == second["test"]
+
+
+def test_evaluate_and_predict(trained, tmp_path, capsys):
+    data, out = trained
+    ckpt = str(out / "custom-cnn" / "checkpoint.pth")
+    assert main(["evaluate", "--checkpoint", ckpt, "--data", str(data), "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["n"] == 30  # every image of the folder, masks left out
+    assert (tmp_path / "ev" / "misclassified.png").is_file() and (tmp_path / "ev" / "confusion_matrix.png").is_file()
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", ckpt, "--json", str(data / "benign"), str(data / "normal" / "normal (1).png")]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 11
+    for r in rows:
+        assert r["predicted"] in r["probabilities"] and abs(sum(r["probabilities"].values()) - 1) < 1e-4
+    assert main(["predict", "--checkpoint", ckpt, str(data / "malignant" / "malignant (2).png")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split("\t") == ["image", "predicted", "benign", "malignant", "normal"] and len(table) == 2
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("busi: error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_give_one_line_errors(trained, tmp_path, capsys):
+    data, out = trained
+    ckpt = out / "custom-cnn" / "checkpoint.pth"
+    capsys.readouterr()
+    assert main(["train", "--data", str(tmp_path / "missing"), *TINY]) == 2
+    assert "missing: data folder does not exist" in _error(capsys)
+    before = (out / "summary.md").read_text()
+    assert main(["train", "--data", str(data), "--out", str(out), *TINY]) == 2
+    assert "already holds a run; pass --overwrite" in _error(capsys)
+    assert (out / "summary.md").read_text() == before  # earlier results untouched
+    (tmp_path / "foreign.pth").write_bytes(b"\x00" * 100)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "foreign.pth"), "--data", str(data)]) == 2
+    assert "foreign.pth: not a readable checkpoint" in _error(capsys)
+    other = tmp_path / "other"
+    for c in ("cyst", "solid"):
+        (other / c).mkdir(parents=True)
+        (other / c / "x.png").write_bytes((data / "benign" / "benign (1).png").read_bytes())
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(other), "--out", str(tmp_path / "ev2")]) == 2
+    assert "trained for classes benign, malignant, normal, but the data has cyst, solid" in _error(capsys)
+    assert not (tmp_path / "ev2").exists()
+    (tmp_path / "notes.txt").write_text("hello")
+    assert main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "notes.txt")]) == 1
+    assert "notes.txt: not a readable image" in _error(capsys)
+    assert main(["train", "--data", str(data), "--model", "resnet50", "--weights", str(tmp_path / "none.pth"), *TINY,
+                 "--out", str(tmp_path / "w")]) == 2
+    assert "none.pth: weights file does not exist" in _error(capsys)
+
+
+def test_audit_command(kaggle_folder, tmp_path, capsys):
+    (kaggle_folder / "normal" / "normal (9).png").write_bytes((kaggle_folder / "benign" / "benign (1).png").read_bytes())
+    assert main(["audit", str(kaggle_folder), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    result = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert result["label_conflicts"] == [["benign/benign (1).png", "normal/normal (9).png"]]
+    assert set(result) >= {"classes", "duplicate_groups", "label_conflicts", "skipped"}
+    assert "label conflicts: 1" in capsys.readouterr().out
+
+
+def test_train_leaves_label_conflicts_out(kaggle_folder, tmp_path):
+    (kaggle_folder / "normal" / "normal (9).png").write_bytes((kaggle_folder / "benign" / "benign (1).png").read_bytes())
+    assert main(["train", "--data", str(kaggle_folder), "--model", "custom-cnn", "--out", str(tmp_path / "r"), *TINY]) == 0
+    split = json.loads((tmp_path / "r" / "split.json").read_text())
+    assert split["left_out_label_conflicts"] == ["benign/benign (1).png", "normal/normal (9).png"]
+    assert not {"benign/benign (1).png", "normal/normal (9).png"} & set(split["train"] + split["test"])
+
+
+def test_real_busi_images_end_to_end(busi_few, tmp_path, capsys):
+    out = tmp_path / "real"
+    assert main(["train", "--data", str(busi_few), "--model", "custom-cnn", "--out", str(out), "--test-size", "0.34", *TINY]) == 0
+    assert json.loads((out / "custom-cnn" / "metrics.json").read_text())["n"] >= 3
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(out / "custom-cnn" / "checkpoint.pth"), "--json", str(busi_few / "malignant")]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 6  # masks are not images to classify
+
+
+def test_resume_continues_from_the_last_epoch(kaggle_folder, tmp_path):
+    out = tmp_path / "r"
+    args = ["train", "--data", str(kaggle_folder), "--model", "custom-cnn", "--out", str(out), *TINY]
+    assert main(args) == 0
+    assert main([*args, "--resume", "--epochs", "3"]) == 0
+    rows = list(csv.DictReader(open(out / "custom-cnn" / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]

@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from busi import data
+from busi.data import augment, load, read_image, scan
+from busi.errors import BusiError
+
+
+def test_scan_kaggle_layout_leaves_masks_out_but_attaches_them(kaggle_folder):
+    (kaggle_folder / "benign" / "benign (1)_mask_1.png").write_bytes((kaggle_folder / "benign" / "benign (1)_mask.png").read_bytes())
+    (kaggle_folder / "benign" / "notes.txt").write_text("stray")
+    (kaggle_folder / "benign" / "benign (99)_mask.png").write_bytes(b"orphan")
+    (kaggle_folder / "README.md").write_text("hello")
+    ds = scan(kaggle_folder)
+    assert ds.classes == ("benign", "malignant", "normal")
+    assert len(ds.samples) == 24
+    assert not any("_mask" in s.path for s in ds.samples)
+    first = next(s for s in ds.samples if s.path == "benign/benign (1).png")
+    assert first.mask_paths == ("benign/benign (1)_mask.png", "benign/benign (1)_mask_1.png")
+    assert ds.skipped["benign/notes.txt"].startswith("not an image file")
+    assert ds.skipped["benign/benign (99)_mask.png"] == "mask without a matching image"
+    assert ds.skipped["README.md"] == "not inside a class folder"
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda root: root / "nope", "does not exist"),
+    (lambda root: root, "no class folders"),
+])
+def test_scan_bad_folders(tmp_path, setup, message):
+    with pytest.raises(BusiError, match=message):
+        scan(setup(tmp_path))
+
+
+def test_scan_empty_class_and_missing_class(kaggle_folder):
+    for f in (kaggle_folder / "normal").iterdir():
+        if "_mask" not in f.name:
+            f.unlink()
+    with pytest.raises(BusiError, match=r"normal: class folder holds no images"):
+        scan(kaggle_folder)
+    with pytest.raises(BusiError, match="missing class folder"):
+        scan(kaggle_folder, classes=["benign", "cancer"])
+
+
+def test_read_image_any_mode(tmp_path):
+    grey = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (10, 1))
+    cases = {
+        "grey.png": Image.fromarray(grey, "L"),
+        "rgba.png": Image.fromarray(np.dstack([grey] * 3 + [np.full_like(grey, 255)]), "RGBA"),
+        "palette.png": Image.fromarray(grey, "L").convert("P"),
+        "sixteen.png": Image.fromarray(grey.astype(np.uint16) * 257),  # 16-bit, full range
+        "photo.jpg": Image.fromarray(grey, "L").convert("RGB"),
+    }
+    for name, im in cases.items():
+        im.save(tmp_path / name)
+        arr = read_image(tmp_path / name)
+        assert arr.shape == (10, 64, 3) and arr.dtype == np.uint8, name
+        # every mode keeps the grey ramp: dark on the left, bright on the right
+        assert arr[:, 0].mean() < 10 and arr[:, -1].mean() > 240, name
+    assert Image.open(tmp_path / "sixteen.png").mode.startswith("I")
+    assert read_image(tmp_path / "grey.png", size=32).shape == (32, 32, 3)
+
+
+def test_read_image_rgba_transparent_becomes_black(tmp_path):
+    Image.new("RGBA", (8, 8), (255, 255, 255, 0)).save(tmp_path / "clear.png")
+    assert read_image(tmp_path / "clear.png").max() == 0
+
+
+def test_read_image_bad_files_name_the_file(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
+    raw = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "text.png").write_text("not a png at all")
+    for name in ("truncated.png", "text.png"):
+        with pytest.raises(BusiError, match=name + ": not a readable image"):
+            read_image(tmp_path / name)
+    monkeypatch.setattr(data, "MAX_PIXELS", 1000)
+    with pytest.raises(BusiError, match="ok.png: image too large"):
+        read_image(tmp_path / "ok.png")
+
+
+def test_load_skips_corrupt_images_with_a_warning(kaggle_folder, capsys):
+    (kaggle_folder / "benign" / "benign (2).png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    images, labels, kept = load(scan(kaggle_folder), 32, progress=False)
+    assert images.shape == (23, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.tolist().count(0) == 7
+    assert "benign (2).png" in kept.skipped["benign/benign (2).png"]
+    assert "benign (2).png" in capsys.readouterr().out
+
+
+def test_augment_keeps_shape_range_and_flips():
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    y = augment(x, generator=torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.dtype == torch.float32 and 0 <= y.min() and y.max() <= 1
+    flipped = augment(x, flip_p=1.0, max_rotation=0, autocontrast_p=0)
+    assert torch.equal(flipped, x.flip(-1).float() / 255)
+    stretched = augment((x // 2 + 10).to(torch.uint8), flip_p=0, max_rotation=0, autocontrast_p=1.0)
+    assert torch.allclose(stretched.amax(dim=(2, 3)), torch.ones(6, 3)) and stretched.amin() == 0

@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+
+from busi.errors import BusiError
+from busi.split import group_ids, kfold, train_test
+
+
+def _toy(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(3, size=n, p=[0.55, 0.3, 0.15])
+    groups = np.arange(n)
+    for start in range(0, n - 4, 7):  # chains of near-duplicates sharing a label, as in BUSI
+        groups[start:start + 3] = start
+        labels[start:start + 3] = labels[start]
+    return labels, groups
+
+
+def test_group_ids():
+    ids = group_ids(["a", "b", "c", "d"], [["b", "d"], ["x", "c"]])
+    assert ids[1] == ids[3] and len(set(ids.tolist())) == 3
+
+
+def test_train_test_keeps_groups_on_one_side_and_stratifies():
+    labels, groups = _toy()
+    train, test = train_test(labels, groups, 0.3, seed=1)
+    assert set(groups[train]).isdisjoint(groups[test])
+    assert len(set(train) | set(test)) == len(labels) and not set(train) & set(test)
+    assert abs(len(test) / len(labels) - 0.3) < 0.05
+    for c in range(3):
+        assert abs((labels[test] == c).mean() - (labels == c).mean()) < 0.06
+    again = train_test(labels, groups, 0.3, seed=1)
+    assert np.array_equal(again[1], test)
+    assert not np.array_equal(train_test(labels, groups, 0.3, seed=2)[1], test)
+
+
+def test_kfold_every_image_out_of_fold_once_and_groups_intact():
+    labels, groups = _toy()
+    folds = kfold(labels, groups, 5, seed=0)
+    seen = np.concatenate([te for _, te in folds])
+    assert sorted(seen.tolist()) == list(range(len(labels)))
+    for tr, te in folds:
+        assert set(groups[tr]).isdisjoint(groups[te])
+
+
+def test_too_many_folds_is_a_clear_error():
+    labels, groups = _toy(40)
+    with pytest.raises(BusiError, match="folds asked for, but the smallest class has only"):
+        kfold(labels, groups, 30, seed=0)
