@@ -35,7 +35,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 RUN_KEYS = ("data", "models", "classes", "image_size", "epochs", "batch_size", "lr", "weight_decay", "seed", "split",
             "weights", "pretrained", "accelerator", "devices", "precision", "strategy", "num_nodes", "test_size",
-            "val_size")
+            "val_size", "folds", "repeats")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,6 +55,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=float, help="share of the training part kept to choose the best epoch (default 0)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last checkpoint")
 
+    p = sub.add_parser("cv", help="k-fold cross-validation (grouped by near-duplicates) with confidence intervals")
+    _add_run_options(p)
+    p.add_argument("--folds", type=int, help="number of folds (default 5)")
+    p.add_argument("--repeats", type=int, help="repeat the k-fold split with other seeds (default 1)")
+
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on every image of a folder")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
@@ -66,6 +71,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--explain", action="store_true", help="also write a Grad-CAM overlay per image into --out")
+    p.add_argument("--out", help="folder for --explain overlays (default: runs/<timestamp>-predict)")
+
+    p = sub.add_parser("report", help="rebuild report.html of a run folder from its files")
+    p.add_argument("run", metavar="RUN_DIR")
     return root
 
 
@@ -109,12 +119,25 @@ def _dispatch(args) -> int:
         for arch in cfg.models:
             _print_metrics(arch, json.loads((folder / arch / "metrics.json").read_text()))
         print(f"results in {folder}/ (summary.md, loss.png, <model>/metrics.json, checkpoint.pth)")
+    elif args.command == "cv":
+        from .crossval import format_cv, run_cv
+        cfg = make_config(_overrides(args), args.config)
+        if not cfg.data:
+            raise BusiError("no data folder: pass --data DATA (or set 'data' in the config file)")
+        folder = run_cv(cfg, args.out, args.overwrite, args.progress)
+        print(format_cv(json.loads((folder / "cv_metrics.json").read_text())))
+        print(f"results in {folder}/ (cv_metrics.json, fold_metrics.csv, oof_predictions.csv)")
     elif args.command == "evaluate":
         metrics, folder = workflow.run_evaluate(args.checkpoint, args.data, args.out, args.overwrite, args.progress)
         _print_metrics(metrics["model"], metrics)
         print(f"results in {folder}/")
     elif args.command == "predict":
-        rows = workflow.run_predict(args.checkpoint, args.inputs)
+        explain_dir = None
+        if args.explain:
+            explain_dir = workflow.run_dir(args.out, "predict")
+        elif args.out:
+            raise BusiError("--out is only used with --explain")
+        rows = workflow.run_predict(args.checkpoint, args.inputs, explain_dir)
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
@@ -129,7 +152,12 @@ def _dispatch(args) -> int:
                 print(f"busi: error: {r['error']}", file=sys.stderr)
         if not rows:
             raise BusiError("no images found in " + ", ".join(args.inputs))
+        if explain_dir is not None:
+            print(f"Grad-CAM overlays in {explain_dir}/", file=sys.stderr)
         return 1 if any("error" in r for r in rows) else 0
+    elif args.command == "report":
+        from .report import render
+        print(f"wrote {render(args.run)}")
     return 0
 
 

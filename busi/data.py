@@ -191,6 +191,41 @@ def load(dataset: Dataset, image_size: int, progress: bool = True) -> tuple[torc
     return images, labels, Dataset(dataset.root, dataset.classes, kept, skipped)
 
 
+MASK_USABLE = ("lesion", "empty")
+
+
+def load_masks(dataset: Dataset, image_size: int) -> tuple[torch.Tensor, list[str]]:
+    """(uint8 Nx1xSxS lesion masks, a status per image).
+
+    Status: 'lesion', 'empty' (all black, as for normal images), 'missing' (no mask file), 'size_mismatch'
+    (mask and image differ in size, so it cannot be trusted to line up) or 'unreadable'. Only the first two
+    are usable; the others are counted and never taken to mean 'no lesion'.
+    """
+    masks = torch.zeros(len(dataset.samples), 1, image_size, image_size, dtype=torch.uint8)
+    status = []
+    for i, sample in enumerate(dataset.samples):
+        if not sample.mask_paths:
+            status.append("missing")
+            continue
+        try:
+            with Image.open(dataset.file(sample)) as im:
+                image_size_px = im.size
+            sizes = set()
+            for p in sample.mask_paths:
+                with Image.open(dataset.file(p)) as m:
+                    sizes.add(m.size)
+            if sizes != {image_size_px}:
+                status.append("size_mismatch")
+                continue
+            union = read_mask([dataset.file(p) for p in sample.mask_paths], image_size)
+        except (BusiError, OSError):
+            status.append("unreadable")
+            continue
+        masks[i, 0] = torch.from_numpy(union.astype(np.uint8))
+        status.append("lesion" if union.any() else "empty")
+    return masks, status
+
+
 def warn(message: str) -> None:
     tqdm.write(f"warning: {message}")
 
@@ -203,17 +238,20 @@ def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tor
     return (x - m) / s
 
 
-def augment(images: torch.Tensor, flip_p: float = 0.5, max_rotation: float = 10.0, autocontrast_p: float = 0.5,
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """The seed's train-time augmentation, drawn per image but computed on the whole batch at once.
+def augment(images: torch.Tensor, masks: torch.Tensor | None = None, flip_p: float = 0.5, max_rotation: float = 10.0,
+            autocontrast_p: float = 0.5, min_scale: float = 1.0, brightness: float = 0.0, contrast: float = 0.0,
+            generator: torch.Generator | None = None):
+    """Train-time augmentation drawn per image but computed on the whole batch at once, on the batch's device.
 
-    uint8 NCHW in, float [0,1] NCHW out, on the same device (so on a GPU nothing waits on the CPU).
+    The seed's three (horizontal flip, rotation, autocontrast), plus optional zoom-and-shift (a random crop
+    covering at least `min_scale` of each side) and brightness/contrast jitter. uint8 NCHW in, float [0,1]
+    out. Masks (float N1HW), when given, get the same flip, rotation and crop, and are returned too.
     """
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.clone()
     n, device = x.shape[0], x.device
 
-    def draw(*shape):
-        return torch.rand(*shape, generator=generator, device="cpu").to(device)
+    def draw(*shape):  # drawn on the CPU so a seeded generator gives the same batch on any device
+        return torch.rand(*shape, generator=generator).to(device)
 
     if autocontrast_p > 0:
         # per image and channel: stretch [min, max] to [0, 1]; constant channels stay as they are
@@ -221,12 +259,23 @@ def augment(images: torch.Tensor, flip_p: float = 0.5, max_rotation: float = 10.
         hi = x.amax(dim=(2, 3), keepdim=True)
         stretched = torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-6), x)
         x = torch.where(draw(n, 1, 1, 1) < autocontrast_p, stretched, x)
+    if brightness > 0 or contrast > 0:
+        gain = 1 + (draw(n, 1, 1, 1) * 2 - 1) * contrast
+        offset = (draw(n, 1, 1, 1) * 2 - 1) * brightness
+        x = ((x - 0.5) * gain + 0.5 + offset).clamp(0, 1)
     if flip_p > 0:
-        x = torch.where(draw(n, 1, 1, 1) < flip_p, x.flip(-1), x)
-    if max_rotation > 0:
+        flip = draw(n, 1, 1, 1) < flip_p
+        x = torch.where(flip, x.flip(-1), x)
+        masks = None if masks is None else torch.where(flip, masks.flip(-1), masks)
+    if max_rotation > 0 or min_scale < 1:
+        # one affine per image: output pixel -> input pixel, in grid_sample's [-1, 1] coordinates
         angle = (draw(n) * 2 - 1) * math.radians(max_rotation)
-        cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
-        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        scale = min_scale + draw(n) * (1 - min_scale)  # < 1 samples a smaller window: a zoom in
+        shift = (draw(n, 2) * 2 - 1) * (1 - scale)[:, None]  # keeps the window inside the image
+        cos, sin = angle.cos() * scale, angle.sin() * scale
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return x
+        if masks is not None:
+            masks = F.grid_sample(masks.float(), grid.to(masks.device), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return x if masks is None else (x, masks)

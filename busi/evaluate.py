@@ -49,3 +49,44 @@ def compute_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: list[str
 def majority_baseline(labels: torch.Tensor, num_classes: int) -> float:
     """Accuracy of always answering the most common class: the floor any model must beat."""
     return float(torch.bincount(labels, minlength=num_classes).max()) / max(1, len(labels))
+
+
+def _point_metrics(probs: torch.Tensor, labels: torch.Tensor, k: int) -> dict[str, float]:
+    from torchmetrics.functional.classification import multiclass_auroc, multiclass_f1_score, multiclass_recall
+    out = {"accuracy": float((probs.argmax(1) == labels).float().mean()),
+           "macro_f1": float(multiclass_f1_score(probs, labels, k, average="macro", zero_division=0))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out["auroc"] = float(multiclass_auroc(probs, labels, k, average="macro"))
+    recall = multiclass_recall(probs, labels, k, average="none", zero_division=0)
+    for i in range(k):
+        out[f"recall_{i}"] = float(recall[i])
+    return out
+
+
+def bootstrap_ci(probs: torch.Tensor, labels: torch.Tensor, groups, classes, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> dict:
+    """Point estimate and percentile CI of accuracy, macro-F1, macro-AUROC and per-class recall.
+
+    Resamples whole duplicate groups (a cluster bootstrap), not single images: near-copies of one scan
+    are not independent evidence, and treating them so would make the interval too narrow.
+    """
+    import numpy as np
+
+    k = len(classes)
+    groups = np.asarray(groups)
+    unique, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        pick = np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))])
+        for name, value in _point_metrics(probs[pick], labels[pick], k).items():
+            samples.setdefault(name, []).append(value)
+    point = _point_metrics(probs, labels, k)
+    rename = {f"recall_{i}": f"recall_{c}" for i, c in enumerate(classes)}
+    alpha = (1 - level) / 2
+    return {rename.get(name, name): {"estimate": round(point[name], 4),
+                                     "ci_low": round(float(np.nanquantile(v, alpha)), 4),
+                                     "ci_high": round(float(np.nanquantile(v, 1 - alpha)), 4)}
+            for name, v in samples.items()}

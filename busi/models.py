@@ -111,5 +111,17 @@ def read_state_dict(path: str | Path) -> dict:
     return obj
 
 
+def last_conv_block(model: nn.Module) -> tuple[nn.Module, int]:
+    """The module whose output is the last spatial feature map (for Grad-CAM and the lesion head), and its channels."""
+    if isinstance(model, CustomCNN):
+        return model.features, [m for m in model.features if isinstance(m, nn.Conv2d)][-1].out_channels
+    if isinstance(model, torchvision.models.ResNet):
+        return model.layer4, model.fc.in_features
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise BusiError(f"{type(model).__name__} has no convolutional layer to explain or supervise")
+    return convs[-1], convs[-1].out_channels
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -32,18 +32,48 @@ def loss_curves(histories: dict[str, list[dict]], path: Path) -> None:
 
 
 def confusion_matrix(matrix: list[list[int]], classes: list[str], path: Path, title: str = "") -> None:
-    """Counts, with the share of each true class in brackets."""
+    """Two panels: counts, and the same normalised by true class (each row sums to 1)."""
     m = np.asarray(matrix)
     share = m / np.maximum(m.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.4 * len(classes) + 2, 1.2 * len(classes) + 1.5))
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, f"{m[i, j]}\n({share[i, j]:.0%})", ha="center", va="center",
-                    color="white" if share[i, j] > 0.6 else "black")
-    ax.set_xticks(range(len(classes)), classes)
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted", ylabel="true", title=title or "Confusion matrix")
+    size = 1.2 * len(classes) + 1.5
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    for ax, values, fmt, name in ((axes[0], m, lambda v: f"{v:d}", "counts"),
+                                  (axes[1], share, lambda v: f"{v:.0%}", "share of true class")):
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, fmt(values[i, j]), ha="center", va="center", color="white" if share[i, j] > 0.6 else "black")
+        ax.set_xticks(range(len(classes)), classes)
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set(xlabel="predicted", ylabel="true", title=name)
+    fig.suptitle(title or "Confusion matrix")
+    _save(fig, path)
+
+
+def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]], path: Path, title: str = "") -> None:
+    """One-vs-rest ROC per class: name -> (false positive rate, true positive rate, AUROC)."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {auc:.3f})" if auc is not None else f"{name} (no positives)")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title or "ROC, one class vs the rest",
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def reliability_diagram(panels: dict[str, tuple[list[dict], float]], path: Path) -> None:
+    """Accuracy against confidence per bin, one panel per variant (e.g. before/after temperature scaling)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
+    for ax, (name, (bins, ece)) in zip(axes[0], panels.items()):
+        full = [b for b in bins if b["n"]]
+        ax.bar([b["low"] for b in full], [b["accuracy"] for b in full], width=[b["high"] - b["low"] for b in full],
+               align="edge", edgecolor="black", alpha=0.7, label="accuracy")
+        ax.plot([0, 1], [0, 1], color="grey", ls="--", label="perfect calibration")
+        ax.plot([b["confidence"] for b in full], [b["accuracy"] for b in full], "o", color="C3", ms=3, label="bin mean")
+        ax.set(xlabel="confidence (top class)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"{name}: ECE {ece:.3f}")
+        ax.legend(loc="upper left", fontsize=8)
     _save(fig, path)
 
 

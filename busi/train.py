@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import logging
 import warnings
 from pathlib import Path
@@ -17,49 +18,95 @@ from torch.utils.data import DataLoader, TensorDataset
 from .config import RunConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD, augment, normalize
 from .errors import BusiError
+from .models import last_conv_block
 
 
 class Classifier(L.LightningModule):
-    """Batches arrive as uint8 images; augmentation and normalisation run wherever the model runs."""
+    """Batches arrive as uint8 images (and masks); augmentation and normalisation run wherever the model runs."""
 
-    def __init__(self, model: nn.Module, cfg: RunConfig, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, model: nn.Module, cfg: RunConfig, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 class_weights: torch.Tensor | None = None):
         super().__init__()
         self.model, self.cfg, self.mean, self.std = model, cfg, mean, std
+        self.register_buffer("class_weights", class_weights, persistent=False)
+        self.lesion_head = None
+        if cfg.mask_weight > 0:
+            # A 1x1 convolution reads "lesion here?" off the last feature map; it exists only during
+            # training (the saved model is the plain classifier) and steers features towards the lesion.
+            layer, channels = last_conv_block(model)
+            self.lesion_head = nn.Conv2d(channels, 1, 1)
+            layer.register_forward_hook(lambda module, inputs, output: setattr(self, "_features", output))
 
     def forward(self, x):
         return self.model(x)
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
-        x, y = batch
+        x, y = batch[:2]
+        masks = None
+        if len(batch) == 4:  # (images, labels, uint8 masks, has-mask flags): unknown masks become -1
+            masks = torch.where(batch[3].view(-1, 1, 1, 1), batch[2].float(), torch.full_like(batch[2], -1, dtype=torch.float))
         if self.trainer is not None and self.trainer.training:
-            x = augment(x, self.cfg.flip_p, self.cfg.max_rotation, self.cfg.autocontrast_p)
-        return normalize(x, self.mean, self.std), y
+            c = self.cfg
+            out = augment(x, masks, c.flip_p, c.max_rotation, c.autocontrast_p,
+                          c.min_scale, c.brightness, c.contrast)
+            x, masks = out if masks is not None else (out, None)
+        x = normalize(x, self.mean, self.std)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (x, y) if masks is None else (x, y, masks)
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        x, y = batch[:2]
+        loss = F.cross_entropy(self(x), y, weight=self.class_weights, label_smoothing=self.cfg.label_smoothing)
+        if self.lesion_head is not None and len(batch) == 3:
+            masks = batch[2]  # N1HW in [0, 1]; negative marks images without a mask file
+            known = masks.amin(dim=(1, 2, 3)) >= 0
+            if known.any():
+                lesion = self.lesion_head(self._features[known])
+                target = F.adaptive_avg_pool2d(masks[known].clamp_min(0), lesion.shape[-2:])
+                mask_loss = F.binary_cross_entropy_with_logits(lesion, target)
+                self.log("mask_loss", mask_loss, on_step=False, on_epoch=True, batch_size=int(known.sum()), sync_dist=True)
+                loss = loss + self.cfg.mask_weight * mask_loss
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
+        x, y = batch[:2]
         logits = self(x)
         self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log("val_acc", (logits.argmax(1) == y).float().mean(), on_epoch=True, batch_size=len(y), sync_dist=True)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        kind = torch.optim.AdamW if self.cfg.optimizer == "adamw" else torch.optim.Adam
+        optimizer = kind(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        if self.cfg.scheduler == "none":
+            return optimizer
+        total = max(1, self.trainer.estimated_stepping_batches)
+        warmup = min(total - 1, round(total * self.cfg.warmup_epochs / max(1, self.cfg.epochs)))
+
+        def factor(step):  # linear warm-up, then cosine decay to zero
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 @torch.no_grad()
 def logits_of(model: nn.Module, images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch_size: int = 64,
-              device: torch.device | str | None = None) -> torch.Tensor:
-    """Raw scores for uint8 NCHW images, in batches, on the model's device; returned on the CPU."""
+              device: torch.device | str | None = None, tta: bool = False) -> torch.Tensor:
+    """Raw scores for uint8 NCHW images, in batches, on the model's device; returned on the CPU.
+
+    With tta, the scores of each image and of its mirror image are averaged.
+    """
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = [model(normalize(images[i:i + batch_size].to(device), mean, std)).float().cpu()
-           for i in range(0, len(images), batch_size)]
+
+    def score(x):
+        x = normalize(x.to(device), mean, std)
+        return (model(x) + model(x.flip(-1))) / 2 if tta else model(x)
+    out = [score(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)]
     model.train(was_training)
     return torch.cat(out)
 
@@ -75,7 +122,7 @@ class History(Callback):
         if "val_loss" in trainer.callback_metrics:
             row["val_loss"] = float(trainer.callback_metrics["val_loss"])
         if self.test is not None and trainer.is_global_zero:
-            logits = logits_of(module.model, self.test[0], module.mean, module.std)
+            logits = logits_of(module.model, self.test[0], module.mean, module.std, tta=module.cfg.tta)
             row["test_loss"] = float(F.cross_entropy(logits, self.test[1]))
             row["test_accuracy"] = float((logits.argmax(1) == self.test[1]).float().mean())
         self.rows.append(row)
@@ -92,15 +139,22 @@ class History(Callback):
         self.rows = state["rows"]
 
 
-def _loader(images, labels, batch_size, shuffle):
-    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=shuffle,
+def _loader(tensors, batch_size, shuffle):
+    labels = tensors[1]
+    return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=shuffle,
                       drop_last=shuffle and len(labels) > batch_size)  # no 1-image batch, which BatchNorm cannot train on
 
 
-def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, torch.Tensor], out_dir: Path,
+def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, ...], out_dir: Path,
         val: tuple[torch.Tensor, torch.Tensor] | None = None, test: tuple[torch.Tensor, torch.Tensor] | None = None,
-        resume: bool = False, progress: bool = True) -> tuple[nn.Module, list[dict]]:
-    """Train with Lightning; returns the model to keep (best validation epoch if there is validation, else last)."""
+        resume: bool = False, progress: bool = True, checkpoints: bool = True) -> tuple[nn.Module, list[dict]]:
+    """Train with Lightning; returns the last epoch's model and the per-epoch history.
+
+    With a validation part, Lightning also keeps the epoch of lowest validation loss as lightning/best.ckpt;
+    the model returned stays the last one, as in cross-validation, so CV estimates describe what users get.
+
+    train is (uint8 images, labels) or, for the lesion head, (images, labels, uint8 masks, has-mask flags).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "lightning"
     callbacks = [History(out_dir / "history.csv", test)]
@@ -108,7 +162,8 @@ def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, torch.Tenso
         best = ModelCheckpoint(ckpt_dir, filename="best", monitor="val_loss", save_last=True)
     else:  # without a validation part there is nothing honest to call "best": keep the last epoch
         best = ModelCheckpoint(ckpt_dir, save_last=True, save_top_k=0)
-    callbacks.append(best)
+    if checkpoints:
+        callbacks.append(best)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
         logging.getLogger(name).setLevel(logging.WARNING)  # keep the GPU/TPU banner out of users' way
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # data is in memory
@@ -117,25 +172,28 @@ def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, torch.Tenso
     try:
         trainer = L.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=_devices(cfg.devices),
                             precision=cfg.precision, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
-                            logger=False, callbacks=callbacks, default_root_dir=out_dir, num_sanity_val_steps=0,
+                            logger=False, callbacks=callbacks, enable_checkpointing=checkpoints, default_root_dir=out_dir, num_sanity_val_steps=0,
                             enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=1)
     except (MisconfigurationException, ValueError, RuntimeError) as e:
         raise BusiError(f"cannot use --accelerator {cfg.accelerator} --devices {cfg.devices} --precision {cfg.precision}: "
                         f"{str(e).splitlines()[0]}") from None
-    module = Classifier(model, cfg)
+    weights = None
+    if cfg.class_weights == "balanced":
+        counts = torch.bincount(train[1], minlength=int(train[1].max()) + 1).float()
+        weights = counts.sum() / (len(counts) * counts.clamp_min(1))
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    module = Classifier(model, cfg, class_weights=weights)
     resume_from = None
     if resume:
         candidates = [ckpt_dir / "last.ckpt"]
         resume_from = next((str(p) for p in candidates if p.exists()), None)
         if resume_from is None:
             raise BusiError(f"{ckpt_dir}: nothing to resume from (no last.ckpt)")
-    trainer.fit(module, _loader(*train, cfg.batch_size, True),
-                _loader(*val, cfg.batch_size, False) if val is not None else None,
+    trainer.fit(module, _loader(train, cfg.batch_size, True),
+                _loader(val[:2], cfg.batch_size, False) if val is not None else None,
                 ckpt_path=resume_from, weights_only=False if resume_from else None)
-    if val is not None and best.best_model_path:
-        state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state)
-    return module.model.cpu().eval(), callbacks[0].rows
+    return module.model.cpu().to(memory_format=torch.contiguous_format).eval(), callbacks[0].rows
 
 
 def _devices(value: str):

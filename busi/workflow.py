@@ -10,15 +10,18 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import yaml
 
 from . import __version__, checkpoint
 from .audit import audit
 from .config import RunConfig, save_config
-from .data import IMAGE_SUFFIXES, MASK_NAME, IMAGENET_MEAN, IMAGENET_STD, Dataset, load, read_image, scan, warn
+from .data import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MASK_NAME, MASK_USABLE, Dataset, load, load_masks, read_image, scan, warn
 from .errors import BusiError
-from .evaluate import compute_metrics, majority_baseline
+from .calibrate import fit_temperature
 from .models import IMAGENET_WEIGHTS, build, count_parameters
-from .plots import confusion_matrix, gallery, loss_curves
+from .plots import loss_curves
+from .report import render
+from .results import write_results
 from .split import group_ids, train_test
 from .train import fit, logits_of
 
@@ -63,35 +66,42 @@ def prepare(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, dict, torch
     return kept, report, images, labels, conflicted
 
 
-def write_evaluation(folder: Path, probs: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
-                     paths: list[str], classes: list[str], extra: dict | None = None, max_gallery: int = 20) -> dict:
-    """metrics.json, predictions.csv, confusion_matrix.png and misclassified.png for one model on one set."""
-    folder.mkdir(parents=True, exist_ok=True)
-    metrics = {**compute_metrics(probs, labels, classes), "majority_baseline": round(majority_baseline(labels, len(classes)), 6),
-               **(extra or {})}
-    _write_json(folder / "metrics.json", metrics)
-    predicted = probs.argmax(1)
-    with open(folder / "predictions.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "true", "predicted", *[f"p_{c}" for c in classes]])
-        for p, t, y, pr in zip(paths, labels.tolist(), predicted.tolist(), probs.tolist()):
-            w.writerow([p, classes[t], classes[y], *[f"{v:.6f}" for v in pr]])
-    confusion_matrix(metrics["confusion_matrix"], classes, folder / "confusion_matrix.png",
-                     f"{extra.get('model', '') if extra else ''} (n={len(labels)}, accuracy {metrics['accuracy']:.1%})")
-    wrong = (predicted != labels).nonzero().flatten().tolist()
-    wrong.sort(key=lambda i: -float(probs[i, predicted[i]]))  # most confident mistakes first: the worrying ones
-    wrong = wrong[:max_gallery]
-    gallery([images[i].permute(1, 2, 0).numpy() for i in wrong],
-            [f"{Path(paths[i]).name}\ntrue {classes[labels[i]]}, said {classes[predicted[i]]} {float(probs[i, predicted[i]]):.0%}"
-             for i in wrong],
-            folder / "misclassified.png", f"Misclassified ({len(wrong)} most confident of {int((predicted != labels).sum())})")
-    return metrics
+def training_tensors(cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, status: list[str]):
+    """index -> the tensors fit() trains on: images and labels, plus lesion masks when the recipe learns them."""
+    if cfg.mask_weight <= 0:
+        return lambda idx: (images[idx], labels[idx])
+    known = torch.tensor([st in MASK_USABLE for st in status])
+    return lambda idx: (images[idx], labels[idx], masks[idx], known[idx])
+
+
+def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_dir: Path, test_idx=None, resume: bool = False, progress: bool = True, checkpoints: bool = True, seed: int | None = None):
+    """Build, seed and train one model; fit its temperature on the validation part. -> (model, config, history)."""
+    L.seed_everything(cfg.seed if seed is None else seed, verbose=False)
+    model = build(arch, len(classes), pretrained=cfg.pretrained and arch in IMAGENET_WEIGHTS,
+                  weights=cfg.weights if arch in IMAGENET_WEIGHTS else None)
+    start = time.perf_counter()
+    val = part(val_idx)[:2] if len(val_idx) else None
+    test = part(test_idx)[:2] if test_idx is not None else None
+    model, history = fit(model, cfg, part(train_idx), out_dir, val=val, test=test, resume=resume, progress=progress,
+                         checkpoints=checkpoints)
+    config = _checkpoint_config(arch, cfg, classes)
+    config["train_seconds"] = round(time.perf_counter() - start, 1)
+    if val is not None:
+        config["temperature"] = fit_temperature(logits_of(model, val[0], tta=cfg.tta), val[1])
+    return model, config, history
 
 
 def _checkpoint_config(arch: str, cfg: RunConfig, classes) -> dict:
     return {"arch": arch, "classes": list(classes), "image_size": cfg.image_size, "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD), "trained_on": str(cfg.data), "trained_at": datetime.now().isoformat(timespec="seconds"),
-            "seed": cfg.seed, "epochs": cfg.epochs, "version": __version__}
+            "seed": cfg.seed, "epochs": cfg.epochs, "tta": cfg.tta, "version": __version__}
+
+
+def check_models(cfg: RunConfig, n_classes: int) -> None:
+    """Build every model once before training any, so a missing weight file fails in seconds, not after an hour."""
+    for arch in cfg.models:
+        build(arch, n_classes, pretrained=cfg.pretrained and arch in IMAGENET_WEIGHTS,
+              weights=cfg.weights if arch in IMAGENET_WEIGHTS else None)
 
 
 def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = False, resume: bool = False,
@@ -99,9 +109,7 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
     """Audit, split (grouped, stratified, seeded), train every model in cfg.models, evaluate on the test part."""
     folder = run_dir(out, "-".join(cfg.models), overwrite, resume)
     dataset, report, images, labels, conflicted = prepare(cfg, progress)
-    # Build every model before training any, so a missing weight file fails in seconds, not after an hour.
-    models = {arch: build(arch, len(dataset.classes), pretrained=cfg.pretrained and arch in IMAGENET_WEIGHTS,
-                          weights=cfg.weights if arch in IMAGENET_WEIGHTS else None) for arch in cfg.models}
+    check_models(cfg, len(dataset.classes))
     paths = [s.path for s in dataset.samples]
     grouped = cfg.split == "grouped"
     groups = group_ids(paths, report["duplicate_groups"]) if grouped else np.arange(len(paths))
@@ -119,24 +127,21 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
         "classes": list(dataset.classes),
         "train": [paths[i] for i in train_idx], "val": [paths[i] for i in val_idx], "test": [paths[i] for i in test_idx],
         "left_out_label_conflicts": conflicted, "skipped": dataset.skipped})
-    part = lambda idx: (images[idx], labels[idx])  # noqa: E731
+    masks, status = load_masks(dataset, cfg.image_size)
+    part = training_tensors(cfg, images, labels, masks, status)
     histories, rows = {}, []
-    for arch, model in models.items():
-        L.seed_everything(cfg.seed, verbose=False)
-        start = time.perf_counter()
-        model, history = fit(model, cfg, part(train_idx), folder / arch, val=part(val_idx) if len(val_idx) else None,
-                             test=part(test_idx), resume=resume, progress=progress)
-        seconds = time.perf_counter() - start
+    for arch in cfg.models:
+        model, config, history = train_one(arch, cfg, dataset.classes, part, train_idx, val_idx, folder / arch,
+                                           test_idx=test_idx, resume=resume, progress=progress)
         histories[arch] = history
-        probs = torch.softmax(logits_of(model, images[test_idx]), 1)
-        metrics = write_evaluation(folder / arch, probs, labels[test_idx], images[test_idx], [paths[i] for i in test_idx],
-                                   list(dataset.classes), {"model": arch, "parameters": count_parameters(model),
-                                                           "epochs": cfg.epochs, "train_seconds": round(seconds, 1),
-                                                           "n_train": len(train_idx), "n_val": len(val_idx)})
-        checkpoint.save(folder / arch / "checkpoint.pth", model, _checkpoint_config(arch, cfg, dataset.classes))
-        rows.append(metrics)
+        checkpoint.save(folder / arch / "checkpoint.pth", model, config)
+        rows.append(write_results(folder / arch, model, config, images[test_idx], labels[test_idx],
+                                  [paths[i] for i in test_idx], masks[test_idx], [status[i] for i in test_idx],
+                                  {"model": arch, "parameters": count_parameters(model), "epochs": cfg.epochs,
+                                   "train_seconds": config["train_seconds"], "n_train": len(train_idx), "n_val": len(val_idx)}))
     loss_curves(histories, folder / "loss.png")
     write_summary(folder, rows, list(dataset.classes))
+    render(folder)
     return folder
 
 
@@ -167,17 +172,18 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     checkpoint.check_classes(checkpoint_path, config, dataset.classes)
     folder = run_dir(out, f"evaluate-{config['arch']}", overwrite)
     images, labels, dataset = load(dataset, config["image_size"], progress)
-    probs = predict_probs(model, config, images)
+    masks, status = load_masks(dataset, config["image_size"])
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(json.dumps({"command": "evaluate", "checkpoint": str(checkpoint_path),
-                                                     "data": str(data), "busi_version": __version__}, indent=2))
-    metrics = write_evaluation(folder, probs, labels, images, [s.path for s in dataset.samples], list(config["classes"]),
-                               {"model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped})
+    (folder / "config.yaml").write_text(yaml.safe_dump({"command": "evaluate", "checkpoint": str(checkpoint_path),
+                                                     "data": str(data), "busi_version": __version__}, sort_keys=False))
+    metrics = write_results(folder, model, config, images, labels, [s.path for s in dataset.samples], masks, status,
+                            {"model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped})
+    render(folder)
     return metrics, folder
 
 
 def predict_probs(model, config: dict, images: torch.Tensor) -> torch.Tensor:
-    logits = logits_of(model, images, config["mean"], config["std"])
+    logits = logits_of(model, images, config["mean"], config["std"], tta=bool(config.get("tta", False)))
     return torch.softmax(logits / float(config.get("temperature", 1.0)), 1)
 
 
@@ -193,17 +199,31 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
-def run_predict(checkpoint_path: str | Path, inputs: list[str | Path]) -> list[dict]:
-    """One row per image: path, predicted class, probability of each class, or the error that stopped it."""
+def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_dir: str | Path | None = None) -> list[dict]:
+    """One row per image: path, predicted class, probability of each class, or the error that stopped it.
+
+    With explain_dir, a Grad-CAM overlay of the predicted class is written there for each image.
+    """
     model, config = checkpoint.load(checkpoint_path)
+    if explain_dir is not None:
+        from .explain import gradcam, overlay
+        from PIL import Image
+        explain_dir = Path(explain_dir)
+        explain_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for path in image_files(inputs):
+    for n, path in enumerate(image_files(inputs)):
         try:
             image = torch.from_numpy(read_image(path, config["image_size"])).permute(2, 0, 1)[None]
         except BusiError as e:
             rows.append({"path": str(path), "error": str(e)})
             continue
         probs = predict_probs(model, config, image)[0]
-        rows.append({"path": str(path), "predicted": config["classes"][int(probs.argmax())],
-                     "probabilities": {c: round(float(p), 6) for c, p in zip(config["classes"], probs)}})
+        row = {"path": str(path), "predicted": config["classes"][int(probs.argmax())],
+               "probabilities": {c: round(float(p), 6) for c, p in zip(config["classes"], probs)}}
+        if explain_dir is not None:
+            heat = gradcam(model, image, [int(probs.argmax())], config["mean"], config["std"])[0]
+            target = explain_dir / f"{n:04d}-{Path(path).stem}-gradcam.png"
+            Image.fromarray(overlay(image[0].permute(1, 2, 0).numpy(), heat)).save(target)
+            row["explanation"] = str(target)
+        rows.append(row)
     return rows

@@ -1,0 +1,127 @@
+"""k-fold cross-validation: out-of-fold predictions, per-fold metrics and cluster-bootstrap confidence intervals."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import RunConfig, save_config
+from .calibrate import ece
+from .data import load_masks
+from .evaluate import bootstrap_ci, compute_metrics
+from .explain import gradcam, summarize_localization
+from .models import build, count_parameters
+from .plots import confusion_matrix
+from .report import render
+from .split import group_ids, kfold, train_test
+from .train import logits_of
+from .workflow import check_models, prepare, run_dir, train_one, training_tensors
+
+
+def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+           n_boot: int = 1000) -> Path:
+    """Train and test every model on every fold (of every repeat); each image is scored by models that never saw it."""
+    folder = run_dir(out, "cv-" + "-".join(cfg.models), overwrite)
+    dataset, report, images, labels, conflicted = prepare(cfg, progress)
+    paths = [s.path for s in dataset.samples]
+    classes = list(dataset.classes)
+    dup_groups = group_ids(paths, report["duplicate_groups"])
+    grouped = cfg.split == "grouped"
+    # All folds are made (and checked) before any training, so a bad --folds fails at once.
+    plans = [kfold(labels.numpy(), dup_groups if grouped else np.arange(len(paths)), cfg.folds, cfg.seed + r, grouped)
+             for r in range(cfg.repeats)]
+    check_models(cfg, len(classes))
+    masks, status = load_masks(dataset, cfg.image_size)
+    part = training_tensors(cfg, images, labels, masks, status)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, folder / "config.yaml", {"busi_version": __version__, "command": "cv"})
+    (folder / "audit.json").write_text(json.dumps(report, indent=2))
+    (folder / "folds.json").write_text(json.dumps({
+        "split": cfg.split, "folds": cfg.folds, "repeats": cfg.repeats, "seed": cfg.seed,
+        "test_folds": [[[paths[i] for i in te] for _, te in plan] for plan in plans],
+        "left_out_label_conflicts": conflicted}, indent=2))
+
+    fold_rows, oof_rows, summary = [], [], {}
+    for arch in cfg.models:
+        oof_probs, oof_raw, oof_labels, oof_groups, heat, heat_index = [], [], [], [], [], []
+        for r, plan in enumerate(plans):
+            for k, (train_idx, test_idx) in enumerate(plan):
+                val_idx = np.array([], dtype=int)
+                if cfg.val_size > 0:  # the same carve-out as `busi train`, so CV measures that recipe
+                    sub_train, sub_val = train_test(labels[train_idx].numpy(), dup_groups[train_idx], cfg.val_size,
+                                                    cfg.seed + r, grouped)
+                    train_idx, val_idx = train_idx[sub_train], train_idx[sub_val]
+                model, config, _ = train_one(arch, cfg, classes, part, train_idx, val_idx, folder / arch / f"repeat{r}-fold{k}",
+                                             progress=progress, checkpoints=False, seed=cfg.seed + 1000 * r + k)
+                logits = logits_of(model, images[test_idx], tta=cfg.tta)
+                probs = torch.softmax(logits / config["temperature"], 1)
+                m = compute_metrics(probs, labels[test_idx], classes)
+                fold_rows.append({"model": arch, "repeat": r, "fold": k, "n_train": len(train_idx), "n_val": len(val_idx),
+                                  "n_test": len(test_idx), "train_seconds": config["train_seconds"],
+                                  "temperature": round(config["temperature"], 4), "accuracy": m["accuracy"],
+                                  "macro_f1": m["macro_f1"], "auroc": m["auroc"],
+                                  **{f"recall_{c}": m["per_class"][c]["recall"] for c in classes}})
+                for i, p in zip(test_idx.tolist(), probs.tolist()):
+                    oof_rows.append({"model": arch, "repeat": r, "fold": k, "path": paths[i], "true": classes[labels[i]],
+                                     **{f"p_{c}": round(v, 6) for c, v in zip(classes, p)}})
+                oof_probs.append(probs)
+                oof_raw.append(torch.softmax(logits, 1))
+                oof_labels.append(labels[test_idx])
+                oof_groups.append(dup_groups[test_idx])
+                lesion = [i for i in test_idx.tolist() if status[i] == "lesion"]
+                if lesion:
+                    heat.append(gradcam(model, images[lesion], probs.argmax(1)[np.isin(test_idx, lesion)].tolist()))
+                    heat_index += lesion
+                print(f"{arch} repeat {r} fold {k}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} "
+                      f"({config['train_seconds']:.0f} s)", flush=True)
+        probs, y, g = torch.cat(oof_probs), torch.cat(oof_labels), np.concatenate(oof_groups)
+        pooled = compute_metrics(probs, y, classes)
+        per_fold = [row for row in fold_rows if row["model"] == arch]
+        raw = torch.cat(oof_raw)
+        localization = summarize_localization(np.concatenate(heat) if heat else np.zeros((0, 1, 1)),
+                                              [masks[i, 0].numpy().astype(bool) for i in heat_index],
+                                              [int(labels[i]) for i in heat_index], classes, ["lesion"] * len(heat_index))
+        localization["mask_status"] = {k: status.count(k) for k in ("lesion", "empty", "missing", "size_mismatch", "unreadable")}
+        summary[arch] = {
+            "model": arch, "parameters": count_parameters(model), "folds": cfg.folds, "repeats": cfg.repeats,
+            "split": cfg.split, "n_images": len(paths), "n_predictions": int(len(y)),
+            "mean_train_seconds": round(float(np.mean([row["train_seconds"] for row in per_fold])), 1),
+            "ci_method": "95% percentile bootstrap over duplicate groups of the pooled out-of-fold predictions "
+                         f"({n_boot} resamples; repeats pooled)",
+            "metrics": bootstrap_ci(probs, y, g, classes, n_boot=n_boot, seed=cfg.seed),
+            "fold_mean_std": {key: [round(float(np.mean([row[key] for row in per_fold])), 4),
+                                    round(float(np.std([row[key] for row in per_fold])), 4)]
+                              for key in ("accuracy", "macro_f1", "auroc")},
+            "pooled": pooled,
+            "calibration": {"ece_before": round(ece(raw, y), 4), "ece_after": round(ece(probs, y), 4),
+                            "note": "per-fold temperatures fitted on each fold's validation part"},
+            "localization": localization,
+        }
+        confusion_matrix(pooled["confusion_matrix"], classes, folder / arch / "confusion_matrix.png",
+                         f"{arch}, pooled out-of-fold (n={len(y)})")
+    _write_csv(folder / "fold_metrics.csv", fold_rows)
+    _write_csv(folder / "oof_predictions.csv", oof_rows)
+    (folder / "cv_metrics.json").write_text(json.dumps(summary, indent=2))
+    render(folder)
+    return folder
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def format_cv(summary: dict) -> str:
+    lines = []
+    for arch, s in summary.items():
+        m = s["metrics"]
+        parts = [f"{name} {v['estimate']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]" for name, v in m.items()]
+        lines.append(f"{arch} ({s['split']} {s['folds']}-fold x{s['repeats']}): " + "; ".join(parts))
+    return "\n".join(lines)

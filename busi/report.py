@@ -1,0 +1,150 @@
+"""report.html: one self-contained page (images embedded) built only from a run folder's files."""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .errors import BusiError
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+img{max-width:100%;border:1px solid #eee;margin:.3em 0}.note{background:#fff6d6;padding:.6em 1em;border-radius:4px}
+pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}.muted{color:#666;font-size:.9em}
+"""
+
+
+def _img(path: Path, alt: str) -> str:
+    if not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption class="muted">{html.escape(alt)}</figcaption></figure>'
+
+
+def _table(header: list[str], rows: list[list], cls: str = "") -> str:
+    def cell(v):
+        if v is None:
+            return "–"
+        return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _model_section(folder: Path, name: str) -> str:
+    m = _json(folder / "metrics.json")
+    if m is None:
+        return ""
+    parts = [f"<h2>{html.escape(name)}</h2>"]
+    parts.append(_table(["metric", "value"], [["images", m["n"]], ["accuracy", m["accuracy"]],
+                                              ["macro precision", m["macro_precision"]], ["macro recall", m["macro_recall"]],
+                                              ["macro F1", m["macro_f1"]], ["macro AUROC", m["auroc"]],
+                                              ["always-majority baseline", m.get("majority_baseline")]], "metrics"))
+    parts.append(_table(["class", "precision", "recall", "F1", "AUROC", "support"],
+                        [[c, v["precision"], v["recall"], v["f1"], v.get("auroc"), v["support"]] for c, v in m["per_class"].items()],
+                        "metrics"))
+    cal = m.get("calibration")
+    if cal:
+        parts.append(_table(["calibration", "before", "after"],
+                            [["ECE (15 bins)", cal["ece_before"], cal["ece_after"]], ["NLL", cal["nll_before"], cal["nll_after"]]])
+                     + f'<p class="muted">temperature {cal["temperature"]}; {html.escape(cal["note"])}</p>')
+    loc = m.get("localization")
+    if loc and "per_class" in loc:
+        parts.append(_localization(loc))
+    for png, alt in (("confusion_matrix.png", "confusion matrix (counts and share of true class)"), ("roc.png", "ROC curves"),
+                     ("calibration.png", "reliability diagram"),
+                     ("misclassified.png", "misclassified images, most confident first"),
+                     ("gradcam.png", "Grad-CAM overlays (green: right, red: wrong)")):
+        parts.append(_img(folder / png, f"{name}: {alt}"))
+    return "\n".join(parts)
+
+
+def _localization(loc: dict) -> str:
+    rows = [[c, v["n"], v["energy_in_lesion"], v["pointing_game"]] for c, v in loc["per_class"].items() if v["n"]]
+    status = ", ".join(f"{k} {v}" for k, v in loc.get("mask_status", {}).items())
+    return ("<h3>Where the model looked (Grad-CAM vs lesion masks)</h3>"
+            + _table(["class", "images with lesion mask", "heatmap energy in lesion", "pointing game"], rows)
+            + f'<p class="muted">masks: {html.escape(status)}. {html.escape(loc.get("method", ""))}</p>')
+
+
+def render(run: str | Path) -> Path:
+    """Write run/report.html from the files in run/ and return its path."""
+    run = Path(run)
+    if not run.is_dir():
+        raise BusiError(f"{run}: run folder does not exist")
+    config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else None
+    if config is None and not (run / "metrics.json").is_file():
+        raise BusiError(f"{run}: not a busi run folder (no config.yaml or metrics.json)")
+    kind = (config or {}).get("command", "run")
+    body = [f"<h1>busi {html.escape(kind)} report</h1>",
+            f'<p class="muted">{html.escape(str(run.resolve()))} · rendered {datetime.now():%Y-%m-%d %H:%M} · busi {__version__}</p>',
+            '<p class="note">A research tool, not a diagnosis. Numbers describe this data set and split only.</p>']
+
+    audit = _json(run / "audit.json")
+    if audit:
+        body.append("<h2>Data</h2>")
+        body.append(_table(["class", "images"], [[c, n] for c, n in audit["classes"].items()]))
+        body.append(f"<p>{audit['n_images']} readable images; {len(audit['duplicate_groups'])} near-duplicate groups holding "
+                    f"{audit['duplicate_images']} images; {len(audit['label_conflicts'])} label conflicts (left out); "
+                    f"{len(audit['skipped'])} files skipped.</p>")
+    split = _json(run / "split.json")
+    if split:
+        body.append(f"<p>Split ({html.escape(split['split'])}, seed {split['seed']}): {len(split['train'])} train, "
+                    f"{len(split['val'])} validation, {len(split['test'])} test images.</p>")
+    folds = _json(run / "folds.json")
+    if folds:
+        sizes = ", ".join(str(len(f)) for f in folds["test_folds"][0])
+        body.append(f"<p>Cross-validation ({html.escape(folds['split'])}, {folds['folds']} folds × {folds['repeats']} repeats, "
+                    f"seed {folds['seed']}); test fold sizes {sizes}.</p>")
+
+    cv = _json(run / "cv_metrics.json")
+    if cv:
+        body.append("<h2>Cross-validated metrics (95% CI)</h2>")
+        for arch, s in cv.items():
+            rows = [[name, v["estimate"], v["ci_low"], v["ci_high"]] for name, v in s["metrics"].items()]
+            body.append(f"<h3>{html.escape(arch)}</h3>" + _table(["metric", "estimate", "CI low", "CI high"], rows, "metrics")
+                        + f'<p class="muted">{html.escape(s["ci_method"])}; mean training time {s["mean_train_seconds"]} s per fold; '
+                        f'ECE {s["calibration"]["ece_before"]} → {s["calibration"]["ece_after"]} after temperature scaling.</p>')
+            if s.get("localization", {}).get("per_class"):
+                body.append(_localization(s["localization"]))
+            body.append(_img(run / arch / "confusion_matrix.png", f"{arch}: pooled out-of-fold confusion matrix"))
+
+    summary = run / "summary.csv"
+    if summary.is_file():
+        rows = list(csv.reader(summary.open()))
+        body.append("<h2>Summary</h2>" + _table(rows[0], [[_num(v) for v in r] for r in rows[1:]], "metrics"))
+    body.append(_img(run / "loss.png", "training loss per epoch"))
+    if (run / "metrics.json").is_file():
+        body.append(_model_section(run, (_json(run / "metrics.json") or {}).get("model", "model")))
+    for sub in sorted(p for p in run.iterdir() if p.is_dir() and (p / "metrics.json").is_file()):
+        body.append(_model_section(sub, sub.name))
+    if config:
+        body.append("<h2>Configuration</h2><pre>" + html.escape(yaml.safe_dump(config, sort_keys=False)) + "</pre>")
+    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>busi {html.escape(kind)} report</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
+    out = run / "report.html"
+    out.write_text(page)
+    return out
+
+
+def _num(v: str):
+    try:
+        return int(v)
+    except ValueError:
+        try:
+            return float(v)
+        except ValueError:
+            return v

@@ -1,0 +1,105 @@
+"""One model on one set of images -> a folder of results: metrics, predictions, calibration, plots, Grad-CAM."""
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchmetrics.functional.classification import multiclass_roc
+
+from .calibrate import ece, nll, reliability_bins
+from .data import MASK_USABLE
+from .errors import BusiError
+from .evaluate import compute_metrics, majority_baseline
+from .explain import gradcam, overlay, summarize_localization
+from .plots import confusion_matrix, gallery, reliability_diagram, roc_curves
+from .train import logits_of
+
+GALLERY_SIZE = 8  # per kind (right, wrong) in gradcam.png
+
+
+def _caption(path: str, classes, true: int, predicted: int, confidence: float) -> str:
+    return f"{Path(path).name}\ntrue {classes[true]}, said {classes[predicted]} {confidence:.0%}"
+
+
+def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Tensor, labels: torch.Tensor,
+                  paths: list[str], masks: torch.Tensor | None = None, mask_status: list[str] | None = None,
+                  extra: dict | None = None, explain: bool = True) -> dict:
+    """metrics.json, predictions.csv, confusion_matrix.png, misclassified.png, roc.png, calibration.png, gradcam.png."""
+    folder.mkdir(parents=True, exist_ok=True)
+    classes = list(config["classes"])
+    temperature = float(config.get("temperature", 1.0))
+    logits = logits_of(model, images, config["mean"], config["std"], tta=bool(config.get("tta", False)))
+    raw = torch.softmax(logits, 1)
+    probs = torch.softmax(logits / temperature, 1)
+    metrics = {**compute_metrics(probs, labels, classes), "majority_baseline": round(majority_baseline(labels, len(classes)), 6)}
+    metrics["calibration"] = {
+        "temperature": round(temperature, 4), "bins": 15,
+        "ece_before": round(ece(raw, labels), 4), "ece_after": round(ece(probs, labels), 4),
+        "nll_before": round(nll(logits, labels), 4), "nll_after": round(nll(logits, labels, temperature), 4),
+        "note": "before/after temperature scaling; the temperature was fitted on the validation part, never on these images"
+                if temperature != 1.0 else "temperature 1: no validation part to fit it on (see --val-size)",
+        "reliability": reliability_bins(probs, labels),
+    }
+    predicted = probs.argmax(1)
+    with open(folder / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true", "predicted", *[f"p_{c}" for c in classes]])
+        for p, t, y, pr in zip(paths, labels.tolist(), predicted.tolist(), probs.tolist()):
+            w.writerow([p, classes[t], classes[y], *[f"{v:.6f}" for v in pr]])
+
+    name = (extra or {}).get("model", config.get("arch", ""))
+    confusion_matrix(metrics["confusion_matrix"], classes, folder / "confusion_matrix.png",
+                     f"{name} (n={len(labels)}, accuracy {metrics['accuracy']:.1%})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fpr, tpr, _ = multiclass_roc(probs, labels, len(classes))
+    roc_curves({c: (fpr[i].numpy(), tpr[i].numpy(), metrics["per_class"][c]["auroc"]) for i, c in enumerate(classes)},
+               folder / "roc.png", f"{name}: ROC, one class vs the rest")
+    reliability_diagram({"before temperature scaling": (reliability_bins(raw, labels), metrics["calibration"]["ece_before"]),
+                         f"after (T = {temperature:.2f})": (metrics["calibration"]["reliability"], metrics["calibration"]["ece_after"])},
+                        folder / "calibration.png")
+    confidence = probs.max(1).values
+    wrong = (predicted != labels).nonzero().flatten().tolist()
+    wrong.sort(key=lambda i: -float(confidence[i]))  # most confident mistakes first: the worrying ones
+    shown = wrong[:20]
+    gallery([images[i].permute(1, 2, 0).numpy() for i in shown],
+            [_caption(paths[i], classes, labels[i], predicted[i], float(confidence[i])) for i in shown],
+            folder / "misclassified.png", f"Misclassified ({len(shown)} most confident of {len(wrong)})")
+
+    if explain:
+        try:
+            _explain(folder, model, config, images, labels, predicted, confidence, paths, masks, mask_status, metrics)
+        except BusiError as e:
+            metrics["localization"] = {"error": str(e)}
+    metrics.update(extra or {})
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _explain(folder, model, config, images, labels, predicted, confidence, paths, masks, mask_status, metrics):
+    classes = list(config["classes"])
+    right = (predicted == labels).nonzero().flatten().tolist()
+    wrong = (predicted != labels).nonzero().flatten().tolist()
+    chosen = right[:GALLERY_SIZE] + wrong[:GALLERY_SIZE]
+    # Localisation needs a heatmap for every image with a lesion mask; the gallery only for the chosen ones.
+    with_lesion = [i for i, s in enumerate(mask_status or []) if s == "lesion"]
+    needed = sorted(set(chosen) | set(with_lesion))
+    heat = dict(zip(needed, gradcam(model, images[needed], predicted[needed].tolist(), config["mean"], config["std"]))) if needed else {}
+    gallery([overlay(images[i].permute(1, 2, 0).numpy(), heat[i]) for i in chosen],
+            [_caption(paths[i], classes, labels[i], predicted[i], float(confidence[i])) for i in chosen],
+            folder / "gradcam.png", f"Grad-CAM of the predicted class: {len(right[:GALLERY_SIZE])} right, {len(wrong[:GALLERY_SIZE])} wrong",
+            colors=["darkgreen"] * len(right[:GALLERY_SIZE]) + ["darkred"] * len(wrong[:GALLERY_SIZE]))
+    if masks is not None and mask_status is not None:
+        usable = [i for i in range(len(labels)) if mask_status[i] in MASK_USABLE]
+        metrics["localization"] = summarize_localization(
+            np.stack([heat[i] for i in with_lesion]) if with_lesion else np.zeros((0, 1, 1)),
+            [masks[i, 0].numpy().astype(bool) for i in with_lesion], [int(labels[i]) for i in with_lesion],
+            classes, ["lesion"] * len(with_lesion))
+        metrics["localization"]["mask_status"] = {k: mask_status.count(k) for k in
+                                                  ("lesion", "empty", "missing", "size_mismatch", "unreadable")}
+        metrics["localization"]["n_usable_masks"] = len(usable)

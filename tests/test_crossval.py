@@ -1,0 +1,53 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from busi.cli import main
+from busi.evaluate import bootstrap_ci
+
+TINY = ["--epochs", "1", "--image-size", "32", "--batch-size", "8", "--no-progress"]
+
+
+def test_cv_scores_every_image_once_with_groups_kept_together(kaggle_folder, tmp_path, capsys):
+    src = kaggle_folder / "benign" / "benign (1).png"
+    for i in (20, 21):  # a near-duplicate group of three
+        (kaggle_folder / "benign" / f"benign ({i}).png").write_bytes(src.read_bytes())
+    out = tmp_path / "cv"
+    assert main(["cv", "--data", str(kaggle_folder), "--model", "custom-cnn", "--folds", "3", "--out", str(out), *TINY]) == 0
+    rows = list(csv.DictReader(open(out / "oof_predictions.csv")))
+    assert sorted(r["path"] for r in rows) == sorted({r["path"] for r in rows}) and len(rows) == 26
+    folds = {r["path"]: r["fold"] for r in rows}
+    assert len({folds[f"benign/benign ({i}).png"] for i in (1, 20, 21)}) == 1
+    for r in rows:
+        assert abs(sum(float(r[f"p_{c}"]) for c in ("benign", "malignant", "normal")) - 1) < 1e-4
+    summary = json.loads((out / "cv_metrics.json").read_text())["custom-cnn"]
+    for name in ("accuracy", "macro_f1", "auroc", "recall_malignant"):
+        m = summary["metrics"][name]
+        assert m["ci_low"] <= m["estimate"] <= m["ci_high"], name
+    assert len(list(csv.DictReader(open(out / "fold_metrics.csv")))) == 3
+    assert "custom-cnn (grouped 3-fold x1): accuracy" in capsys.readouterr().out
+
+
+def test_too_many_folds_fails_before_training(kaggle_folder, tmp_path, capsys):
+    assert main(["cv", "--data", str(kaggle_folder), "--model", "custom-cnn", "--folds", "9", "--out", str(tmp_path / "x"), *TINY]) == 2
+    assert "9 folds asked for, but the smallest class has only 8" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_bootstrap_ci_on_a_known_case():
+    # 80 of 100 right, every image its own group: the interval must hold 0.8 and be about +-0.08 wide
+    labels = torch.tensor([0, 1] * 50)
+    right = torch.arange(100) < 80
+    predicted = torch.where(right, labels, 1 - labels)
+    probs = torch.nn.functional.one_hot(predicted, 3).float() * 0.9 + 0.05
+    ci = bootstrap_ci(probs, labels, np.arange(100), ["a", "b", "c"], n_boot=2000, seed=0)
+    acc = ci["accuracy"]
+    assert acc["estimate"] == pytest.approx(0.8)
+    assert 0.70 <= acc["ci_low"] <= 0.74 and 0.86 <= acc["ci_high"] <= 0.89
+    # 10 copies of each image give no new evidence: resampling groups keeps the interval as wide
+    many = bootstrap_ci(probs.repeat_interleave(10, 0), labels.repeat_interleave(10), np.arange(100).repeat(10),
+                        ["a", "b", "c"], n_boot=2000, seed=0)["accuracy"]
+    assert many["ci_high"] - many["ci_low"] == pytest.approx(acc["ci_high"] - acc["ci_low"], abs=0.03)

@@ -1,0 +1,38 @@
+import torch
+
+from busi.config import make_config
+from busi.models import build
+from busi.train import fit, logits_of
+
+
+def _data(n=24, size=32):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.arange(n) % 3
+    masks = torch.zeros(n, 1, size, size, dtype=torch.uint8)
+    masks[labels != 2, :, 8:20, 8:20] = 1
+    known = torch.arange(n) % 4 != 0  # some images have no mask file
+    return images, labels, masks, known
+
+
+def test_fit_with_every_recipe_option(tmp_path):
+    cfg = make_config({"epochs": 2, "batch_size": 8, "optimizer": "adamw", "scheduler": "cosine", "warmup_epochs": 1,
+                       "label_smoothing": 0.1, "class_weights": "balanced", "mask_weight": 0.5, "tta": True,
+                       "min_scale": 0.7, "brightness": 0.1, "contrast": 0.1, "val_size": 0.2})
+    images, labels, masks, known = _data()
+    for arch in ("custom-cnn", "resnet18"):
+        before = {k: v.clone() for k, v in build(arch, 3).state_dict().items()}
+        model, history = fit(build(arch, 3), cfg, (images, labels, masks, known), tmp_path / arch,
+                             val=(images[:6], labels[:6]), test=(images[:6], labels[:6]), progress=False)
+        assert [r["epoch"] for r in history] == [1, 2] and "val_loss" in history[0] and "test_accuracy" in history[0]
+        assert set(model.state_dict()) == set(before)  # the lesion head is not part of the saved model
+        assert (tmp_path / arch / "lightning" / "best.ckpt").exists()
+        out = logits_of(model, images[:4], tta=True)
+        assert out.shape == (4, 3) and torch.isfinite(out).all()
+
+
+def test_tta_averages_the_mirror_image():
+    model = build("custom-cnn", 3).eval()
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    both = logits_of(model, x, tta=True)
+    assert torch.allclose(both, (logits_of(model, x) + logits_of(model, x.flip(-1))) / 2, atol=1e-5)
