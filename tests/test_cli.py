@@ -1,6 +1,7 @@
 """End to end through `busi.cli.main`, as a user types it, on small generated data and a few real images."""
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +70,11 @@ def test_evaluate_and_predict(trained, tmp_path, capsys):
     assert main(["predict", "--checkpoint", ckpt, str(data / "malignant" / "malignant (2).png")]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split("\t") == ["image", "predicted", "benign", "malignant", "normal"] and len(table) == 2
+    assert main(["predict", "--checkpoint", ckpt, "--explain", "--out", str(tmp_path / "why"), "--json",
+                 str(data / "normal")]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 10 and all(Path(r["explanation"]).is_file() for r in rows)
+    assert len(list((tmp_path / "why").glob("*-gradcam.png"))) == 10
 
 
 def _error(capsys) -> str:

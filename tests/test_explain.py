@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from busi.errors import BusiError
+from busi.explain import gradcam, localization, overlay, summarize_localization
+from busi.models import build
+
+
+@pytest.mark.parametrize("arch", ["custom-cnn", "resnet18"])
+def test_gradcam_map_has_input_size_and_unit_range(arch):
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 48, 40), dtype=torch.uint8)
+    maps = gradcam(build(arch, 3), images, [0, 1, 2])
+    assert maps.shape == (3, 48, 40) and maps.dtype == np.float32
+    assert maps.min() >= 0 and maps.max() <= 1
+    assert overlay(images[0].permute(1, 2, 0).numpy(), maps[0]).shape == (48, 40, 3)
+
+
+def test_model_without_convolutions_gets_a_clear_message():
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    with pytest.raises(BusiError, match="no convolutional layer"):
+        gradcam(flat, torch.zeros(1, 3, 8, 8, dtype=torch.uint8), [0])
+
+
+def test_localization_inside_outside_and_empty():
+    mask = np.zeros((20, 20), bool)
+    mask[5:10, 5:10] = True
+    inside = np.zeros((20, 20), np.float32)
+    inside[6:9, 6:9] = 1.0
+    outside = np.zeros((20, 20), np.float32)
+    outside[14:18, 14:18] = 1.0
+    assert localization(inside, mask) == (1.0, True)
+    assert localization(outside, mask) == (0.0, False)
+    assert localization(inside, np.zeros((20, 20), bool)) is None  # normal image: nothing to point at
+    summary = summarize_localization(np.stack([inside, outside]), [mask, mask], [0, 1], ["benign", "malignant"],
+                                     ["lesion", "lesion"])
+    assert summary["per_class"]["benign"] == {"n": 1, "energy_in_lesion": 1.0, "pointing_game": 1.0}
+    assert summary["per_class"]["malignant"]["energy_in_lesion"] == 0.0 and summary["energy_in_lesion"] == 0.5
