@@ -74,6 +74,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true", help="also write a Grad-CAM overlay per image into --out")
     p.add_argument("--out", help="folder for --explain overlays (default: runs/<timestamp>-predict)")
 
+    p = sub.add_parser("serve", help="a local web page to try a checkpoint (needs: pip install -e \".[app]\")")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+
     p = sub.add_parser("report", help="rebuild report.html of a run folder from its files")
     p.add_argument("run", metavar="RUN_DIR")
     return root
@@ -155,6 +160,13 @@ def _dispatch(args) -> int:
         if explain_dir is not None:
             print(f"Grad-CAM overlays in {explain_dir}/", file=sys.stderr)
         return 1 if any("error" in r for r in rows) else 0
+    elif args.command == "serve":
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            raise BusiError('the web app needs Gradio: pip install -e ".[app]"') from None
+        from .app import serve
+        serve(args.checkpoint, args.host, args.port)
     elif args.command == "report":
         from .report import render
         print(f"wrote {render(args.run)}")

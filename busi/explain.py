@@ -28,9 +28,12 @@ def gradcam(model: nn.Module, images: torch.Tensor, classes: list[int] | None = 
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, weight: float = 0.45) -> np.ndarray:
-    """HxWx3 uint8 image with the heatmap blended on top in the jet colour map."""
+    """HxWx3 uint8 image with the heatmap blended on top in the jet colour map (heatmap resized to fit)."""
+    import cv2
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
+    if heatmap.shape != image.shape[:2]:  # e.g. a 224x224 map shown on the original 560x470 scan
+        heatmap = cv2.resize(heatmap, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
     return show_cam_on_image(image.astype(np.float32) / 255.0, heatmap, use_rgb=True, image_weight=1 - weight)
 
 

@@ -11,6 +11,7 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
+from PIL import Image
 
 from . import __version__, checkpoint
 from .audit import audit
@@ -207,23 +208,25 @@ def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_d
     model, config = checkpoint.load(checkpoint_path)
     if explain_dir is not None:
         from .explain import gradcam, overlay
-        from PIL import Image
         explain_dir = Path(explain_dir)
         explain_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for n, path in enumerate(image_files(inputs)):
         try:
-            image = torch.from_numpy(read_image(path, config["image_size"])).permute(2, 0, 1)[None]
+            original = read_image(path)
         except BusiError as e:
             rows.append({"path": str(path), "error": str(e)})
             continue
+        side = config["image_size"]
+        # resize exactly as training did (data.read_image: PIL bilinear on the RGB image)
+        image = torch.from_numpy(np.array(Image.fromarray(original).resize((side, side), Image.BILINEAR))).permute(2, 0, 1)[None]
         probs = predict_probs(model, config, image)[0]
         row = {"path": str(path), "predicted": config["classes"][int(probs.argmax())],
                "probabilities": {c: round(float(p), 6) for c, p in zip(config["classes"], probs)}}
         if explain_dir is not None:
             heat = gradcam(model, image, [int(probs.argmax())], config["mean"], config["std"])[0]
             target = explain_dir / f"{n:04d}-{Path(path).stem}-gradcam.png"
-            Image.fromarray(overlay(image[0].permute(1, 2, 0).numpy(), heat)).save(target)
+            Image.fromarray(overlay(original, heat)).save(target)
             row["explanation"] = str(target)
         rows.append(row)
     return rows

@@ -1,0 +1,152 @@
+"""The local web page (Gradio, optional extra): drop ultrasound images, see class, probabilities and Grad-CAM."""
+from __future__ import annotations
+
+import html
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import checkpoint
+from .data import read_image
+from .errors import BusiError
+from .explain import gradcam, overlay
+from .workflow import predict_probs
+
+MAX_IMAGES = 12  # per request
+MAX_FILE_SIZE = "20mb"
+DISCLAIMER = "Research tool, not a diagnosis. Do not use it to make clinical decisions."
+
+
+class Predictor:
+    """A loaded checkpoint plus what the page says about it; one lock, because Grad-CAM hooks the model."""
+
+    def __init__(self, checkpoint_path: str | Path):
+        self.path = Path(checkpoint_path)
+        self.model, self.config = checkpoint.load(self.path)
+        self.classes = list(self.config["classes"])
+        self.lock = threading.Lock()
+        self.card = model_card(self.path, self.config)
+
+    def classify(self, path: str | Path, explain: bool = True) -> dict:
+        """{'file', 'predicted', 'probabilities'} (+ 'overlay' array), or {'file', 'error'} for a bad file."""
+        name = Path(path).name
+        try:
+            if Path(path).stat().st_size == 0:
+                raise BusiError(f"{name}: empty file")
+            original = read_image(path)
+            side = self.config["image_size"]
+            image = torch.from_numpy(np.array(Image.fromarray(original).resize((side, side), Image.BILINEAR))).permute(2, 0, 1)[None]
+        except BusiError as e:
+            return {"file": name, "error": str(e).replace(str(Path(path).parent) + "/", "")}
+        with self.lock:
+            probs = predict_probs(self.model, self.config, image)[0]
+            predicted = int(probs.argmax())
+            result = {"file": name, "predicted": self.classes[predicted],
+                      "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)}}
+            if explain:
+                heat = gradcam(self.model, image, [predicted], self.config["mean"], self.config["std"])[0]
+                result["overlay"] = overlay(original, heat)  # shown on the scan as uploaded, not the resized input
+        return result
+
+
+def model_card(path: Path, config: dict) -> dict:
+    """Name, date, classes and the metrics measured when it was trained (from its run folder, if there)."""
+    card = {"model": config["arch"], "trained_at": config.get("trained_at", "unknown"), "classes": config["classes"],
+            "image_size": config["image_size"], "temperature": round(float(config.get("temperature", 1.0)), 3)}
+    metrics = path.parent / "metrics.json"
+    if metrics.is_file():
+        m = json.loads(metrics.read_text())
+        card["evaluation"] = (f"held-out test part of {m['n']} images: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
+                              f"malignant recall {m['per_class'].get('malignant', {}).get('recall', float('nan')):.3f}")
+    cv = path.parent.parent / "cv_metrics.json"
+    if cv.is_file():
+        s = json.loads(cv.read_text()).get(config["arch"])
+        if s:
+            a = s["metrics"]["accuracy"]
+            card["cross_validation"] = f"accuracy {a['estimate']:.3f} (95% CI {a['ci_low']:.3f}–{a['ci_high']:.3f})"
+    return card
+
+
+def _bars(result: dict) -> str:
+    if "error" in result:
+        return f'<div class="busi-card busi-error"><b>{html.escape(result["file"])}</b>: {html.escape(result["error"])}</div>'
+    rows = "".join(
+        f'<div class="busi-bar"><span>{html.escape(c)}</span><div><i style="width:{100 * p:.1f}%"></i></div><b>{p:.1%}</b></div>'
+        for c, p in sorted(result["probabilities"].items(), key=lambda kv: -kv[1]))
+    return (f'<div class="busi-card"><div><b>{html.escape(result["file"])}</b> → '
+            f'<span class="busi-class">{html.escape(result["predicted"])}</span></div>{rows}'
+            f'<div class="busi-note">{DISCLAIMER}</div></div>')
+
+
+CSS = """
+.busi-card{border:1px solid #ddd;border-radius:6px;padding:.6em .9em;margin:.5em 0}
+.busi-error{border-color:#d33;background:#fff0f0}
+.busi-class{font-weight:700;font-size:1.15em}
+.busi-bar{display:grid;grid-template-columns:7em 1fr 4em;align-items:center;gap:.5em;margin:.2em 0}
+.busi-bar div{background:#eee;height:.9em;border-radius:3px}.busi-bar i{display:block;height:100%;background:#3b82f6;border-radius:3px}
+.busi-note{color:#8a5a00;font-size:.85em;margin-top:.4em}
+"""
+
+
+def build_app(predictor: Predictor):
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    card = predictor.card
+    about = [f"**Model** {card['model']} · trained {card['trained_at']} · classes {', '.join(card['classes'])} · "
+             f"input {card['image_size']}×{card['image_size']}"]
+    for key, label in (("cross_validation", "Cross-validation"), ("evaluation", "Test")):
+        if key in card:
+            about.append(f"**{label}:** {card[key]}")
+    if len(about) == 1:
+        about.append("No evaluation found beside this checkpoint: treat its answers with extra care.")
+
+    def analyse(files):
+        files = files or []
+        if not files:
+            return '<div class="busi-card busi-error">Choose one or more ultrasound images first.</div>', []
+        if len(files) > MAX_IMAGES:
+            return (f'<div class="busi-card busi-error">Too many images ({len(files)}): at most {MAX_IMAGES} per request.</div>',
+                    [])
+        results = [predictor.classify(f) for f in files]
+        gallery = [(r["overlay"], f"{r['file']}: {r['predicted']} {max(r['probabilities'].values()):.0%}")
+                   for r in results if "overlay" in r]
+        return "".join(_bars(r) for r in results), gallery
+
+    def classify_api(file):
+        """JSON for programs: the same answer as the page, without the picture."""
+        if not file:
+            return {"error": "no file"}
+        result = predictor.classify(file, explain=False)
+        return {**result, "note": DISCLAIMER}
+
+    theme = gr.themes.Base(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # no web fonts
+    with gr.Blocks(analytics_enabled=False, title="busi — breast ultrasound classifier") as app:
+        gr.Markdown(f"# Breast ultrasound: normal, benign or malignant?\n⚠️ **{DISCLAIMER}**")
+        gr.Markdown("\n\n".join(about))
+        with gr.Row():
+            with gr.Column(scale=1):
+                files = gr.File(label=f"Ultrasound images (PNG/JPEG, up to {MAX_IMAGES})", file_count="multiple",
+                                file_types=["image"], type="filepath")
+                button = gr.Button("Analyse", variant="primary")
+            with gr.Column(scale=2):
+                answer = gr.HTML(label="Result")
+                overlays = gr.Gallery(label="Where the model looked (Grad-CAM)", columns=3, height="auto")
+        button.click(analyse, files, [answer, overlays], api_name="analyse")
+        api_in = gr.File(visible=False, type="filepath")
+        api_out = gr.JSON(visible=False)
+        gr.Button(visible=False).click(classify_api, api_in, api_out, api_name="classify")
+    return app, theme
+
+
+def serve(checkpoint_path: str | Path, host: str = "127.0.0.1", port: int = 7860) -> None:
+    predictor = Predictor(checkpoint_path)
+    app, theme = build_app(predictor)
+    app.queue(default_concurrency_limit=4).launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE,
+                                                   share=False, inbrowser=False, show_error=True, theme=theme, css=CSS,
+                                                   footer_links=["api"], pwa=False, ssr_mode=False)

@@ -1,0 +1,121 @@
+"""The web app end to end: a real `busi serve` process, headless Chromium, and the HTTP API."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from browser import CHROMIUM_ARGS, chromium_path
+from busi.cli import main
+from busi.workflow import run_predict
+from conftest import BUSI_DEV
+from test_cli import TINY
+
+pytest.importorskip("gradio")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from conftest import make_kaggle_folder
+    root = tmp_path_factory.mktemp("app")
+    data = make_kaggle_folder(root / "data", per_class=8, size=64)
+    assert main(["train", "--data", str(data), "--model", "custom-cnn", "--out", str(root / "run"), *TINY]) == 0
+    ckpt = root / "run" / "custom-cnn" / "checkpoint.pth"
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    log = open(root / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "busi.cli", "serve", "--checkpoint", str(ckpt), "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("busi serve did not start:\n" + (root / "serve.log").read_text())
+                time.sleep(0.5)
+        yield url, ckpt, root
+    finally:  # always stopped, pass or fail
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _real_image() -> Path:
+    path = BUSI_DEV / "malignant" / "malignant (3).png"
+    if not path.is_file():
+        pytest.skip(f"{path} is not here")
+    return path
+
+
+def test_page_shows_class_probabilities_overlay_and_bad_file_message(server):
+    url, ckpt, root = server
+    image = _real_image()
+    broken = root / "broken.png"
+    broken.write_text("this is not an image")
+    path = chromium_path()
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            hosts = set()
+            page.on("request", lambda r: hosts.add(urlparse(r.url).hostname))
+            page.goto(url)
+            page.get_by_text("Research tool, not a diagnosis").first.wait_for(timeout=30000)
+            assert page.get_by_text("custom-cnn").first.is_visible()  # the model card
+            page.locator("input[type=file]").first.set_input_files([str(image)])
+            page.get_by_role("button", name="Analyse").click()
+            answer = page.locator(".busi-class").first
+            answer.wait_for(timeout=60000)
+            assert answer.inner_text() in ("benign", "malignant", "normal")
+            assert page.locator(".busi-bar").count() == 3
+            assert "%" in page.locator(".busi-card").first.inner_text()
+            page.locator(".busi-note").first.wait_for()
+            page.locator("img[src*='gradio_api/file']").first.wait_for(timeout=30000)  # the Grad-CAM overlay
+            page.screenshot(path=str(root / "page.png"), full_page=True)
+
+            page.locator("button[aria-label='Clear']").first.click() if page.locator("button[aria-label='Clear']").count() else None
+            page.locator("input[type=file]").first.set_input_files([str(broken)])
+            page.get_by_role("button", name="Analyse").click()
+            error = page.locator(".busi-error").first
+            error.wait_for(timeout=60000)
+            assert "broken.png" in error.inner_text() and "not a readable image" in error.inner_text()
+            page.reload()  # the server keeps serving after a bad file
+            page.get_by_text("Research tool, not a diagnosis").first.wait_for(timeout=30000)
+            assert hosts <= {"127.0.0.1", "localhost"}, hosts  # nothing fetched from the internet
+        finally:
+            browser.close()
+
+
+def test_http_api_gives_the_same_answer_and_survives_20_concurrent_requests(server):
+    from gradio_client import Client, handle_file
+    url, ckpt, _ = server
+    image = _real_image()
+    expected = run_predict(ckpt, [image])[0]
+    client = Client(url, verbose=False)
+    answer = client.predict(handle_file(str(image)), api_name="/classify")
+    assert answer["predicted"] == expected["predicted"]
+    for c, p in expected["probabilities"].items():
+        assert abs(answer["probabilities"][c] - p) < 1e-4
+    jobs = [client.submit(handle_file(str(image)), api_name="/classify") for _ in range(20)]
+    results = [job.result(timeout=120) for job in jobs]
+    assert len(results) == 20 and all(r["predicted"] == expected["predicted"] for r in results)
+    assert all(abs(r["probabilities"][c] - p) < 1e-4 for r in results for c, p in expected["probabilities"].items())
