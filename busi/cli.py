@@ -68,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
     p = sub.add_parser("predict", help="class and probabilities for images or folders of images")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pth, or a model written by `busi export`")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--explain", action="store_true", help="also write a Grad-CAM overlay per image into --out")
@@ -78,6 +78,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
+
+    p = sub.add_parser("export", help="write a checkpoint as ONNX or TorchScript, preprocessing and class names inside")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", required=True, help="onnx or torchscript")
+    p.add_argument("--out", help="output file (default: beside the checkpoint, .onnx or .pt)")
+    p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("report", help="rebuild report.html of a run folder from its files")
     p.add_argument("run", metavar="RUN_DIR")
@@ -167,6 +173,9 @@ def _dispatch(args) -> int:
             raise BusiError('the web app needs Gradio: pip install -e ".[app]"') from None
         from .app import serve
         serve(args.checkpoint, args.host, args.port)
+    elif args.command == "export":
+        from .export import export
+        print(f"wrote {export(args.checkpoint, args.format, args.out, args.overwrite)}")
     elif args.command == "report":
         from .report import render
         print(f"wrote {render(args.run)}")

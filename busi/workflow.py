@@ -18,6 +18,7 @@ from .audit import audit
 from .config import RunConfig, save_config
 from .data import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MASK_NAME, MASK_USABLE, Dataset, load, load_masks, read_image, scan, warn
 from .errors import BusiError
+from .export import ExportedModel, is_exported
 from .calibrate import fit_temperature
 from .models import IMAGENET_WEIGHTS, build, count_parameters
 from .plots import loss_curves
@@ -205,7 +206,13 @@ def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_d
 
     With explain_dir, a Grad-CAM overlay of the predicted class is written there for each image.
     """
-    model, config = checkpoint.load(checkpoint_path)
+    if is_exported(checkpoint_path):
+        if explain_dir is not None:
+            raise BusiError(f"{checkpoint_path}: Grad-CAM needs the checkpoint.pth, not an exported model")
+        exported = ExportedModel(checkpoint_path)
+        model, config = None, exported.config
+    else:
+        model, config = checkpoint.load(checkpoint_path)
     if explain_dir is not None:
         from .explain import gradcam, overlay
         explain_dir = Path(explain_dir)
@@ -220,7 +227,7 @@ def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_d
         side = config["image_size"]
         # resize exactly as training did (data.read_image: PIL bilinear on the RGB image)
         image = torch.from_numpy(np.array(Image.fromarray(original).resize((side, side), Image.BILINEAR))).permute(2, 0, 1)[None]
-        probs = predict_probs(model, config, image)[0]
+        probs = (predict_probs(model, config, image) if model is not None else exported.probabilities(image))[0]
         row = {"path": str(path), "predicted": config["classes"][int(probs.argmax())],
                "probabilities": {c: round(float(p), 6) for c, p in zip(config["classes"], probs)}}
         if explain_dir is not None:

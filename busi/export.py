@@ -1,0 +1,129 @@
+"""Exporting a checkpoint to ONNX or TorchScript with its preprocessing and class names, and running the result."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .errors import BusiError
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+METADATA_KEY = "busi"
+
+
+class Deployable(nn.Module):
+    """uint8 images N x 3 x S x S in, class probabilities out: normalisation, mirror TTA and temperature inside."""
+
+    def __init__(self, model: nn.Module, config: dict):
+        super().__init__()
+        self.model = model.eval()
+        self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1) * 255.0)
+        self.temperature = float(config.get("temperature", 1.0))
+        self.tta = bool(config.get("tta", False))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        logits = self.model(x)
+        if self.tta:
+            logits = (logits + self.model(x.flip(-1))) / 2
+        return torch.softmax(logits / self.temperature, dim=1)
+
+
+def export(checkpoint_path: str | Path, fmt: str, out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write the model as ONNX (run with onnxruntime) or TorchScript; nothing is left behind on failure."""
+    if fmt not in FORMATS:
+        raise BusiError(f"export format '{fmt}' is not supported (choose {' or '.join(FORMATS)})")
+    model, config = checkpoint.load(checkpoint_path)
+    out = Path(out) if out else Path(checkpoint_path).with_suffix(FORMATS[fmt])
+    if out.exists() and not overwrite:
+        raise BusiError(f"{out}: already exists; pass --overwrite to replace it")
+    wrapped = Deployable(model, config).eval()
+    side = config["image_size"]
+    example = torch.zeros(2, 3, side, side, dtype=torch.uint8)
+    metadata = json.dumps({**config, "format": fmt, "input": f"uint8 N x 3 x {side} x {side} RGB", "output": "probabilities"})
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        if fmt == "onnx":
+            _export_onnx(wrapped, example, tmp, metadata)
+        else:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, yet still what many viewers load
+                scripted = torch.jit.trace(wrapped, example)
+                torch.jit.save(scripted, str(tmp), _extra_files={f"{METADATA_KEY}.json": metadata})
+        os.replace(tmp, out)
+    except BusiError:
+        raise
+    except Exception as e:
+        raise BusiError(f"{out}: export to {fmt} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + ".data")):
+            leftover.unlink(missing_ok=True)
+    return out
+
+
+def _export_onnx(wrapped: nn.Module, example: torch.Tensor, path: Path, metadata: str) -> None:
+    try:
+        import onnx
+    except ImportError:
+        raise BusiError('ONNX export needs: pip install -e ".[export]"') from None
+    import io
+    import contextlib
+
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every step
+        program = torch.onnx.export(wrapped, (example,), input_names=["images"], output_names=["probabilities"],
+                                    dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=4096)}},
+                                    dynamo=True, external_data=False)
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, metadata
+    onnx.save(proto, str(path))
+
+
+class ExportedModel:
+    """An exported file loaded for prediction: config from its metadata, probabilities from uint8 images."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BusiError(f"{self.path}: exported model does not exist")
+        try:
+            if self.path.suffix == ".onnx":
+                self._load_onnx()
+            else:
+                extra = {f"{METADATA_KEY}.json": ""}
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self.module = torch.jit.load(str(self.path), map_location="cpu", _extra_files=extra)
+                self.config = json.loads(extra[f"{METADATA_KEY}.json"])
+        except BusiError:
+            raise
+        except Exception as e:
+            raise BusiError(f"{self.path}: not a readable exported busi model ({type(e).__name__})") from None
+
+    def _load_onnx(self):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BusiError('running ONNX models needs onnxruntime: pip install -e ".[export]"') from None
+        self.session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in meta:
+            raise BusiError(f"{self.path}: an ONNX model, but not one exported by busi (no class names inside)")
+        self.config = json.loads(meta[METADATA_KEY])
+        self.module = None
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        if self.module is not None:
+            with torch.no_grad():
+                return self.module(images).float()
+        return torch.from_numpy(self.session.run(None, {"images": images.numpy()})[0])
+
+
+def is_exported(path: str | Path) -> bool:
+    return Path(path).suffix in (".onnx", ".pt", ".ts")

@@ -1,0 +1,50 @@
+import json
+
+import pytest
+
+from busi.cli import main
+from busi.export import export
+from busi.errors import BusiError
+from busi.workflow import run_predict
+from test_cli import TINY
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from conftest import make_kaggle_folder
+    root = tmp_path_factory.mktemp("export")
+    data = make_kaggle_folder(root / "data", per_class=8, size=64)
+    assert main(["train", "--data", str(data), "--model", "resnet18", "--no-pretrained", "--out", str(root / "run"), *TINY]) == 0
+    return root / "run" / "resnet18" / "checkpoint.pth", data
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exported_model_predicts_like_the_checkpoint(ckpt, fmt, tmp_path, capsys):
+    path, data = ckpt
+    out = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt")
+    assert main(["export", "--checkpoint", str(path), "--format", fmt, "--out", str(out)]) == 0
+    assert out.is_file() and not list(tmp_path.glob("*.partial*"))
+    images = [data / "benign", data / "malignant" / "malignant (1).png"]
+    expected = run_predict(path, images)
+    got = run_predict(out, images)
+    assert len(got) == len(expected) == 9
+    for e, g in zip(expected, got):
+        assert g["predicted"] == e["predicted"]
+        assert all(abs(g["probabilities"][c] - p) < 1e-4 for c, p in e["probabilities"].items())
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(out), "--json", str(images[1])]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["predicted"] == expected[-1]["predicted"]
+
+
+def test_export_errors(ckpt, tmp_path, capsys):
+    path, data = ckpt
+    assert main(["export", "--checkpoint", str(path), "--format", "tflite", "--out", str(tmp_path / "m.tflite")]) == 2
+    assert "export format 'tflite' is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "m.tflite").exists()
+    for name in ("broken.onnx", "broken.pt"):
+        (tmp_path / name).write_bytes(b"\x08\x01garbage")
+        with pytest.raises(BusiError, match=name + ": not a readable exported busi model"):
+            run_predict(tmp_path / name, [data / "benign"])
+    good = export(path, "onnx", tmp_path / "ok.onnx")
+    with pytest.raises(BusiError, match="already exists"):
+        export(path, "onnx", good)
