@@ -26,6 +26,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accelerator", help="cpu, gpu, mps or auto (Lightning)")
     p.add_argument("--devices", help="how many devices, or auto (Lightning)")
     p.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed … (Lightning)")
+    p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory layout (faster convolutions)")
     p.add_argument("--strategy", help="auto, ddp … (Lightning)")
     p.add_argument("--num-nodes", type=int)
     p.add_argument("--out", help="run folder (default: runs/<timestamp>-<name>)")
@@ -34,7 +35,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 RUN_KEYS = ("data", "models", "classes", "image_size", "epochs", "batch_size", "lr", "weight_decay", "seed", "split",
-            "weights", "pretrained", "accelerator", "devices", "precision", "strategy", "num_nodes", "test_size",
+            "weights", "pretrained", "accelerator", "devices", "precision", "channels_last", "strategy", "num_nodes", "test_size",
             "val_size", "folds", "repeats")
 
 
@@ -127,6 +128,8 @@ def _dispatch(args) -> int:
         if not cfg.data:
             raise BusiError("no data folder: pass --data DATA (or set 'data' in the config file)")
         folder = workflow.run_train(cfg, args.out, args.overwrite, args.resume, args.progress)
+        if not workflow.is_main_process():
+            return 0
         for arch in cfg.models:
             _print_metrics(arch, json.loads((folder / arch / "metrics.json").read_text()))
         print(f"results in {folder}/ (summary.md, loss.png, <model>/metrics.json, checkpoint.pth)")

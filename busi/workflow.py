@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -28,8 +29,15 @@ from .split import group_ids, train_test
 from .train import fit, logits_of
 
 
+def is_main_process() -> bool:
+    """False in the extra processes of a distributed run (Lightning DDP, torchrun, SLURM): they train but never write."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
 def run_dir(out: str | Path | None, name: str, overwrite: bool = False, resume: bool = False) -> Path:
     """The run folder: --out, or runs/<timestamp>-<name>; a folder already holding files is refused."""
+    if not is_main_process() and os.environ.get("BUSI_RUN_DIR"):
+        return Path(os.environ["BUSI_RUN_DIR"])  # the folder rank 0 chose and is writing
     path = Path(out) if out else Path("runs") / f"{datetime.now():%Y-%m-%dT%H%M%S}-{name}"
     if path.exists() and not path.is_dir():
         raise BusiError(f"{path}: --out exists and is not a folder")
@@ -110,6 +118,9 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
               progress: bool = True) -> Path:
     """Audit, split (grouped, stratified, seeded), train every model in cfg.models, evaluate on the test part."""
     folder = run_dir(out, "-".join(cfg.models), overwrite, resume)
+    main = is_main_process()
+    os.environ["BUSI_RUN_DIR"] = str(folder.resolve())  # inherited by DDP worker processes Lightning starts
+    progress = progress and main
     dataset, report, images, labels, conflicted = prepare(cfg, progress)
     check_models(cfg, len(dataset.classes))
     paths = [s.path for s in dataset.samples]
@@ -121,30 +132,38 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
         sub_train, sub_val = train_test(labels[train_idx].numpy(), groups[train_idx], cfg.val_size, cfg.seed, grouped)
         train_idx, val_idx = train_idx[sub_train], train_idx[sub_val]
 
-    folder.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, folder / "config.yaml", {"busi_version": __version__, "command": "train"})
-    _write_json(folder / "audit.json", report)
-    _write_json(folder / "split.json", {
-        "seed": cfg.seed, "test_size": cfg.test_size, "val_size": cfg.val_size, "split": cfg.split,
-        "classes": list(dataset.classes),
-        "train": [paths[i] for i in train_idx], "val": [paths[i] for i in val_idx], "test": [paths[i] for i in test_idx],
-        "left_out_label_conflicts": conflicted, "skipped": dataset.skipped})
+    if main:
+        _write_run_files(folder, cfg, report, {
+            "seed": cfg.seed, "test_size": cfg.test_size, "val_size": cfg.val_size, "split": cfg.split,
+            "classes": list(dataset.classes),
+            "train": [paths[i] for i in train_idx], "val": [paths[i] for i in val_idx], "test": [paths[i] for i in test_idx],
+            "left_out_label_conflicts": conflicted, "skipped": dataset.skipped})
     masks, status = load_masks(dataset, cfg.image_size)
     part = training_tensors(cfg, images, labels, masks, status)
     histories, rows = {}, []
     for arch in cfg.models:
         model, config, history = train_one(arch, cfg, dataset.classes, part, train_idx, val_idx, folder / arch,
                                            test_idx=test_idx, resume=resume, progress=progress)
+        if not main:
+            continue
         histories[arch] = history
         checkpoint.save(folder / arch / "checkpoint.pth", model, config)
         rows.append(write_results(folder / arch, model, config, images[test_idx], labels[test_idx],
                                   [paths[i] for i in test_idx], masks[test_idx], [status[i] for i in test_idx],
                                   {"model": arch, "parameters": count_parameters(model), "epochs": cfg.epochs,
                                    "train_seconds": config["train_seconds"], "n_train": len(train_idx), "n_val": len(val_idx)}))
-    loss_curves(histories, folder / "loss.png")
-    write_summary(folder, rows, list(dataset.classes))
-    render(folder)
+    if main:
+        loss_curves(histories, folder / "loss.png")
+        write_summary(folder, rows, list(dataset.classes))
+        render(folder)
     return folder
+
+
+def _write_run_files(folder: Path, cfg: RunConfig, report: dict, split: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, folder / "config.yaml", {"busi_version": __version__, "command": "train"})
+    _write_json(folder / "audit.json", report)
+    _write_json(folder / "split.json", split)
 
 
 SUMMARY_COLUMNS = ["model", "parameters", "epochs", "train_seconds", "n", "accuracy", "macro_precision", "macro_recall",
