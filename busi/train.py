@@ -139,7 +139,13 @@ class History(Callback):
         self.rows = state["rows"]
 
 
-def _loader(tensors, batch_size, shuffle):
+def device_tensors(tensors: tuple[torch.Tensor, ...], trainer: L.Trainer) -> tuple[torch.Tensor, ...]:
+    """On a GPU the whole (small) dataset moves to the device once, so batches never wait on the CPU."""
+    device = trainer.strategy.root_device
+    return tuple(t.to(device) for t in tensors) if device.type != "cpu" else tensors
+
+
+def train_loader(tensors, batch_size, shuffle):
     labels = tensors[1]
     return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=shuffle,
                       drop_last=shuffle and len(labels) > batch_size)  # no 1-image batch, which BatchNorm cannot train on
@@ -190,8 +196,8 @@ def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, ...], out_d
         resume_from = next((str(p) for p in candidates if p.exists()), None)
         if resume_from is None:
             raise BusiError(f"{ckpt_dir}: nothing to resume from (no last.ckpt)")
-    trainer.fit(module, _loader(train, cfg.batch_size, True),
-                _loader(val[:2], cfg.batch_size, False) if val is not None else None,
+    trainer.fit(module, train_loader(device_tensors(train, trainer), cfg.batch_size, True),
+                train_loader(device_tensors(val[:2], trainer), cfg.batch_size, False) if val is not None else None,
                 ckpt_path=resume_from, weights_only=False if resume_from else None)
     return module.model.cpu().to(memory_format=torch.contiguous_format).eval(), callbacks[0].rows
 

@@ -36,3 +36,17 @@ def test_tta_averages_the_mirror_image():
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     both = logits_of(model, x, tta=True)
     assert torch.allclose(both, (logits_of(model, x) + logits_of(model, x.flip(-1))) / 2, atol=1e-5)
+
+
+def test_dataset_moves_to_the_training_device_once():
+    from types import SimpleNamespace
+
+    from busi.train import device_tensors, train_loader
+    images, labels, _, _ = _data(8)
+    on_cpu = device_tensors((images, labels), SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu"))))
+    assert on_cpu[0] is images  # nothing copied on the CPU
+    meta = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))  # stands in for a GPU
+    moved = device_tensors((images, labels), meta)
+    assert all(t.device.type == "meta" for t in moved)
+    batch = next(iter(train_loader(moved, 4, shuffle=False)))
+    assert batch[0].device.type == "meta" and batch[0].shape == (4, 3, 32, 32)  # batches are cut on the device
