@@ -36,8 +36,12 @@ def is_main_process() -> bool:
 
 def run_dir(out: str | Path | None, name: str, overwrite: bool = False, resume: bool = False) -> Path:
     """The run folder: --out, or runs/<timestamp>-<name>; a folder already holding files is refused."""
-    if not is_main_process() and os.environ.get("BUSI_RUN_DIR"):
-        return Path(os.environ["BUSI_RUN_DIR"])  # the folder rank 0 chose and is writing
+    if not is_main_process():  # rank 0 checks and writes the folder; the others only need its name
+        if os.environ.get("BUSI_RUN_DIR"):
+            return Path(os.environ["BUSI_RUN_DIR"])
+        if out:
+            return Path(out)
+        raise BusiError("a run started by torchrun or srun needs --out, so that every process agrees on the run folder")
     path = Path(out) if out else Path("runs") / f"{datetime.now():%Y-%m-%dT%H%M%S}-{name}"
     if path.exists() and not path.is_dir():
         raise BusiError(f"{path}: --out exists and is not a folder")

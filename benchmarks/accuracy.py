@@ -1,0 +1,73 @@
+"""Cross-validate recipes on a dataset and write the table in benchmarks/accuracy.md.
+
+    python benchmarks/accuracy.py --data ../shared/data/busi_dev --folds 3 benchmarks/recipes/*.yaml configs/recommended.yaml
+    python benchmarks/accuracy.py --collect runs/cv-*            # only rebuild the table from finished cv runs
+
+Each recipe runs `busi cv` (grouped by near-duplicates unless the recipe or --split says random) into
+runs/accuracy/<recipe>[-<split>]/; the table quotes cv_metrics.json with its cluster-bootstrap 95% CIs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def run(recipe: Path, data: str, folds: int, repeats: int, split: str | None, out_root: Path) -> Path:
+    out = out_root / (recipe.stem + (f"-{split}" if split else ""))
+    if (out / "cv_metrics.json").is_file():
+        print(f"{out}: done already, reusing", flush=True)
+        return out
+    cmd = [sys.executable, "-m", "busi.cli", "cv", "--config", str(recipe), "--data", data, "--folds", str(folds),
+           "--repeats", str(repeats), "--out", str(out), "--no-progress", "--overwrite"]
+    if split:
+        cmd += ["--split", split]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def _ci(m: dict) -> str:
+    return f"{m['estimate']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+
+def table(runs: list[Path]) -> str:
+    lines = ["| recipe | model | split | folds × repeats | accuracy | macro-F1 | macro-AUROC | malignant recall | "
+             "train s / fold | parameters |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for folder in runs:
+        summary = json.loads((folder / "cv_metrics.json").read_text())
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        for arch, s in summary.items():
+            m = s["metrics"]
+            lines.append(f"| {folder.name} | {arch} @{config['image_size']}, {config['epochs']} ep | {s['split']} | "
+                         f"{s['folds']} × {s['repeats']} | {_ci(m['accuracy'])} | {_ci(m['macro_f1'])} | {_ci(m['auroc'])} | "
+                         f"{_ci(m['recall_malignant']) if 'recall_malignant' in m else '–'} | {s['mean_train_seconds']:.0f} | "
+                         f"{s['parameters'] / 1e6:.1f} M |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipes", nargs="*", type=Path)
+    parser.add_argument("--data")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--split", choices=["grouped", "random"], help="override the recipes' split")
+    parser.add_argument("--out-root", type=Path, default=Path("runs/accuracy"))
+    parser.add_argument("--collect", nargs="+", type=Path, help="finished cv run folders to tabulate instead")
+    args = parser.parse_args()
+    if args.collect:
+        runs = args.collect
+    else:
+        if not args.data:
+            parser.error("--data is needed to run recipes")
+        runs = [run(r, args.data, args.folds, args.repeats, args.split, args.out_root) for r in args.recipes]
+    print(table([r for r in runs if (r / "cv_metrics.json").is_file()]))
+
+
+if __name__ == "__main__":
+    main()
