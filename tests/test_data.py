@@ -97,3 +97,20 @@ def test_augment_keeps_shape_range_and_flips():
     assert torch.equal(flipped, x.flip(-1).float() / 255)
     stretched = augment((x // 2 + 10).to(torch.uint8), flip_p=0, max_rotation=0, autocontrast_p=1.0)
     assert torch.allclose(stretched.amax(dim=(2, 3)), torch.ones(6, 3)) and stretched.amin() == 0
+
+
+def test_mask_status_counts_every_case(kaggle_folder):
+    from busi.data import load_masks
+    benign = kaggle_folder / "benign"
+    (benign / "benign (2)_mask.png").unlink()  # an image without a mask
+    Image.new("1", (50, 50), 1).save(benign / "benign (3)_mask.png")  # a mask of another size than its image
+    (benign / "benign (4)_mask.png").write_bytes(b"broken")
+    masks, status = load_masks(scan(kaggle_folder), 32)
+    by_path = dict(zip([s.path for s in scan(kaggle_folder).samples], status))
+    assert by_path["benign/benign (1).png"] == "lesion"
+    assert by_path["benign/benign (2).png"] == "missing"
+    assert by_path["benign/benign (3).png"] == "size_mismatch"
+    assert by_path["benign/benign (4).png"] == "unreadable"
+    assert by_path["normal/normal (1).png"] == "empty"  # all-black mask: a known 'no lesion'
+    assert masks.shape == (24, 1, 32, 32) and masks.dtype == torch.uint8
+    assert masks[[i for i, s in enumerate(status) if s != "lesion"]].sum() == 0
