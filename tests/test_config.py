@@ -45,3 +45,12 @@ def test_missing_config_file(tmp_path):
 
 def test_config_is_a_dataclass_of_plain_values():
     assert all(isinstance(v, (int, float, str, list, type(None))) for v in RunConfig().to_dict().values())
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(root.glob("configs/*.yaml")) + sorted(root.glob("benchmarks/recipes/*.yaml"))
+    assert files
+    for f in files:
+        make_config(config_file=f)
