@@ -29,6 +29,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory layout (faster convolutions)")
     p.add_argument("--strategy", help="auto, ddp … (Lightning)")
     p.add_argument("--num-nodes", type=int)
+    p.add_argument("--val-size", type=float,
+                   help="share of the training part kept aside to fit the temperature (default 0.1; 0: none)")
     p.add_argument("--out", help="run folder (default: runs/<timestamp>-<name>)")
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds a run")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -53,7 +55,6 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train models on a grouped train/test split and evaluate them")
     _add_run_options(p)
     p.add_argument("--test-size", type=float, help="share of images in the test part (default 0.3)")
-    p.add_argument("--val-size", type=float, help="share of the training part kept to choose the best epoch (default 0)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last checkpoint")
 
     p = sub.add_parser("cv", help="k-fold cross-validation (grouped by near-duplicates) with confidence intervals")

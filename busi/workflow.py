@@ -108,7 +108,7 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
 def _checkpoint_config(arch: str, cfg: RunConfig, classes) -> dict:
     return {"arch": arch, "classes": list(classes), "image_size": cfg.image_size, "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD), "trained_on": str(cfg.data), "trained_at": datetime.now().isoformat(timespec="seconds"),
-            "seed": cfg.seed, "epochs": cfg.epochs, "tta": cfg.tta, "version": __version__}
+            "seed": cfg.seed, "epochs": cfg.epochs, "tta": cfg.tta, "temperature": 1.0, "version": __version__}
 
 
 def check_models(cfg: RunConfig, n_classes: int) -> None:

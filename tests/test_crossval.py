@@ -11,12 +11,13 @@ from busi.evaluate import bootstrap_ci
 TINY = ["--epochs", "1", "--image-size", "32", "--batch-size", "8", "--no-progress"]
 
 
-def test_cv_scores_every_image_once_with_groups_kept_together(kaggle_folder, tmp_path, capsys):
+@pytest.mark.parametrize("val_size", ["0", "0.2"])
+def test_cv_scores_every_image_once_with_groups_kept_together(kaggle_folder, tmp_path, capsys, val_size):
     src = kaggle_folder / "benign" / "benign (1).png"
     for i in (20, 21):  # a near-duplicate group of three
         (kaggle_folder / "benign" / f"benign ({i}).png").write_bytes(src.read_bytes())
     out = tmp_path / "cv"
-    assert main(["cv", "--data", str(kaggle_folder), "--model", "custom-cnn", "--folds", "3", "--out", str(out), *TINY]) == 0
+    assert main(["cv", "--data", str(kaggle_folder), "--model", "custom-cnn", "--folds", "3", "--out", str(out), "--val-size", val_size, *TINY]) == 0
     rows = list(csv.DictReader(open(out / "oof_predictions.csv")))
     assert sorted(r["path"] for r in rows) == sorted({r["path"] for r in rows}) and len(rows) == 26
     folds = {r["path"]: r["fold"] for r in rows}
