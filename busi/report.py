@@ -19,7 +19,7 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 img{max-width:100%;border:1px solid #eee;margin:.3em 0}.note{background:#fff6d6;padding:.6em 1em;border-radius:4px}
-pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}.muted{color:#666;font-size:.9em}
+.wide{overflow-x:auto}pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}.muted{color:#666;font-size:.9em}
 """
 
 
@@ -37,7 +37,7 @@ def _table(header: list[str], rows: list[list], cls: str = "") -> str:
         return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<div class="wide"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _json(path: Path):

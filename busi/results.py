@@ -41,8 +41,9 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
         "temperature": round(temperature, 4), "bins": 15,
         "ece_before": round(ece(raw, labels), 4), "ece_after": round(ece(probs, labels), 4),
         "nll_before": round(nll(logits, labels), 4), "nll_after": round(nll(logits, labels, temperature), 4),
-        "note": "before/after temperature scaling; the temperature was fitted on the validation part, never on these images"
-                if temperature != 1.0 else "temperature 1: no validation part to fit it on (see --val-size)",
+        "note": (f"before/after temperature scaling fitted on {config['temperature_fitted_on']} validation images "
+                 "of the training data, never on these" if config.get("temperature_fitted_on")
+                 else "no validation part to fit a temperature on (see --val-size): after = before"),
         "reliability": reliability_bins(probs, labels),
     }
     predicted = probs.argmax(1)

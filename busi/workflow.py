@@ -102,6 +102,7 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
     config["train_seconds"] = round(time.perf_counter() - start, 1)
     if val is not None:
         config["temperature"] = fit_temperature(logits_of(model, val[0], tta=cfg.tta), val[1])
+        config["temperature_fitted_on"] = len(val[1])
     return model, config, history
 
 
