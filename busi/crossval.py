@@ -99,7 +99,8 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                               for key in ("accuracy", "macro_f1", "auroc")},
             "pooled": pooled,
             "calibration": {"ece_before": round(ece(raw, y), 4), "ece_after": round(ece(probs, y), 4),
-                            "note": "per-fold temperatures fitted on each fold's validation part"},
+                            "note": "per-fold temperatures fitted on each fold's validation part" if cfg.val_size > 0
+                                    else "no validation part (val_size 0): no temperature fitted"},
             "localization": localization,
         }
         confusion_matrix(pooled["confusion_matrix"], classes, folder / arch / "confusion_matrix.png",

@@ -66,8 +66,11 @@ def summarize_localization(heatmaps: np.ndarray, masks: list[np.ndarray | None],
     counts = {k: status.count(k) for k in ("lesion", "empty", "missing", "size_mismatch", "unreadable")}
     every = [localization(h, m) for h, m, s in zip(heatmaps, masks, status) if s == "lesion"]
     every = [s for s in every if s is not None]
+    areas = [float(m.mean()) for m, s in zip(masks, status) if s == "lesion" and m.any()]
     return {"per_class": per_class, "mask_status": counts,
             "energy_in_lesion": round(float(np.mean([s[0] for s in every])), 4) if every else None,
             "pointing_game": round(float(np.mean([s[1] for s in every])), 4) if every else None,
+            # what a heatmap spread evenly over the image (or a random peak) would score: the lesions' mean area share
+            "uniform_baseline": round(float(np.mean(areas)), 4) if areas else None,
             "method": "Grad-CAM of the predicted class on the last convolutional block; energy = share of heatmap mass "
                       "inside the union of the image's lesion masks; pointing game = heatmap maximum inside the mask"}

@@ -75,6 +75,8 @@ def _model_section(folder: Path, name: str) -> str:
 def _localization(loc: dict) -> str:
     rows = [[c, v["n"], v["energy_in_lesion"], v["pointing_game"]] for c, v in loc["per_class"].items() if v["n"]]
     status = ", ".join(f"{k} {v}" for k, v in loc.get("mask_status", {}).items())
+    if loc.get("uniform_baseline") is not None:
+        status += f". A heatmap spread evenly would score {loc['uniform_baseline']:.3f} on both (the lesions' mean area share)"
     return ("<h3>Where the model looked (Grad-CAM vs lesion masks)</h3>"
             + _table(["class", "images with lesion mask", "heatmap energy in lesion", "pointing game"], rows)
             + f'<p class="muted">masks: {html.escape(status)}. {html.escape(loc.get("method", ""))}</p>')

@@ -38,3 +38,4 @@ def test_localization_inside_outside_and_empty():
                                      ["lesion", "lesion"])
     assert summary["per_class"]["benign"] == {"n": 1, "energy_in_lesion": 1.0, "pointing_game": 1.0}
     assert summary["per_class"]["malignant"]["energy_in_lesion"] == 0.0 and summary["energy_in_lesion"] == 0.5
+    assert summary["uniform_baseline"] == 0.0625  # the 5x5 lesion covers 1/16 of the 20x20 image
