@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import warnings
 from pathlib import Path
@@ -85,7 +86,9 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
 def _explain(folder, model, config, images, labels, predicted, confidence, paths, masks, mask_status, metrics):
     classes = list(config["classes"])
     right = (predicted == labels).nonzero().flatten().tolist()
-    wrong = (predicted != labels).nonzero().flatten().tolist()
+    by_class = [[i for i in right if labels[i] == c] for c in range(len(classes))]
+    right = [i for batch in itertools.zip_longest(*by_class) for i in batch if i is not None]  # every class shown
+    wrong = sorted((predicted != labels).nonzero().flatten().tolist(), key=lambda i: -float(confidence[i]))
     chosen = right[:GALLERY_SIZE] + wrong[:GALLERY_SIZE]
     # Localisation needs a heatmap for every image with a lesion mask; the gallery only for the chosen ones.
     with_lesion = [i for i, s in enumerate(mask_status or []) if s == "lesion"]
