@@ -1,6 +1,7 @@
 """Training speed of our pipeline against a plain reference pipeline, matmul peak, and eager vs ONNX latency.
 
     python benchmarks/speed.py --data ../shared/data/busi_dev [--accelerator cpu|gpu] [--json speed.json] [--md benchmarks/speed.md]
+    python benchmarks/speed.py --data ../shared/data/busi_dev --accelerator gpu --seed-experiment --md speed-gpu.md   # on a GPU
 
 "ours": `busi train`'s path: images decoded once into memory (uint8, on the training device), augmentation on
 whole batches there, bf16 autocast and channels-last, through Lightning's Trainer and busi's Classifier.
@@ -117,6 +118,39 @@ def ours_rate(images: torch.Tensor, labels: torch.Tensor, arch: str, steps: int,
     return timer.seen / (time.perf_counter() - timer.start)
 
 
+def ceiling_rate(arch: str, size: int, steps: int, device: str) -> float:
+    """The same training step on random tensors already on the device: what the model alone can do."""
+    model = build(arch, 3).to(device).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(BATCH, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 3, (BATCH,), device=device)
+    for step in range(steps + 2):
+        if step == 2:
+            _sync(device)
+            start = time.perf_counter()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    _sync(device)
+    return steps * BATCH / (time.perf_counter() - start)
+
+
+def seed_experiment_seconds(data: str, accelerator: str) -> float:
+    """Wall time of the whole seed experiment (both models, 25 epochs, 224 px, 70/30) with our fast settings."""
+    import subprocess
+    import sys
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        config = Path(__file__).resolve().parents[1] / "configs" / "seed.yaml"
+        subprocess.run([sys.executable, "-m", "busi.cli", "train", "--config", str(config), "--data", data,
+                        "--no-pretrained", "--accelerator", accelerator, "--precision", "bf16-mixed", "--channels-last",
+                        "--out", f"{tmp}/run", "--no-progress"], check=True)
+        return time.perf_counter() - start
+
+
 def latency(arch: str, size: int, tmp: Path) -> dict:
     """Single-image latency and batch-32 throughput, eager PyTorch vs ONNX Runtime, on the CPU."""
     from busi import checkpoint
@@ -153,6 +187,8 @@ def main():
     parser.add_argument("--json", help="also write the table as JSON")
     parser.add_argument("--md", help="write a markdown report")
     parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--seed-experiment", action="store_true",
+                        help="also time the whole seed experiment (both models, 25 epochs) end to end")
     args = parser.parse_args()
     device = "cuda" if args.accelerator == "gpu" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -168,14 +204,20 @@ def main():
         precision = "bf16-mixed"
         ours = ours_rate(images, labels, arch, args.steps, device, precision)
         reference = reference_rate(Path(args.data), arch, size, args.steps, device)
+        ceiling = ceiling_rate(arch, size, args.steps, device)
         flops = train_flops_per_image(arch, size)
         row = {"model": arch, "image_size": size, "ours_img_s": round(ours, 1), "reference_img_s": round(reference, 1),
                "ratio": round(ours / reference, 2), "device": machine, "ours_precision": precision,
+               "ceiling_img_s": round(ceiling, 1), "ours_share_of_ceiling": round(ours / ceiling, 3),
                "ours_gflop_s": round(ours * flops / 1e9, 1), "share_of_bf16_peak": round(ours * flops / 1e9 / peak16, 3),
                "reference_share_of_fp32_peak": round(reference * flops / 1e9 / peak32, 3),
                "epoch_seconds_ours": round(len(labels) / ours, 1), "epoch_seconds_reference": round(len(labels) / reference, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    seed_seconds = None
+    if args.seed_experiment:
+        seed_seconds = seed_experiment_seconds(args.data, args.accelerator)
+        print(f"seed experiment: {seed_seconds:.0f} s wall time", flush=True)
     lat = {}
     if not args.no_latency and device == "cpu":
         import tempfile
@@ -186,19 +228,23 @@ def main():
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     if args.md:
-        write_markdown(Path(args.md), rows, lat, peak32, peak16, machine, args)
+        write_markdown(Path(args.md), rows, lat, peak32, peak16, machine, args, seed_seconds)
 
 
-def write_markdown(path: Path, rows, lat, peak32, peak16, machine, args):
+def write_markdown(path: Path, rows, lat, peak32, peak16, machine, args, seed_seconds=None):
     lines = [f"# Speed ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {machine}; torch {torch.__version__}. Command: `python benchmarks/speed.py --data {args.data} "
              f"--accelerator {args.accelerator} --md {args.md}`", "",
              f"Measured matmul peak (2048², torch): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s.", "",
-             "| model | size | ours img/s | reference img/s | ours / reference | epoch s (ours / ref, 624 images) | ours GFLOP/s | share of bf16 peak |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | size | ours img/s | reference img/s | ours / reference | random-tensor ceiling img/s | ours / ceiling "
+             "| epoch s (ours / ref, 624 images) | ours GFLOP/s | share of bf16 peak |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['image_size']} | {r['ours_img_s']} | {r['reference_img_s']} | **{r['ratio']}×** | "
+                     f"{r['ceiling_img_s']} | {r['ours_share_of_ceiling']:.0%} | "
                      f"{r['epoch_seconds_ours']} / {r['epoch_seconds_reference']} | {r['ours_gflop_s']} | {r['share_of_bf16_peak']:.0%} |")
+    if seed_seconds is not None:
+        lines += ["", f"Whole seed experiment (both models, 25 epochs, 224 px, 70/30, bf16): {seed_seconds:.0f} s wall time."]
     if lat:
         lines += ["", "Inference on this CPU (uint8 in, probabilities out, preprocessing inside):", "",
                   "| model | eager latency ms (1 image) | ONNX Runtime latency ms | eager img/s (batch 32) | ONNX Runtime img/s (batch 32) |",

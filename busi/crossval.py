@@ -18,7 +18,7 @@ from .models import build, count_parameters
 from .plots import confusion_matrix
 from .report import render
 from .split import group_ids, kfold, train_test
-from .train import logits_of
+from .train import check_hardware, logits_of
 from .workflow import check_models, prepare, run_dir, train_one, training_tensors
 
 
@@ -26,6 +26,7 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
            n_boot: int = 1000) -> Path:
     """Train and test every model on every fold (of every repeat); each image is scored by models that never saw it."""
     folder = run_dir(out, "cv-" + "-".join(cfg.models), overwrite)
+    check_hardware(cfg)
     dataset, report, images, labels, conflicted = prepare(cfg, progress)
     paths = [s.path for s in dataset.samples]
     classes = list(dataset.classes)

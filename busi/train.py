@@ -10,7 +10,6 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -175,14 +174,8 @@ def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, ...], out_d
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # data is in memory
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")  # validation is optional here
-    try:
-        trainer = L.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=_devices(cfg.devices),
-                            precision=cfg.precision, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
-                            logger=False, callbacks=callbacks, enable_checkpointing=checkpoints, default_root_dir=out_dir, num_sanity_val_steps=0,
-                            enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=1)
-    except (MisconfigurationException, ValueError, RuntimeError) as e:
-        raise BusiError(f"cannot use --accelerator {cfg.accelerator} --devices {cfg.devices} --precision {cfg.precision}: "
-                        f"{str(e).splitlines()[0]}") from None
+    trainer = make_trainer(cfg, callbacks=callbacks, enable_checkpointing=checkpoints, default_root_dir=out_dir,
+                           enable_progress_bar=progress)
     weights = None
     if cfg.class_weights == "balanced":
         counts = torch.bincount(train[1], minlength=int(train[1].max()) + 1).float()
@@ -200,6 +193,22 @@ def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, ...], out_d
                 train_loader(device_tensors(val[:2], trainer), cfg.batch_size, False) if val is not None else None,
                 ckpt_path=resume_from, weights_only=False if resume_from else None)
     return module.model.cpu().to(memory_format=torch.contiguous_format).eval(), callbacks[0].rows
+
+
+def make_trainer(cfg: RunConfig, **kwargs) -> L.Trainer:
+    """Lightning's Trainer for cfg's hardware settings; a setting this machine cannot honour is a one-line error."""
+    try:
+        return L.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=_devices(cfg.devices),
+                         precision=cfg.precision, strategy=cfg.strategy, num_nodes=cfg.num_nodes, logger=False,
+                         num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=1, **kwargs)
+    except Exception as e:  # MisconfigurationException, missing backends (torch_xla …), bad values
+        raise BusiError(f"cannot train with --accelerator {cfg.accelerator} --devices {cfg.devices} --precision {cfg.precision} "
+                        f"--strategy {cfg.strategy}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def check_hardware(cfg: RunConfig) -> None:
+    """Fail before any data is read or any file written when the hardware settings cannot work here."""
+    make_trainer(cfg, enable_progress_bar=False, enable_checkpointing=False)
 
 
 def _devices(value: str):

@@ -26,7 +26,7 @@ from .plots import loss_curves
 from .report import render
 from .results import write_results
 from .split import group_ids, train_test
-from .train import fit, logits_of
+from .train import check_hardware, fit, logits_of
 
 
 def is_main_process() -> bool:
@@ -123,6 +123,7 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
               progress: bool = True) -> Path:
     """Audit, split (grouped, stratified, seeded), train every model in cfg.models, evaluate on the test part."""
     folder = run_dir(out, "-".join(cfg.models), overwrite, resume)
+    check_hardware(cfg)
     main = is_main_process()
     os.environ["BUSI_RUN_DIR"] = str(folder.resolve())  # inherited by DDP worker processes Lightning starts
     progress = progress and main

@@ -119,3 +119,12 @@ def test_http_api_gives_the_same_answer_and_survives_20_concurrent_requests(serv
     results = [job.result(timeout=120) for job in jobs]
     assert len(results) == 20 and all(r["predicted"] == expected["predicted"] for r in results)
     assert all(abs(r["probabilities"][c] - p) < 1e-4 for r in results for c, p in expected["probabilities"].items())
+
+
+def test_too_many_images_in_one_request_get_a_message(server):
+    from gradio_client import Client, handle_file
+    from busi.app import MAX_IMAGES
+    url, _, _ = server
+    image = _real_image()
+    answer, gallery = Client(url, verbose=False).predict([handle_file(str(image))] * (MAX_IMAGES + 1), api_name="/analyse")
+    assert f"Too many images ({MAX_IMAGES + 1})" in answer and not gallery

@@ -144,3 +144,17 @@ def test_resume_continues_from_the_last_epoch(kaggle_folder, tmp_path):
     assert main([*args, "--resume", "--epochs", "3"]) == 0
     rows = list(csv.DictReader(open(out / "custom-cnn" / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("hardware, message", [
+    (["--accelerator", "gpu"], "cannot train with --accelerator gpu"),
+    (["--accelerator", "tpu"], "cannot train with --accelerator tpu"),
+    (["--precision", "8-bogus"], "cannot train with"),
+])
+def test_impossible_hardware_fails_before_anything_is_written(kaggle_folder, tmp_path, capsys, hardware, message):
+    if hardware[:2] == ["--accelerator", "gpu"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "never"
+    assert main(["train", "--data", str(kaggle_folder), "--model", "custom-cnn", "--out", str(out), *TINY, *hardware]) == 2
+    assert message in _error(capsys)
+    assert not out.exists()
