@@ -21,7 +21,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 

@@ -14,7 +14,7 @@ from .calibrate import ece
 from .data import load_masks
 from .evaluate import bootstrap_ci, compute_metrics
 from .explain import gradcam, summarize_localization
-from .models import build, count_parameters
+from .models import count_parameters
 from .plots import confusion_matrix
 from .report import render
 from .split import group_ids, kfold, train_test
