@@ -169,8 +169,6 @@ def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, ...], out_d
         best = ModelCheckpoint(ckpt_dir, save_last=True, save_top_k=0)
     if checkpoints:
         callbacks.append(best)
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # keep the GPU/TPU banner out of users' way
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # data is in memory
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")  # validation is optional here
@@ -197,6 +195,8 @@ def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, ...], out_d
 
 def make_trainer(cfg: RunConfig, **kwargs) -> L.Trainer:
     """Lightning's Trainer for cfg's hardware settings; a setting this machine cannot honour is a one-line error."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # keep the GPU/TPU banner and tips out of users' way
     try:
         return L.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=_devices(cfg.devices),
                          precision=cfg.precision, strategy=cfg.strategy, num_nodes=cfg.num_nodes, logger=False,
