@@ -96,7 +96,9 @@ def scan(root: str | Path, classes: tuple[str, ...] | list[str] | None = None) -
                 for rel in rels:
                     skipped[rel] = "mask without a matching image"
         if not images:
-            raise BusiError(f"{root / name}: class folder holds no images")
+            nested = sorted(p.name for p in (root / name).iterdir() if p.is_dir() and not p.name.startswith("."))
+            hint = f"; it holds folders ({', '.join(nested[:4])}): did you mean --data {root / name}?" if nested else ""
+            raise BusiError(f"{root / name}: class folder holds no images{hint}")
         samples += [Sample(rel, label, tuple(masks.get(stem, ()))) for stem, rel in images.items()]
     return Dataset(root, classes, samples, skipped)
 

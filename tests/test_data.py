@@ -114,3 +114,8 @@ def test_mask_status_counts_every_case(kaggle_folder):
     assert by_path["normal/normal (1).png"] == "empty"  # all-black mask: a known 'no lesion'
     assert masks.shape == (24, 1, 32, 32) and masks.dtype == torch.uint8
     assert masks[[i for i, s in enumerate(status) if s != "lesion"]].sum() == 0
+
+
+def test_pointing_one_folder_too_high_gets_a_hint(kaggle_folder):
+    with pytest.raises(BusiError, match="did you mean --data .*Dataset_BUSI_with_GT"):
+        scan(kaggle_folder.parent)
