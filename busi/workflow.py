@@ -18,9 +18,9 @@ from . import __version__, checkpoint
 from .audit import audit
 from .config import RunConfig, save_config
 from .data import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MASK_NAME, MASK_USABLE, Dataset, load, load_masks, read_image, scan, warn
+from .calibrate import fit_temperature
 from .errors import BusiError
 from .export import ExportedModel, is_exported
-from .calibrate import fit_temperature
 from .models import IMAGENET_WEIGHTS, build, count_parameters
 from .plots import loss_curves
 from .report import render
@@ -69,10 +69,11 @@ def prepare(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, dict, torch
     dataset = scan(cfg.data, cfg.classes)
     report = audit(dataset, progress=progress)
     conflicted = sorted({p for g in report["label_conflicts"] for p in g})
-    usable = [s for s in dataset.samples if s.path not in report["skipped"] and s.path not in set(conflicted)]
-    for path in report["skipped"]:
-        if any(s.path == path for s in dataset.samples):
-            warn(f"skipping {report['skipped'][path]}")
+    left_out = set(conflicted) | set(report["skipped"])
+    usable = [s for s in dataset.samples if s.path not in left_out]
+    for s in dataset.samples:
+        if s.path in report["skipped"]:  # unreadable images (stray files were reported by scan already)
+            warn(f"skipping {report['skipped'][s.path]}")
     images, labels, kept = load(Dataset(dataset.root, dataset.classes, usable, report["skipped"]), cfg.image_size, progress)
     for c, n in kept.counts().items():
         if n == 0:
@@ -88,11 +89,17 @@ def training_tensors(cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor,
     return lambda idx: (images[idx], labels[idx], masks[idx], known[idx])
 
 
-def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_dir: Path, test_idx=None, resume: bool = False, progress: bool = True, checkpoints: bool = True, seed: int | None = None):
+def build_for(arch: str, cfg: RunConfig, n_classes: int):
+    """A fresh model as cfg wants it: ImageNet weights (downloaded or --weights) for the models that have them."""
+    return build(arch, n_classes, pretrained=cfg.pretrained and arch in IMAGENET_WEIGHTS,
+                 weights=cfg.weights if arch in IMAGENET_WEIGHTS else None)
+
+
+def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_dir: Path, test_idx=None,
+              resume: bool = False, progress: bool = True, checkpoints: bool = True, seed: int | None = None):
     """Build, seed and train one model; fit its temperature on the validation part. -> (model, config, history)."""
     L.seed_everything(cfg.seed if seed is None else seed, verbose=False)
-    model = build(arch, len(classes), pretrained=cfg.pretrained and arch in IMAGENET_WEIGHTS,
-                  weights=cfg.weights if arch in IMAGENET_WEIGHTS else None)
+    model = build_for(arch, cfg, len(classes))
     start = time.perf_counter()
     val = part(val_idx)[:2] if len(val_idx) else None
     test = part(test_idx)[:2] if test_idx is not None else None
@@ -115,8 +122,7 @@ def _checkpoint_config(arch: str, cfg: RunConfig, classes) -> dict:
 def check_models(cfg: RunConfig, n_classes: int) -> None:
     """Build every model once before training any, so a missing weight file fails in seconds, not after an hour."""
     for arch in cfg.models:
-        build(arch, n_classes, pretrained=cfg.pretrained and arch in IMAGENET_WEIGHTS,
-              weights=cfg.weights if arch in IMAGENET_WEIGHTS else None)
+        build_for(arch, cfg, n_classes)
 
 
 def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = False, resume: bool = False,
