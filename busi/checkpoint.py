@@ -55,12 +55,15 @@ def load(path: str | Path) -> tuple[nn.Module, dict]:
     """(model in eval mode, config)."""
     obj = read(path)
     config = obj["config"]
-    model = build(config["arch"], len(config["classes"]))
+    model = build(config["arch"], len(config["classes"]), members=int(config.get("members", 1)))
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise BusiError(f"{path}: weights do not fit a {config['arch']} with {len(config['classes'])} classes ({first})") from None
+        what = f"{config['arch']} with {len(config['classes'])} classes"
+        if int(config.get("members", 1)) > 1:
+            what = f"ensemble of {config['members']} x {what}"
+        raise BusiError(f"{path}: weights do not fit a {what} ({first})") from None
     return model.eval(), config
 
 

@@ -39,6 +39,7 @@ class RunConfig:
     class_weights: str = "none"  # none or balanced (inverse class frequency in the training part)
     mask_weight: float = 0.0  # > 0: also learn the lesion masks (where they exist) from the last feature map
     tta: bool = False  # average the prediction of each image and its mirror image
+    ensemble: int = 1  # > 1: train this many copies (other seeds) and save them as one averaged model
     # augmentation, drawn per image on whole batches
     flip_p: float = 0.5
     max_rotation: float = 10.0
@@ -116,6 +117,7 @@ def _validate(cfg: RunConfig, source: str) -> RunConfig:
         (0 < cfg.min_scale <= 1, "'min_scale' must be in (0, 1]"),
         (0 <= cfg.label_smoothing < 1, "'label_smoothing' must be in [0, 1)"),
         (cfg.mask_weight >= 0, "'mask_weight' must be at least 0"),
+        (cfg.ensemble >= 1, "'ensemble' must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, normalize
-from .models import last_conv_block
+from .models import Ensemble, last_conv_block
 
 
 def gradcam(model: nn.Module, images: torch.Tensor, classes: list[int] | None = None, mean=IMAGENET_MEAN,
@@ -15,6 +15,13 @@ def gradcam(model: nn.Module, images: torch.Tensor, classes: list[int] | None = 
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    if classes is None:  # fix the target once, so ensemble members explain the same (the ensemble's) answer
+        with torch.no_grad():
+            classes = model.eval()(normalize(images, mean, std)).argmax(1).tolist()
+    if isinstance(model, Ensemble):  # each member's map for the same class, averaged
+        maps = np.mean([gradcam(m, images, classes, mean, std, batch_size) for m in model.members], axis=0)
+        peak = maps.reshape(len(maps), -1).max(1).reshape(-1, 1, 1)
+        return (maps / np.maximum(peak, 1e-8)).astype(np.float32)
     layer, _ = last_conv_block(model)  # raises a clear BusiError for a model without convolutions
     model = model.eval()
     maps = []

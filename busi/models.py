@@ -1,6 +1,7 @@
 """Architectures by name, ImageNet weight loading (download or local file) and head replacement."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -32,6 +33,18 @@ class CustomCNN(nn.Module):
         return self.head(self.pool(self.features(x)))
 
 
+class Ensemble(nn.Module):
+    """Several trained models as one: the output is the log of their mean probability, so softmax gives that mean."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        log_probs = torch.stack([m(x).float().log_softmax(1) for m in self.members])
+        return torch.logsumexp(log_probs, 0) - math.log(len(self.members))
+
+
 def _resnet(depth: int):
     def build(num_classes: int) -> nn.Module:
         model = getattr(torchvision.models, f"resnet{depth}")(weights=None)
@@ -52,10 +65,13 @@ IMAGENET_WEIGHTS = {
 }
 
 
-def build(arch: str, num_classes: int, pretrained: bool = False, weights: str | Path | None = None) -> nn.Module:
-    """A fresh model; with pretrained (or a weights file) its backbone starts from ImageNet."""
+def build(arch: str, num_classes: int, pretrained: bool = False, weights: str | Path | None = None,
+          members: int = 1) -> nn.Module:
+    """A fresh model; with pretrained (or a weights file) its backbone starts from ImageNet; members > 1: an Ensemble."""
     if arch not in ARCHITECTURES:
         raise BusiError(f"unknown model '{arch}' (choose from {', '.join(ARCHITECTURES)})")
+    if members > 1:
+        return Ensemble([build(arch, num_classes, pretrained, weights) for _ in range(members)])
     model = ARCHITECTURES[arch](num_classes)
     if weights is not None or (pretrained and arch in IMAGENET_WEIGHTS):
         load_imagenet(model, arch, weights)

@@ -21,7 +21,7 @@ from .data import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MASK_NAME, MASK_U
 from .calibrate import fit_temperature
 from .errors import BusiError
 from .export import ExportedModel, is_exported
-from .models import IMAGENET_WEIGHTS, build, count_parameters
+from .models import IMAGENET_WEIGHTS, Ensemble, build, count_parameters
 from .plots import loss_curves
 from .report import render
 from .results import write_results
@@ -98,14 +98,28 @@ def build_for(arch: str, cfg: RunConfig, n_classes: int):
 def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_dir: Path, test_idx=None,
               resume: bool = False, progress: bool = True, checkpoints: bool = True, seed: int | None = None):
     """Build, seed and train one model; fit its temperature on the validation part. -> (model, config, history)."""
-    L.seed_everything(cfg.seed if seed is None else seed, verbose=False)
-    model = build_for(arch, cfg, len(classes))
     start = time.perf_counter()
     val = part(val_idx)[:2] if len(val_idx) else None
     test = part(test_idx)[:2] if test_idx is not None else None
-    model, history = fit(model, cfg, part(train_idx), out_dir, val=val, test=test, resume=resume, progress=progress,
-                         checkpoints=checkpoints)
+    members, histories = [], []
+    for k in range(cfg.ensemble):  # an ensemble's members differ only by seed: initial weights, order, augmentation
+        L.seed_everything((cfg.seed if seed is None else seed) + 7919 * k, verbose=False)
+        member, history = fit(build_for(arch, cfg, len(classes)), cfg, part(train_idx),
+                              out_dir / f"member{k}" if cfg.ensemble > 1 else out_dir, val=val, test=test, resume=resume,
+                              progress=progress, checkpoints=checkpoints)
+        members.append(member)
+        histories.append(history)
+    model, history = members[0], histories[0]
+    if cfg.ensemble > 1:
+        model = Ensemble(members).eval()
+        if is_main_process():  # one history.csv for the model, a row per member and epoch
+            rows = [{"member": k, **row} for k, h in enumerate(histories) for row in h]
+            with open(out_dir / "history.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
     config = _checkpoint_config(arch, cfg, classes)
+    config["members"] = cfg.ensemble
     config["train_seconds"] = round(time.perf_counter() - start, 1)
     if val is not None:
         config["temperature"] = fit_temperature(logits_of(model, val[0], tta=cfg.tta), val[1])

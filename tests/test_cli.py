@@ -158,3 +158,27 @@ def test_impossible_hardware_fails_before_anything_is_written(kaggle_folder, tmp
     assert main(["train", "--data", str(kaggle_folder), "--model", "custom-cnn", "--out", str(out), *TINY, *hardware]) == 2
     assert message in _error(capsys)
     assert not out.exists()
+
+
+def test_an_ensemble_recipe_still_yields_one_checkpoint(kaggle_folder, tmp_path, capsys):
+    from busi import checkpoint
+    from busi.models import Ensemble
+    config = tmp_path / "ens.yaml"
+    config.write_text("models: [custom-cnn]\nensemble: 2\ntta: true\n")
+    out = tmp_path / "ens"
+    assert main(["train", "--data", str(kaggle_folder), "--config", str(config), "--out", str(out), *TINY]) == 0
+    ckpt = out / "custom-cnn" / "checkpoint.pth"
+    model, cfg = checkpoint.load(ckpt)
+    assert isinstance(model, Ensemble) and len(model.members) == 2 and cfg["members"] == 2
+    rows = list(csv.DictReader(open(out / "custom-cnn" / "history.csv")))
+    assert [r["member"] for r in rows] == ["0", "1"]
+    assert (out / "custom-cnn" / "gradcam.png").is_file() and (out / "report.html").is_file()
+    capsys.readouterr()
+    image = kaggle_folder / "malignant" / "malignant (3).png"
+    assert main(["predict", "--checkpoint", str(ckpt), "--json", str(image)]) == 0
+    direct = json.loads(capsys.readouterr().out)[0]
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "ens.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(tmp_path / "ens.onnx"), "--json", str(image)]) == 0
+    exported = json.loads(capsys.readouterr().out)[0]
+    assert all(abs(exported["probabilities"][c] - p) < 1e-4 for c, p in direct["probabilities"].items())

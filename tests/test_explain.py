@@ -39,3 +39,10 @@ def test_localization_inside_outside_and_empty():
     assert summary["per_class"]["benign"] == {"n": 1, "energy_in_lesion": 1.0, "pointing_game": 1.0}
     assert summary["per_class"]["malignant"]["energy_in_lesion"] == 0.0 and summary["energy_in_lesion"] == 0.5
     assert summary["uniform_baseline"] == 0.0625  # the 5x5 lesion covers 1/16 of the 20x20 image
+
+
+def test_gradcam_of_an_ensemble_averages_its_members():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    maps = gradcam(build("custom-cnn", 3, members=2), images)
+    assert maps.shape == (2, 32, 32) and maps.min() >= 0 and abs(maps.max() - 1) < 1e-5

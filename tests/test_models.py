@@ -53,3 +53,12 @@ def test_offline_download_says_both_ways_out(monkeypatch):
 def test_unknown_architecture():
     with pytest.raises(BusiError, match="unknown model 'vgg'"):
         models.build("vgg", 3)
+
+
+def test_ensemble_averages_member_probabilities():
+    torch.manual_seed(0)
+    ensemble = build("custom-cnn", 3, members=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = torch.stack([m(x).softmax(1) for m in ensemble.members]).mean(0)
+        assert torch.allclose(ensemble(x).softmax(1), expected, atol=1e-6)
