@@ -7,12 +7,8 @@ import os
 import threading
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
 from . import checkpoint
-from .data import read_image
+from .data import model_input, read_image
 from .errors import BusiError
 from .explain import gradcam, overlay
 from .workflow import predict_probs
@@ -39,8 +35,7 @@ class Predictor:
             if Path(path).stat().st_size == 0:
                 raise BusiError(f"{name}: empty file")
             original = read_image(path)
-            side = self.config["image_size"]
-            image = torch.from_numpy(np.array(Image.fromarray(original).resize((side, side), Image.BILINEAR))).permute(2, 0, 1)[None]
+            image = model_input(original, self.config["image_size"])
         except BusiError as e:
             return {"file": name, "error": str(e).replace(str(Path(path).parent) + "/", "")}
         with self.lock:

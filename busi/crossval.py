@@ -86,8 +86,7 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
         raw = torch.cat(oof_raw)
         localization = summarize_localization(np.concatenate(heat) if heat else np.zeros((0, 1, 1)),
                                               [masks[i, 0].numpy().astype(bool) for i in heat_index],
-                                              [int(labels[i]) for i in heat_index], classes, ["lesion"] * len(heat_index))
-        localization["mask_status"] = {k: status.count(k) for k in ("lesion", "empty", "missing", "size_mismatch", "unreadable")}
+                                              [int(labels[i]) for i in heat_index], classes, status)
         summary[arch] = {
             "model": arch, "parameters": count_parameters(model), "folds": cfg.folds, "repeats": cfg.repeats,
             "split": cfg.split, "n_images": len(paths), "n_predictions": int(len(y)),

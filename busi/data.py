@@ -150,6 +150,12 @@ def read_image(path: str | Path, size: int | None = None) -> np.ndarray:
     return np.array(im)
 
 
+def model_input(image: np.ndarray, size: int) -> torch.Tensor:
+    """An HxWx3 uint8 image as a 1x3xSxS uint8 batch, resized exactly as read_image(path, size) resizes."""
+    resized = np.array(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    return torch.from_numpy(resized).permute(2, 0, 1)[None]
+
+
 def read_mask(paths: list[str | Path] | tuple[str | Path, ...], size: int | None = None) -> np.ndarray | None:
     """Union of an image's lesion masks as a bool array, resized to size x size when given (None without masks)."""
     union = None
@@ -194,6 +200,12 @@ def load(dataset: Dataset, image_size: int, progress: bool = True) -> tuple[torc
 
 
 MASK_USABLE = ("lesion", "empty")
+MASK_STATUSES = ("lesion", "empty", "missing", "size_mismatch", "unreadable")
+
+
+def mask_status_counts(status: list[str]) -> dict[str, int]:
+    """How many images had each mask status: reported so that no unusable mask is dropped silently."""
+    return {k: status.count(k) for k in MASK_STATUSES}
 
 
 def load_masks(dataset: Dataset, image_size: int) -> tuple[torch.Tensor, list[str]]:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, normalize
+from .data import IMAGENET_MEAN, IMAGENET_STD, mask_status_counts, normalize
 from .models import Ensemble, last_conv_block
 
 
@@ -55,26 +55,23 @@ def localization(heatmap: np.ndarray, mask: np.ndarray) -> tuple[float, bool] | 
     return energy, bool(mask[peak])
 
 
-def summarize_localization(heatmaps: np.ndarray, masks: list[np.ndarray | None], labels: list[int],
-                           classes: list[str], status: list[str]) -> dict:
-    """Mean energy-in-lesion and pointing-game hit rate per class, over images whose mask shows a lesion.
+def summarize_localization(heatmaps: np.ndarray, masks: list[np.ndarray], labels: list[int], classes: list[str],
+                           mask_status: list[str]) -> dict:
+    """Mean energy-in-lesion and pointing-game hit rate per class, over the images whose mask shows a lesion.
 
-    `status` says, per image, why a mask was or was not usable ('lesion', 'empty', 'missing', 'size_mismatch',
-    'unreadable'); the counts are reported so nothing is dropped silently.
+    heatmaps, masks and labels cover those images only; mask_status covers every image ('lesion', 'empty',
+    'missing', 'size_mismatch', 'unreadable') and is counted, so nothing is dropped silently.
     """
+    scores = [localization(h, m) for h, m in zip(heatmaps, masks)]
     per_class: dict[str, dict] = {}
     for c_index, c in enumerate(classes):
-        scores = [localization(h, m) for h, m, y, s in zip(heatmaps, masks, labels, status)
-                  if y == c_index and s == "lesion"]
-        scores = [s for s in scores if s is not None]
-        per_class[c] = {"n": len(scores),
-                        "energy_in_lesion": round(float(np.mean([s[0] for s in scores])), 4) if scores else None,
-                        "pointing_game": round(float(np.mean([s[1] for s in scores])), 4) if scores else None}
-    counts = {k: status.count(k) for k in ("lesion", "empty", "missing", "size_mismatch", "unreadable")}
-    every = [localization(h, m) for h, m, s in zip(heatmaps, masks, status) if s == "lesion"]
-    every = [s for s in every if s is not None]
-    areas = [float(m.mean()) for m, s in zip(masks, status) if s == "lesion" and m.any()]
-    return {"per_class": per_class, "mask_status": counts,
+        mine = [sc for sc, y in zip(scores, labels) if y == c_index and sc is not None]
+        per_class[c] = {"n": len(mine),
+                        "energy_in_lesion": round(float(np.mean([sc[0] for sc in mine])), 4) if mine else None,
+                        "pointing_game": round(float(np.mean([sc[1] for sc in mine])), 4) if mine else None}
+    every = [sc for sc in scores if sc is not None]
+    areas = [float(m.mean()) for m in masks if m.any()]
+    return {"per_class": per_class, "mask_status": mask_status_counts(mask_status),
             "energy_in_lesion": round(float(np.mean([s[0] for s in every])), 4) if every else None,
             "pointing_game": round(float(np.mean([s[1] for s in every])), 4) if every else None,
             # what a heatmap spread evenly over the image (or a random peak) would score: the lesions' mean area share

@@ -13,7 +13,6 @@ from torch import nn
 from torchmetrics.functional.classification import multiclass_roc
 
 from .calibrate import ece, nll, reliability_bins
-from .data import MASK_USABLE
 from .errors import BusiError
 from .evaluate import compute_metrics, majority_baseline
 from .explain import gradcam, overlay, summarize_localization
@@ -99,11 +98,7 @@ def _explain(folder, model, config, images, labels, predicted, confidence, paths
             folder / "gradcam.png", f"Grad-CAM of the predicted class: {len(right[:GALLERY_SIZE])} right, {len(wrong[:GALLERY_SIZE])} wrong",
             colors=["darkgreen"] * len(right[:GALLERY_SIZE]) + ["darkred"] * len(wrong[:GALLERY_SIZE]))
     if masks is not None and mask_status is not None:
-        usable = [i for i in range(len(labels)) if mask_status[i] in MASK_USABLE]
         metrics["localization"] = summarize_localization(
             np.stack([heat[i] for i in with_lesion]) if with_lesion else np.zeros((0, 1, 1)),
             [masks[i, 0].numpy().astype(bool) for i in with_lesion], [int(labels[i]) for i in with_lesion],
-            classes, ["lesion"] * len(with_lesion))
-        metrics["localization"]["mask_status"] = {k: mask_status.count(k) for k in
-                                                  ("lesion", "empty", "missing", "size_mismatch", "unreadable")}
-        metrics["localization"]["n_usable_masks"] = len(usable)
+            classes, mask_status)

@@ -17,7 +17,8 @@ from PIL import Image
 from . import __version__, checkpoint
 from .audit import audit
 from .config import RunConfig, save_config
-from .data import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MASK_NAME, MASK_USABLE, Dataset, load, load_masks, read_image, scan, warn
+from .data import (IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MASK_NAME, MASK_USABLE, Dataset, load, load_masks,
+                   model_input, read_image, scan, warn)
 from .calibrate import fit_temperature
 from .errors import BusiError
 from .export import ExportedModel, is_exported
@@ -269,9 +270,7 @@ def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_d
         except BusiError as e:
             rows.append({"path": str(path), "error": str(e)})
             continue
-        side = config["image_size"]
-        # resize exactly as training did (data.read_image: PIL bilinear on the RGB image)
-        image = torch.from_numpy(np.array(Image.fromarray(original).resize((side, side), Image.BILINEAR))).permute(2, 0, 1)[None]
+        image = model_input(original, config["image_size"])
         probs = (predict_probs(model, config, image) if model is not None else exported.probabilities(image))[0]
         row = {"path": str(path), "predicted": config["classes"][int(probs.argmax())],
                "probabilities": {c: round(float(p), 6) for c, p in zip(config["classes"], probs)}}
