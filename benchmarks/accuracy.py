@@ -43,11 +43,27 @@ def table(runs: list[Path]) -> str:
         config = yaml.safe_load((folder / "config.yaml").read_text())
         for arch, s in summary.items():
             m = s["metrics"]
-            lines.append(f"| {folder.name} | {arch} @{config['image_size']}, {config['epochs']} ep | {s['split']} | "
+            members = f" ×{config['ensemble']}" if config.get("ensemble", 1) > 1 else ""
+            lines.append(f"| {folder.name} | {arch}{members} @{config['image_size']}, {config['epochs']} ep | {s['split']} | "
                          f"{s['folds']} × {s['repeats']} | {_ci(m['accuracy'])} | {_ci(m['macro_f1'])} | {_ci(m['auroc'])} | "
                          f"{_ci(m['recall_malignant']) if 'recall_malignant' in m else '–'} | {s['mean_train_seconds']:.0f} | "
                          f"{s['parameters'] / 1e6:.1f} M |")
     return "\n".join(lines)
+
+
+def seed_table(runs: list[Path]) -> str:
+    """For ensembles: each member (its own training seed) scored alone out of fold, beside the ensemble."""
+    lines = ["| recipe | split | members alone: accuracy | macro-F1 | malignant recall | ensemble accuracy |",
+             "|---|---|---|---|---|---|"]
+    for folder in runs:
+        for arch, s in json.loads((folder / "cv_metrics.json").read_text()).items():
+            if "members_alone" not in s:
+                continue
+            alone = s["members_alone"]
+            fmt = lambda values: ", ".join(f"{v:.3f}" for v in values)  # noqa: E731
+            lines.append(f"| {folder.name} | {s['split']} | {fmt(alone['accuracy'])} | {fmt(alone['macro_f1'])} | "
+                         f"{fmt(alone['recall_malignant'])} | {s['metrics']['accuracy']['estimate']:.3f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def main():
@@ -66,7 +82,11 @@ def main():
         if not args.data:
             parser.error("--data is needed to run recipes")
         runs = [run(r, args.data, args.folds, args.repeats, args.split, args.out_root) for r in args.recipes]
-    print(table([r for r in runs if (r / "cv_metrics.json").is_file()]))
+    done = [r for r in runs if (r / "cv_metrics.json").is_file()]
+    print(table(done))
+    seeds = seed_table(done)
+    if seeds:
+        print("\nSeed spread (ensemble members scored alone):\n" + seeds)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,11 @@ def _dispatch(args) -> int:
         folder = workflow.run_train(cfg, args.out, args.overwrite, args.resume, args.progress)
         if not workflow.is_main_process():
             return 0
+        if cfg.test_size == 0:
+            print(f"no test part (test_size 0); measure on images the model never saw with "
+                  f"`busi evaluate {folder}/{cfg.models[0]}/checkpoint.pth --data HELDOUT`")
+            print(f"results in {folder}/ (<model>/checkpoint.pth, history.csv, loss.png, report.html)")
+            return 0
         for arch in cfg.models:
             _print_metrics(arch, json.loads((folder / arch / "metrics.json").read_text()))
         print(f"results in {folder}/ (summary.md, loss.png, <model>/metrics.json, checkpoint.pth)")

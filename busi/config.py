@@ -100,7 +100,7 @@ def _validate(cfg: RunConfig, source: str) -> RunConfig:
     if not cfg.models:
         raise BusiError(f"{source}: 'models' is empty")
     checks = [
-        (0 < cfg.test_size < 1, "'test_size' must be between 0 and 1"),
+        (0 <= cfg.test_size < 1, "'test_size' must be in [0, 1) (0: train on every image, test with `busi evaluate`)"),
         (0 <= cfg.val_size < 1, "'val_size' must be in [0, 1)"),
         (cfg.split in ("grouped", "random"), "'split' must be 'grouped' or 'random'"),
         (cfg.image_size >= 32, "'image_size' must be at least 32"),

@@ -14,7 +14,7 @@ from .calibrate import ece
 from .data import load_masks
 from .evaluate import bootstrap_ci, compute_metrics
 from .explain import gradcam, summarize_localization
-from .models import count_parameters
+from .models import Ensemble, count_parameters
 from .plots import confusion_matrix
 from .report import render
 from .split import group_ids, kfold, train_test
@@ -50,6 +50,7 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
     fold_rows, oof_rows, summary = [], [], {}
     for arch in cfg.models:
         oof_probs, oof_raw, oof_labels, oof_groups, heat, heat_index = [], [], [], [], [], []
+        member_probs = [[] for _ in range(cfg.ensemble)] if cfg.ensemble > 1 else []
         for r, plan in enumerate(plans):
             for k, (train_idx, test_idx) in enumerate(plan):
                 val_idx = np.array([], dtype=int)
@@ -71,6 +72,9 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                     oof_rows.append({"model": arch, "repeat": r, "fold": k, "path": paths[i], "true": classes[labels[i]],
                                      **{f"p_{c}": round(v, 6) for c, v in zip(classes, p)}})
                 oof_probs.append(probs)
+                if isinstance(model, Ensemble):  # each member alone: the spread over training seeds, at no training cost
+                    for k_m, member in enumerate(model.members):
+                        member_probs[k_m].append(torch.softmax(logits_of(member, images[test_idx], tta=cfg.tta), 1))
                 oof_raw.append(torch.softmax(logits, 1))
                 oof_labels.append(labels[test_idx])
                 oof_groups.append(dup_groups[test_idx])
@@ -103,6 +107,13 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                                     else "no validation part (val_size 0): no temperature fitted"},
             "localization": localization,
         }
+        if member_probs:
+            members = [compute_metrics(torch.cat(mp), y, classes) for mp in member_probs]
+            summary[arch]["members_alone"] = {
+                "note": "each ensemble member (its own training seed) scored alone, pooled out-of-fold, no temperature",
+                **{key: [round(m[key], 4) for m in members] for key in ("accuracy", "macro_f1", "auroc")},
+                "recall_malignant": [round(m["per_class"]["malignant"]["recall"], 4) for m in members
+                                     if "malignant" in m["per_class"]]}
         confusion_matrix(pooled["confusion_matrix"], classes, folder / arch / "confusion_matrix.png",
                          f"{arch}, pooled out-of-fold (n={len(y)})")
     _write_csv(folder / "fold_metrics.csv", fold_rows)

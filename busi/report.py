@@ -106,6 +106,9 @@ def render(run: str | Path) -> Path:
     if split:
         body.append(f"<p>Split ({html.escape(split['split'])}, seed {split['seed']}): {len(split['train'])} train, "
                     f"{len(split['val'])} validation, {len(split['test'])} test images.</p>")
+        if not split["test"]:
+            body.append('<p class="note">No test part: every usable image trained the model. Measure it on images it '
+                        "never saw with <code>busi evaluate CHECKPOINT --data HELDOUT</code>.</p>")
     folds = _json(run / "folds.json")
     if folds:
         sizes = ", ".join(str(len(f)) for f in folds["test_folds"][0])

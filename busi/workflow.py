@@ -153,7 +153,10 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
     paths = [s.path for s in dataset.samples]
     grouped = cfg.split == "grouped"
     groups = group_ids(paths, report["duplicate_groups"]) if grouped else np.arange(len(paths))
-    train_idx, test_idx = train_test(labels.numpy(), groups, cfg.test_size, cfg.seed, grouped)
+    if cfg.test_size > 0:
+        train_idx, test_idx = train_test(labels.numpy(), groups, cfg.test_size, cfg.seed, grouped)
+    else:  # every image trains; the test is a folder the model never saw, with `busi evaluate`
+        train_idx, test_idx = np.arange(len(paths)), np.array([], dtype=int)
     val_idx = np.array([], dtype=int)
     if cfg.val_size > 0:
         sub_train, sub_val = train_test(labels[train_idx].numpy(), groups[train_idx], cfg.val_size, cfg.seed, grouped)
@@ -170,11 +173,13 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
     histories, rows = {}, []
     for arch in cfg.models:
         model, config, history = train_one(arch, cfg, dataset.classes, part, train_idx, val_idx, folder / arch,
-                                           test_idx=test_idx, resume=resume, progress=progress)
+                                           test_idx=test_idx if len(test_idx) else None, resume=resume, progress=progress)
         if not main:
             continue
         histories[arch] = history
         checkpoint.save(folder / arch / "checkpoint.pth", model, config)
+        if len(test_idx) == 0:
+            continue
         rows.append(write_results(folder / arch, model, config, images[test_idx], labels[test_idx],
                                   [paths[i] for i in test_idx], masks[test_idx], [status[i] for i in test_idx],
                                   {"model": arch, "parameters": count_parameters(model), "epochs": cfg.epochs,
@@ -199,6 +204,11 @@ SUMMARY_COLUMNS = ["model", "parameters", "epochs", "train_seconds", "n", "accur
 
 def write_summary(folder: Path, rows: list[dict], classes: list[str]) -> None:
     """summary.csv for machines and summary.md for people: one row per model."""
+    if not rows:
+        (folder / "summary.md").write_text(
+            "No test part (test_size 0): every usable image trained the model(s). Measure them on images they never "
+            "saw: `busi evaluate RUN/MODEL/checkpoint.pth --data HELDOUT`.\n")
+        return
     columns = SUMMARY_COLUMNS + [f"recall_{c}" for c in classes]
     flat = [{**{k: r.get(k) for k in SUMMARY_COLUMNS}, **{f"recall_{c}": r["per_class"][c]["recall"] for c in classes}}
             for r in rows]

@@ -182,3 +182,50 @@ def test_an_ensemble_recipe_still_yields_one_checkpoint(kaggle_folder, tmp_path,
     assert main(["predict", "--checkpoint", str(tmp_path / "ens.onnx"), "--json", str(image)]) == 0
     exported = json.loads(capsys.readouterr().out)[0]
     assert all(abs(exported["probabilities"][c] - p) < 1e-4 for c, p in direct["probabilities"].items())
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_recommended_config_trains_one_tiny_epoch_end_to_end(kaggle_folder, tmp_path, capsys):
+    """The README's first command, shrunk to one epoch at 32 px: every image trains, and the checkpoint it
+    leaves is one model (an ensemble) that `busi evaluate` then tests on a folder."""
+    from busi import checkpoint
+    from busi.models import Ensemble
+    out = tmp_path / "rec"
+    assert main(["train", "--config", str(ROOT / "configs" / "recommended.yaml"), "--data", str(kaggle_folder),
+                 "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "no test part" in printed and "busi evaluate" in printed
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["test_size"] == 0 and saved["ensemble"] == 2 and saved["epochs"] == 1
+    split = json.loads((out / "split.json").read_text())
+    assert split["test"] == [] and len(split["train"]) + len(split["val"]) == 24
+    ckpt = out / "resnet18" / "checkpoint.pth"
+    model, cfg = checkpoint.load(ckpt)
+    assert isinstance(model, Ensemble) and cfg["members"] == 2 and cfg["temperature_fitted_on"] == len(split["val"])
+    assert "No test part" in (out / "report.html").read_text() and not (out / "resnet18" / "metrics.json").exists()
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(kaggle_folder), "--out", str(tmp_path / "ev")]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["n"] == 24 and 0 <= metrics["accuracy"] <= 1
+
+
+def test_recommended_pretrained_config_starts_from_the_given_weights(kaggle_folder, tmp_path, monkeypatch):
+    """Offline, --weights FILE feeds the pretrained recipe; a stand-in ImageNet file shows the weights are used."""
+    import torchvision
+    from busi import workflow
+    from busi.config import make_config
+    imagenet = torchvision.models.resnet18(weights=None).state_dict()  # stands in for the real ImageNet file
+    torch.save(imagenet, tmp_path / "resnet18-imagenet.pth")
+    cfg = make_config({"weights": str(tmp_path / "resnet18-imagenet.pth")}, ROOT / "configs" / "recommended-pretrained.yaml")
+    assert cfg.pretrained and cfg.models == ["resnet18"]
+    model = workflow.build_for("resnet18", cfg, 3)
+    assert torch.equal(model.conv1.weight, imagenet["conv1.weight"])
+    assert torch.equal(model.layer4[1].bn2.running_var, imagenet["layer4.1.bn2.running_var"])
+    assert model.fc.out_features == 3
+    out = tmp_path / "pre"
+    assert main(["train", "--config", str(ROOT / "configs" / "recommended-pretrained.yaml"), "--data", str(kaggle_folder),
+                 "--weights", str(tmp_path / "resnet18-imagenet.pth"), "--out", str(out), *TINY]) == 0
+    assert (out / "resnet18" / "checkpoint.pth").is_file()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["pretrained"] and saved["weights"].endswith("resnet18-imagenet.pth")

@@ -26,7 +26,7 @@ def test_yaml_then_flags_and_round_trip(tmp_path):
     ("epochs: ten\n", "'epochs' must be int, got str"),
     ("epochs: true\n", "'epochs' must be int"),
     ("models: [vgg]\n", "unknown model 'vgg'"),
-    ("test_size: 1.5\n", "'test_size' must be between 0 and 1"),
+    ("test_size: 1.5\n", "'test_size' must be in \[0, 1\)"),
     ("- a\n- b\n", "must be a mapping"),
     ("epochs: [\n", "not valid YAML"),
 ])

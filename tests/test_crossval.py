@@ -11,13 +11,15 @@ from busi.evaluate import bootstrap_ci
 TINY = ["--epochs", "1", "--image-size", "32", "--batch-size", "8", "--no-progress"]
 
 
-@pytest.mark.parametrize("val_size", ["0", "0.2"])
-def test_cv_scores_every_image_once_with_groups_kept_together(kaggle_folder, tmp_path, capsys, val_size):
+@pytest.mark.parametrize("val_size, ensemble", [("0", 1), ("0.2", 2)])
+def test_cv_scores_every_image_once_with_groups_kept_together(kaggle_folder, tmp_path, capsys, val_size, ensemble):
+    (tmp_path / "recipe.yaml").write_text(f"ensemble: {ensemble}\n")
     src = kaggle_folder / "benign" / "benign (1).png"
     for i in (20, 21):  # a near-duplicate group of three
         (kaggle_folder / "benign" / f"benign ({i}).png").write_bytes(src.read_bytes())
     out = tmp_path / "cv"
-    assert main(["cv", "--data", str(kaggle_folder), "--model", "custom-cnn", "--folds", "3", "--out", str(out), "--val-size", val_size, *TINY]) == 0
+    assert main(["cv", "--data", str(kaggle_folder), "--config", str(tmp_path / "recipe.yaml"), "--model", "custom-cnn",
+                 "--folds", "3", "--out", str(out), "--val-size", val_size, *TINY]) == 0
     rows = list(csv.DictReader(open(out / "oof_predictions.csv")))
     assert sorted(r["path"] for r in rows) == sorted({r["path"] for r in rows}) and len(rows) == 26
     folds = {r["path"]: r["fold"] for r in rows}
@@ -29,6 +31,11 @@ def test_cv_scores_every_image_once_with_groups_kept_together(kaggle_folder, tmp
         m = summary["metrics"][name]
         assert m["ci_low"] <= m["estimate"] <= m["ci_high"], name
     assert len(list(csv.DictReader(open(out / "fold_metrics.csv")))) == 3
+    if ensemble > 1:  # each member's own out-of-fold score: the spread over training seeds
+        alone = summary["members_alone"]
+        assert len(alone["accuracy"]) == ensemble and all(0 <= a <= 1 for a in alone["accuracy"])
+    else:
+        assert "members_alone" not in summary
     assert "custom-cnn (grouped 3-fold x1): accuracy" in capsys.readouterr().out
 
 
