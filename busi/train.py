@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import sys
+import time
 import math
 import logging
 import warnings
@@ -138,6 +140,21 @@ class History(Callback):
         self.rows = state["rows"]
 
 
+class EpochLines(Callback):
+    """Progress for logs (SLURM, nohup, CI), where a live progress bar prints nothing: one line per epoch."""
+
+    def __init__(self, name: str):
+        self.name, self.start = name, time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module):
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        losses = " ".join(f"{k} {float(metrics[k]):.3f}" for k in ("train_loss", "val_loss") if k in metrics)
+        print(f"{self.name} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {losses} "
+              f"({time.perf_counter() - self.start:.0f} s)", flush=True)
+
+
 def device_tensors(tensors: tuple[torch.Tensor, ...], trainer: L.Trainer) -> tuple[torch.Tensor, ...]:
     """On a GPU the whole (small) dataset moves to the device once, so batches never wait on the CPU."""
     device = trainer.strategy.root_device
@@ -172,8 +189,11 @@ def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, ...], out_d
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # data is in memory
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")  # validation is optional here
+    bar = progress and sys.stdout.isatty()
+    if progress and not bar:
+        callbacks.append(EpochLines(out_dir.name))
     trainer = make_trainer(cfg, callbacks=callbacks, enable_checkpointing=checkpoints, default_root_dir=out_dir,
-                           enable_progress_bar=progress)
+                           enable_progress_bar=bar)
     weights = None
     if cfg.class_weights == "balanced":
         counts = torch.bincount(train[1], minlength=int(train[1].max()) + 1).float()

@@ -50,3 +50,14 @@ def test_dataset_moves_to_the_training_device_once():
     assert all(t.device.type == "meta" for t in moved)
     batch = next(iter(train_loader(moved, 4, shuffle=False)))
     assert batch[0].device.type == "meta" and batch[0].shape == (4, 3, 32, 32)  # batches are cut on the device
+
+
+def test_progress_in_a_log_is_one_line_per_epoch(tmp_path, capsys):
+    """Where stdout is a file (SLURM, nohup, CI) a progress bar shows nothing; an epoch line does."""
+    cfg = make_config({"epochs": 2, "batch_size": 8})
+    images, labels, _, _ = _data()
+    fit(build("custom-cnn", 3), cfg, (images, labels), tmp_path / "custom-cnn", val=(images[:6], labels[:6]),
+        progress=True, checkpoints=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if " epoch " in line]
+    assert [line.split(":")[0] for line in lines] == ["custom-cnn epoch 1/2", "custom-cnn epoch 2/2"]
+    assert "train_loss" in lines[0] and "val_loss" in lines[0]
