@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import Dataset, open_image
+from .data import Dataset, Sample, open_image
 from .errors import BusiError
 
 AUDIT_VERSION = 1  # bump when the method changes, so cached audits are recomputed
@@ -230,6 +230,24 @@ def audit(dataset: Dataset, progress: bool = True, use_cache: bool = True) -> di
     tmp.write_text(json.dumps(result))
     tmp.replace(cached)
     return result
+
+
+def near_duplicates_across(reference: Dataset, other: Dataset, progress: bool = True) -> dict[str, list[str]]:
+    """Images of `other` that are (near-)copies of images of `reference`: other's path -> reference's paths.
+
+    This is how a test folder is checked against the images a model trained on: a hit there tests memory, not skill.
+    """
+    ref_rel = {str(reference.file(s).resolve()): s.path for s in reference.samples}
+    other_rel = {str(other.file(s).resolve()): s.path for s in other.samples}
+    found = {other_rel[f]: [ref_rel[f]] for f in other_rel if f in ref_rel}  # the very same file
+    rest = [Sample(f, s.label) for f, s in zip(other_rel, other.samples) if f not in ref_rel]
+    combined = Dataset(Path("/"), reference.classes, [Sample(f, s.label) for f, s in zip(ref_rel, reference.samples)] + rest)
+    for group in audit(combined, progress=progress)["duplicate_groups"]:  # absolute paths: "/" / path is the path
+        refs = sorted(ref_rel[f] for f in group if f in ref_rel)
+        for f in group:
+            if refs and f in other_rel and f not in ref_rel:
+                found[other_rel[f]] = refs
+    return found
 
 
 def summary(result: dict) -> str:

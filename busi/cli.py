@@ -65,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on every image of a folder")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
+    p.add_argument("--train-data", help="the folder the model trained on, if not where the checkpoint says: its "
+                                         "near-duplicates in --data are reported and scored apart")
     p.add_argument("--out")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -148,8 +150,22 @@ def _dispatch(args) -> int:
         print(format_cv(json.loads((folder / "cv_metrics.json").read_text())))
         print(f"results in {folder}/ (cv_metrics.json, fold_metrics.csv, oof_predictions.csv)")
     elif args.command == "evaluate":
-        metrics, folder = workflow.run_evaluate(args.checkpoint, args.data, args.out, args.overwrite, args.progress)
+        metrics, folder = workflow.run_evaluate(args.checkpoint, args.data, args.out, args.overwrite, args.progress,
+                                                args.train_data)
         _print_metrics(metrics["model"], metrics)
+        overlap = metrics["training_overlap"]
+        if not overlap["checked"]:
+            print(f"not checked for copies of training images: {overlap['note']}")
+        elif overlap["n_with_near_duplicate_in_training"] == 0:
+            print(f"none of the {metrics['n']} images is a near-duplicate of the {overlap['n_training_images']} training images")
+        else:
+            line = (f"{overlap['n_with_near_duplicate_in_training']} of the {metrics['n']} images are near-duplicates of "
+                    f"training images (listed in metrics.json)")
+            rest = overlap.get("metrics_without_them")
+            if rest:
+                line += (f"; without them (n={rest['n']}): accuracy {rest['accuracy']:.3f}, macro-F1 {rest['macro_f1']:.3f}, "
+                         + ", ".join(f"recall {c} {v:.2f}" for c, v in rest["recall"].items()))
+            print(line)
         print(f"results in {folder}/")
     elif args.command == "predict":
         explain_dir = None

@@ -56,6 +56,12 @@ def _model_section(folder: Path, name: str) -> str:
     parts.append(_table(["class", "precision", "recall", "F1", "AUROC", "support"],
                         [[c, v["precision"], v["recall"], v["f1"], v.get("auroc"), v["support"]] for c, v in m["per_class"].items()],
                         "metrics"))
+    overlap = m.get("training_overlap")
+    if overlap and overlap.get("checked") and overlap["n_with_near_duplicate_in_training"]:
+        rest = overlap.get("metrics_without_them") or {}
+        parts.append(f'<p class="note">{overlap["n_with_near_duplicate_in_training"]} of these {m["n"]} images are '
+                     f"near-duplicates of images the model trained on; without them (n={rest.get('n', 0)}): accuracy "
+                     f"{rest.get('accuracy', float('nan')):.3f}, macro-F1 {rest.get('macro_f1', float('nan')):.3f}.</p>")
     cal = m.get("calibration")
     if cal:
         parts.append(_table(["calibration", "before", "after"],

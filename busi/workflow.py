@@ -15,11 +15,12 @@ import yaml
 from PIL import Image
 
 from . import __version__, checkpoint
-from .audit import audit
+from .audit import audit, near_duplicates_across
 from .config import RunConfig, save_config
 from .data import (IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MASK_NAME, MASK_USABLE, Dataset, load, load_masks,
                    model_input, read_image, scan, warn)
 from .calibrate import fit_temperature
+from .evaluate import compute_metrics
 from .errors import BusiError
 from .export import ExportedModel, is_exported
 from .models import IMAGENET_WEIGHTS, Ensemble, build, count_parameters
@@ -130,7 +131,7 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
 
 def _checkpoint_config(arch: str, cfg: RunConfig, classes) -> dict:
     return {"arch": arch, "classes": list(classes), "image_size": cfg.image_size, "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD), "trained_on": str(cfg.data), "trained_at": datetime.now().isoformat(timespec="seconds"),
+            "std": list(IMAGENET_STD), "trained_on": str(Path(cfg.data).resolve()), "trained_at": datetime.now().isoformat(timespec="seconds"),
             "seed": cfg.seed, "epochs": cfg.epochs, "tta": cfg.tta, "temperature": 1.0, "version": __version__}
 
 
@@ -222,20 +223,48 @@ def write_summary(folder: Path, rows: list[dict], classes: list[str]) -> None:
     (folder / "summary.md").write_text("\n".join(lines) + "\n")
 
 
+def training_overlap(checkpoint_path: str | Path, config: dict, dataset: Dataset, train_data: str | Path | None = None,
+                     progress: bool = True) -> dict:
+    """Which images of dataset have a near-duplicate among the images the checkpoint's model trained on."""
+    if train_data is not None and not Path(train_data).is_dir():
+        raise BusiError(f"{train_data}: --train-data folder does not exist")
+    root = Path(train_data or config.get("trained_on") or "")
+    if not str(train_data or config.get("trained_on") or "") or not root.is_dir():
+        return {"checked": False, "note": f"training data '{root}' is not here: pass --train-data DIR to check"}
+    reference = scan(root, config["classes"])
+    split = Path(checkpoint_path).parent.parent / "split.json"
+    if split.is_file():  # only what trained the model (training and validation part), not its own test part
+        used = set(json.loads(split.read_text())["train"]) | set(json.loads(split.read_text())["val"])
+        if used <= {s.path for s in reference.samples}:
+            reference = Dataset(reference.root, reference.classes, [s for s in reference.samples if s.path in used])
+    seen = near_duplicates_across(reference, dataset, progress)
+    return {"checked": True, "training_data": str(root.resolve()), "n_training_images": len(reference.samples),
+            "n_with_near_duplicate_in_training": len(seen), "near_duplicates": seen}
+
+
 def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path | None = None, overwrite: bool = False,
-                 progress: bool = True) -> tuple[dict, Path]:
-    """Evaluate a saved model on every readable image of a folder."""
+                 progress: bool = True, train_data: str | Path | None = None) -> tuple[dict, Path]:
+    """Evaluate a saved model on every readable image of a folder, and again without the images it has seen copies of."""
     model, config = checkpoint.load(checkpoint_path)
     dataset = scan(data)
     checkpoint.check_classes(checkpoint_path, config, dataset.classes)
     folder = run_dir(out, f"evaluate-{config['arch']}", overwrite)
     images, labels, dataset = load(dataset, config["image_size"], progress)
     masks, status = load_masks(dataset, config["image_size"])
+    overlap = training_overlap(checkpoint_path, config, dataset, train_data, progress)
+    if overlap["checked"] and overlap["near_duplicates"]:
+        unseen = [i for i, s in enumerate(dataset.samples) if s.path not in overlap["near_duplicates"]]
+        if unseen:
+            m = compute_metrics(predict_probs(model, config, images[unseen]), labels[unseen], config["classes"])
+            overlap["metrics_without_them"] = {"n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                                               "auroc": m["auroc"],
+                                               "recall": {c: v["recall"] for c, v in m["per_class"].items()}}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump({"command": "evaluate", "checkpoint": str(checkpoint_path),
                                                      "data": str(data), "busi_version": __version__}, sort_keys=False))
     metrics = write_results(folder, model, config, images, labels, [s.path for s in dataset.samples], masks, status,
-                            {"model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped})
+                            {"model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped,
+                             "training_overlap": overlap})
     render(folder)
     return metrics, folder
 

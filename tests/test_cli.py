@@ -77,6 +77,33 @@ def test_evaluate_and_predict(trained, tmp_path, capsys):
     assert len(list((tmp_path / "why").glob("*-gradcam.png"))) == 10
 
 
+def test_evaluate_scores_copies_of_training_images_apart(trained, tmp_path, capsys):
+    """A held-out folder holding (renamed) copies of training images tests memory; evaluate finds and separates them."""
+    data, out = trained
+    split = json.loads((out / "split.json").read_text())
+    heldout = tmp_path / "heldout"
+    for c in ("benign", "malignant", "normal"):
+        (heldout / c).mkdir(parents=True)
+        for rel in [p for p in split["test"] if p.startswith(c + "/")][:2]:
+            (heldout / rel).write_bytes((data / rel).read_bytes())
+    copied = [p for p in split["train"] if p.startswith("malignant/")][:2]
+    for n, rel in enumerate(copied):
+        (heldout / "malignant" / f"new scan {n}.png").write_bytes((data / rel).read_bytes())
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "custom-cnn" / "checkpoint.pth"), "--data", str(heldout),
+                 "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    overlap = m["training_overlap"]
+    assert overlap["checked"] and overlap["n_training_images"] == len(split["train"]) + len(split["val"])
+    assert overlap["near_duplicates"] == {f"malignant/new scan {n}.png": [rel] for n, rel in enumerate(copied)}
+    assert overlap["metrics_without_them"]["n"] == m["n"] - 2
+    assert f"2 of the {m['n']} images are near-duplicates of training images" in printed
+    assert main(["evaluate", "--checkpoint", str(out / "custom-cnn" / "checkpoint.pth"), "--data", str(heldout),
+                 "--train-data", str(tmp_path / "gone"), "--out", str(tmp_path / "ev2"), "--no-progress"]) == 2
+    assert "gone: --train-data folder does not exist" in _error(capsys) and not (tmp_path / "ev2").exists()
+
+
 def _error(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("busi: error:") and "\n" not in err and "Traceback" not in err
