@@ -17,15 +17,21 @@ def _save(fig, path: Path) -> None:
 
 
 def loss_curves(histories: dict[str, list[dict]], path: Path) -> None:
-    """Training loss per epoch for every model (solid), test loss dashed where it was measured."""
+    """Training loss per epoch for every model (solid), validation loss dotted and test loss dashed where measured."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (name, rows) in enumerate(histories.items()):
         color = f"C{i}"
         epochs = [r["epoch"] for r in rows]
         ax.plot(epochs, [r["train_loss"] for r in rows], color=color, marker=".", label=f"{name} train")
+        if rows and "val_loss" in rows[0]:
+            ax.plot(epochs, [r.get("val_loss", float("nan")) for r in rows], color=color, ls=":", label=f"{name} validation")
         if rows and "test_loss" in rows[0]:
             ax.plot(epochs, [r["test_loss"] for r in rows], color=color, ls="--", label=f"{name} test")
-    ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Training loss per epoch")
+    values = [r[k] for rows in histories.values() for r in rows for k in ("train_loss", "val_loss", "test_loss") if k in r]
+    train = [r["train_loss"] for rows in histories.values() for r in rows]
+    if values and train and np.isfinite(values).all():  # early validation spikes must not flatten the curves
+        ax.set_ylim(0, max(1.5 * max(train), float(np.percentile(values, 95))) * 1.05)
+    ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss per epoch")
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)

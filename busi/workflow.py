@@ -114,12 +114,12 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
     model, history = members[0], histories[0]
     if cfg.ensemble > 1:
         model = Ensemble(members).eval()
+        history = [{"member": k, **row} for k, h in enumerate(histories) for row in h]
         if is_main_process():  # one history.csv for the model, a row per member and epoch
-            rows = [{"member": k, **row} for k, h in enumerate(histories) for row in h]
             with open(out_dir / "history.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer = csv.DictWriter(f, fieldnames=list(history[0]))
                 writer.writeheader()
-                writer.writerows(rows)
+                writer.writerows(history)
     config = _checkpoint_config(arch, cfg, classes)
     config["members"] = cfg.ensemble
     config["train_seconds"] = round(time.perf_counter() - start, 1)
@@ -177,7 +177,10 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
                                            test_idx=test_idx if len(test_idx) else None, resume=resume, progress=progress)
         if not main:
             continue
-        histories[arch] = history
+        if cfg.ensemble > 1:  # a curve per member
+            histories.update({f"{arch} member {k}": [r for r in history if r["member"] == k] for k in range(cfg.ensemble)})
+        else:
+            histories[arch] = history
         checkpoint.save(folder / arch / "checkpoint.pth", model, config)
         if len(test_idx) == 0:
             continue
