@@ -58,10 +58,11 @@ def _model_section(folder: Path, name: str) -> str:
                         "metrics"))
     overlap = m.get("training_overlap")
     if overlap and overlap.get("checked") and overlap["n_with_near_duplicate_in_training"]:
-        rest = overlap.get("metrics_without_them") or {}
+        rest = overlap.get("metrics_without_them")
+        without = (f"without them (n={rest['n']}): accuracy {rest['accuracy']:.3f}, macro-F1 {rest['macro_f1']:.3f}"
+                   if rest else "no image is left without one")
         parts.append(f'<p class="note">{overlap["n_with_near_duplicate_in_training"]} of these {m["n"]} images are '
-                     f"near-duplicates of images the model trained on; without them (n={rest.get('n', 0)}): accuracy "
-                     f"{rest.get('accuracy', float('nan')):.3f}, macro-F1 {rest.get('macro_f1', float('nan')):.3f}.</p>")
+                     f"near-duplicates of images the model trained on; {without}.</p>")
     cal = m.get("calibration")
     if cal:
         parts.append(_table(["calibration", "before", "after"],

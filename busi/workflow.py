@@ -231,13 +231,15 @@ def training_overlap(checkpoint_path: str | Path, config: dict, dataset: Dataset
     """Which images of dataset have a near-duplicate among the images the checkpoint's model trained on."""
     if train_data is not None and not Path(train_data).is_dir():
         raise BusiError(f"{train_data}: --train-data folder does not exist")
-    root = Path(train_data or config.get("trained_on") or "")
-    if not str(train_data or config.get("trained_on") or "") or not root.is_dir():
-        return {"checked": False, "note": f"training data '{root}' is not here: pass --train-data DIR to check"}
+    given = train_data or config.get("trained_on")
+    if not given or not Path(given).is_dir():
+        return {"checked": False, "note": f"training data '{given}' is not here: pass --train-data DIR to check"}
+    root = Path(given)
     reference = scan(root, config["classes"])
     split = Path(checkpoint_path).parent.parent / "split.json"
     if split.is_file():  # only what trained the model (training and validation part), not its own test part
-        used = set(json.loads(split.read_text())["train"]) | set(json.loads(split.read_text())["val"])
+        parts = json.loads(split.read_text())
+        used = set(parts["train"]) | set(parts["val"])
         if used <= {s.path for s in reference.samples}:
             reference = Dataset(reference.root, reference.classes, [s for s in reference.samples if s.path in used])
     seen = near_duplicates_across(reference, dataset, progress)
