@@ -38,6 +38,8 @@ class RunConfig:
     label_smoothing: float = 0.0
     class_weights: str = "none"  # none or balanced (inverse class frequency in the training part)
     mask_weight: float = 0.0  # > 0: also learn the lesion masks (where they exist) from the last feature map
+    mixup_alpha: float = 0.0  # > 0: blend pairs of training images and their labels (MixUp), Beta(alpha, alpha)
+    cutmix_alpha: float = 0.0  # > 0: paste a box of one training image into another (CutMix); both > 0: one per batch
     tta: bool = False  # average the prediction of each image and its mirror image
     ensemble: int = 1  # > 1: train this many copies (other seeds) and save them as one averaged model
     # augmentation, drawn per image on whole batches
@@ -118,6 +120,9 @@ def _validate(cfg: RunConfig, source: str) -> RunConfig:
         (0 <= cfg.label_smoothing < 1, "'label_smoothing' must be in [0, 1)"),
         (cfg.mask_weight >= 0, "'mask_weight' must be at least 0"),
         (cfg.ensemble >= 1, "'ensemble' must be at least 1"),
+        (cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "'mixup_alpha' and 'cutmix_alpha' must be at least 0"),
+        (cfg.mask_weight == 0 or cfg.mixup_alpha == cfg.cutmix_alpha == 0,
+         "'mask_weight' cannot be combined with 'mixup_alpha' or 'cutmix_alpha' (a blended image has no one lesion mask)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -37,6 +37,7 @@ class Classifier(L.LightningModule):
             layer, channels = last_conv_block(model)
             self.lesion_head = nn.Conv2d(channels, 1, 1)
             layer.register_forward_hook(lambda module, inputs, output: setattr(self, "_features", output))
+        self.mix = mixer(cfg, num_classes=[m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features)
 
     def forward(self, x):
         return self.model(x)
@@ -51,6 +52,8 @@ class Classifier(L.LightningModule):
             out = augment(x, masks, c.flip_p, c.max_rotation, c.autocontrast_p,
                           c.min_scale, c.brightness, c.contrast)
             x, masks = out if masks is not None else (out, None)
+            if self.mix is not None:  # labels become class probabilities, which cross_entropy accepts as they are
+                x, y = self.mix(x, y)
         x = normalize(x, self.mean, self.std)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -91,6 +94,17 @@ class Classifier(L.LightningModule):
             return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def mixer(cfg: RunConfig, num_classes: int):
+    """torchvision's MixUp and/or CutMix (one of them, drawn per batch), or None when both are off."""
+    from torchvision.transforms import v2
+
+    kinds = [v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes)] if cfg.mixup_alpha > 0 else []
+    kinds += [v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes)] if cfg.cutmix_alpha > 0 else []
+    if not kinds:
+        return None
+    return kinds[0] if len(kinds) == 1 else v2.RandomChoice(kinds)
 
 
 @torch.no_grad()

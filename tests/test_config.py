@@ -29,6 +29,7 @@ def test_yaml_then_flags_and_round_trip(tmp_path):
     ("test_size: 1.5\n", "'test_size' must be in \[0, 1\)"),
     ("- a\n- b\n", "must be a mapping"),
     ("epochs: [\n", "not valid YAML"),
+    ("mixup_alpha: 0.4\nmask_weight: 1.0\n", "cannot be combined"),
 ])
 def test_config_errors_name_the_file(tmp_path, text, message):
     f = tmp_path / "bad.yaml"

@@ -31,6 +31,19 @@ def test_fit_with_every_recipe_option(tmp_path):
         assert out.shape == (4, 3) and torch.isfinite(out).all()
 
 
+def test_mixup_and_cutmix_train_on_soft_labels(tmp_path):
+    from busi.train import mixer
+    cfg = make_config({"epochs": 1, "batch_size": 8, "mixup_alpha": 0.4, "cutmix_alpha": 1.0, "label_smoothing": 0.1,
+                       "class_weights": "balanced"})
+    images, labels, _, _ = _data()
+    x, y = mixer(cfg, 3)(images[:8].float() / 255, labels[:8])
+    assert y.shape == (8, 3) and torch.allclose(y.sum(1), torch.ones(8))  # class probabilities, one row per image
+    assert (y.max(1).values < 1).any() or not torch.equal(x, images[:8].float() / 255)  # something was mixed
+    model, history = fit(build("custom-cnn", 3), cfg, (images, labels), tmp_path / "mix", progress=False, checkpoints=False)
+    assert history[0]["train_loss"] == history[0]["train_loss"]  # a number, not NaN
+    assert mixer(make_config({}), 3) is None
+
+
 def test_tta_averages_the_mirror_image():
     model = build("custom-cnn", 3).eval()
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
