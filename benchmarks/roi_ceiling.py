@@ -21,7 +21,7 @@ from PIL import Image
 
 import busi.crossval
 from busi.config import make_config
-from busi.data import open_image, read_mask
+from busi.data import MASK_USABLE, open_image, read_mask
 
 
 def lesion_box(mask: np.ndarray, margin: float) -> tuple[int, int, int, int]:
@@ -52,24 +52,22 @@ def with_true_crops(prepare, load_masks, margin: float):
     """Wrap crossval's prepare and load_masks so that images, and the masks Grad-CAM is scored on, are crops."""
     def crop_all(dataset, size, read, resample):
         out = []
-        for s in dataset.samples:
-            im = read(s)
+        for i, s in enumerate(dataset.samples):
+            im = read(i, s)
             box = true_box(dataset, s, margin) or (0, 0, *im.size)
             out.append(np.array(im.crop(box).resize((size, size), resample)))
         return np.stack(out)
 
     def cropped_images(cfg, progress=True):
         dataset, report, _, labels, conflicted = prepare(cfg, progress)
-        crops = crop_all(dataset, cfg.image_size, lambda s: open_image(dataset.file(s)), Image.BILINEAR)
+        crops = crop_all(dataset, cfg.image_size, lambda i, s: open_image(dataset.file(s)), Image.BILINEAR)
         return dataset, report, torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous(), labels, conflicted
 
     def cropped_masks(dataset, size):
         _, status = load_masks(dataset, size)
-        usable = [st in ("lesion", "empty") for st in status]
 
-        def read(s):
-            i = dataset.samples.index(s)
-            if not usable[i]:  # its status already keeps it out of the localisation scores
+        def read(i, s):
+            if status[i] not in MASK_USABLE:  # its status already keeps it out of the localisation scores
                 with Image.open(dataset.file(s)) as im:
                     return Image.new("L", im.size)
             return Image.fromarray(read_mask([dataset.file(p) for p in s.mask_paths]).astype(np.uint8) * 255)
