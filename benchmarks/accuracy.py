@@ -44,11 +44,11 @@ def table(runs: list[Path]) -> str:
         for arch, s in summary.items():
             m = s["metrics"]
             members = f" ×{config['ensemble']}" if config.get("ensemble", 1) > 1 else ""
-            mixing = ", MixUp/CutMix" if config.get("mixup_alpha", 0) or config.get("cutmix_alpha", 0) else ""
-            mixing += f", seed {config['seed']}" if config.get("seed", 0) else ""
+            notes = ", MixUp/CutMix" if config.get("mixup_alpha", 0) or config.get("cutmix_alpha", 0) else ""
+            notes += f", seed {config['seed']}" if config.get("seed", 0) else ""
             if (folder / "roi_oracle.json").is_file():  # benchmarks/roi_ceiling.py: not a recipe anyone can ship
-                mixing += ", **true-mask lesion crops (ceiling)**"
-            lines.append(f"| {folder.name} | {arch}{members} @{config['image_size']}, {config['epochs']} ep{mixing} | {s['split']} | "
+                notes += ", **true-mask lesion crops (ceiling)**"
+            lines.append(f"| {folder.name} | {arch}{members} @{config['image_size']}, {config['epochs']} ep{notes} | {s['split']} | "
                          f"{s['folds']} × {s['repeats']} | {_ci(m['accuracy'])} | {_ci(m['macro_f1'])} | {_ci(m['auroc'])} | "
                          f"{_ci(m['recall_malignant']) if 'recall_malignant' in m else '–'} | {s['mean_train_seconds']:.0f} | "
                          f"{s['parameters'] / 1e6:.1f} M |")

@@ -13,6 +13,7 @@ original images), so the result compares fold by fold with the recipe's own CV.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import numpy as np
@@ -38,23 +39,23 @@ def lesion_box(mask: np.ndarray, margin: float) -> tuple[int, int, int, int]:
     return x0, y0, x0 + int(side), y0 + int(side)
 
 
-def true_box(dataset, sample, margin: float) -> tuple[int, int, int, int] | None:
-    """The crop for one image from its own masks; None (keep it whole) when it has no mask that lines up."""
-    if not sample.mask_paths:
-        return None
-    with Image.open(dataset.file(sample)) as im:
-        w, h = im.size
-    mask = read_mask([dataset.file(p) for p in sample.mask_paths])
-    return lesion_box(mask, margin) if mask.shape == (h, w) else None
-
-
 def with_true_crops(prepare, load_masks, margin: float):
     """Wrap crossval's prepare and load_masks so that images, and the masks Grad-CAM is scored on, are crops."""
+    @functools.cache  # images and masks are cut with the same box; read each image's masks once
+    def true_box(root, sample) -> tuple[int, int, int, int] | None:
+        """None (keep the image whole) when it has no mask that lines up with it."""
+        if not sample.mask_paths:
+            return None
+        with Image.open(root / sample.path) as im:
+            w, h = im.size
+        mask = read_mask([root / p for p in sample.mask_paths])
+        return lesion_box(mask, margin) if mask.shape == (h, w) else None
+
     def crop_all(dataset, size, read, resample):
         out = []
         for i, s in enumerate(dataset.samples):
             im = read(i, s)
-            box = true_box(dataset, s, margin) or (0, 0, *im.size)
+            box = true_box(dataset.root, s) or (0, 0, *im.size)
             out.append(np.array(im.crop(box).resize((size, size), resample)))
         return np.stack(out)
 
