@@ -4,9 +4,10 @@
     python benchmarks/speed.py --data ../shared/data/busi_dev --accelerator gpu --seed-experiment --md speed-gpu.md   # on a GPU
 
 "ours": `busi train`'s path: images decoded once into memory (uint8, on the training device), augmentation on
-whole batches there, bf16 autocast and channels-last, through Lightning's Trainer and busi's Classifier.
+whole batches there, the machine-chosen precision and memory layout (busi.hardware: bf16 only where it is
+native), through Lightning's Trainer and busi's Classifier.
 "reference": the original description's way: torchvision ImageFolder decoding PNGs every epoch, per-image
-CPU transforms, a DataLoader, and a hand-written fp32 loop.
+CPU transforms, a DataLoader, and a hand-written loop at the same precision.
 Both train the same architecture with Adam and cross-entropy on batches of 32; we time steps after warm-up.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
+from busi import hardware
 from busi.config import make_config
 from busi.data import load, scan
 from busi.models import build
@@ -60,7 +62,11 @@ def train_flops_per_image(arch: str, size: int) -> float:
     return 3.0 * counter.get_total_flops()
 
 
-def reference_rate(data: Path, arch: str, size: int, steps: int, device: str) -> float:
+def _autocast(device: str, precision: str):
+    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+
+
+def reference_rate(data: Path, arch: str, size: int, steps: int, device: str, precision: str) -> float:
     tf = transforms.Compose([transforms.Resize((size, size)), transforms.RandomHorizontalFlip(), transforms.RandomRotation(10),
                              transforms.RandomAutocontrast(), transforms.ToTensor(),
                              transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
@@ -76,7 +82,8 @@ def reference_rate(data: Path, arch: str, size: int, steps: int, device: str) ->
         if step == steps + 2:
             break
         x, y = x.to(device), y.to(device)
-        loss = F.cross_entropy(model(x), y)
+        with _autocast(device, precision):
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -104,11 +111,12 @@ class _StepTimer(L.Callback):
             self.seen += len(batch[1])
 
 
-def ours_rate(images: torch.Tensor, labels: torch.Tensor, arch: str, steps: int, device: str, precision: str) -> float:
+def ours_rate(images: torch.Tensor, labels: torch.Tensor, arch: str, steps: int, cfg) -> float:
     """busi's own training path: Lightning Trainer + busi.train.Classifier on in-memory uint8 tensors."""
-    cfg = make_config({"precision": precision, "channels_last": True, "batch_size": BATCH,
-                       "accelerator": "gpu" if device == "cuda" else "cpu", "devices": "1"})
-    model = build(arch, 3).to(memory_format=torch.channels_last)
+    precision, device = cfg.precision, hardware.device_type(cfg.accelerator)
+    model = build(arch, 3)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     timer = _StepTimer(warmup=2)
     trainer = L.Trainer(max_steps=steps + 2, accelerator=cfg.accelerator, devices=1, precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
@@ -118,17 +126,19 @@ def ours_rate(images: torch.Tensor, labels: torch.Tensor, arch: str, steps: int,
     return timer.seen / (time.perf_counter() - timer.start)
 
 
-def ceiling_rate(arch: str, size: int, steps: int, device: str) -> float:
+def ceiling_rate(arch: str, size: int, steps: int, cfg) -> float:
     """The same training step on random tensors already on the device: what the model alone can do."""
-    model = build(arch, 3).to(device).to(memory_format=torch.channels_last).train()
+    device = hardware.device_type(cfg.accelerator)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = build(arch, 3).to(device).to(memory_format=layout).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.randn(BATCH, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(BATCH, 3, size, size, device=device).contiguous(memory_format=layout)
     y = torch.randint(0, 3, (BATCH,), device=device)
     for step in range(steps + 2):
         if step == 2:
             _sync(device)
             start = time.perf_counter()
-        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        with _autocast(device, cfg.precision):
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
@@ -138,7 +148,7 @@ def ceiling_rate(arch: str, size: int, steps: int, device: str) -> float:
 
 
 def seed_experiment_seconds(data: str, accelerator: str) -> float:
-    """Wall time of the whole seed experiment (both models, 25 epochs, 224 px, 70/30) with our fast settings."""
+    """Wall time of the whole seed experiment (both models, 25 epochs, 224 px, 70/30) at the machine-chosen precision."""
     import subprocess
     import sys
     import tempfile
@@ -146,7 +156,7 @@ def seed_experiment_seconds(data: str, accelerator: str) -> float:
         start = time.perf_counter()
         config = Path(__file__).resolve().parents[1] / "configs" / "seed.yaml"
         subprocess.run([sys.executable, "-m", "busi.cli", "train", "--config", str(config), "--data", data,
-                        "--no-pretrained", "--accelerator", accelerator, "--precision", "bf16-mixed", "--channels-last",
+                        "--no-pretrained", "--accelerator", accelerator,
                         "--out", f"{tmp}/run", "--no-progress"], check=True)
         return time.perf_counter() - start
 
@@ -189,28 +199,41 @@ def main():
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--seed-experiment", action="store_true",
                         help="also time the whole seed experiment (both models, 25 epochs) end to end")
+    parser.add_argument("--precision", default="auto", help="auto (default: bf16-mixed only where native), 32-true, bf16-mixed")
+    parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
     args = parser.parse_args()
     device = "cuda" if args.accelerator == "gpu" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("speed.py: --accelerator gpu but no GPU is visible")
-    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    peak32, peak16 = matmul_peak(device, torch.float32), matmul_peak(device, torch.bfloat16)
-    print(f"matmul 2048²: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s on {machine}", flush=True)
+    layout = {"auto": "auto", "on": True, "off": False}[args.channels_last]
+    cfg, notes = hardware.resolve(make_config({"precision": args.precision, "channels_last": layout, "batch_size": BATCH,
+                                               "accelerator": args.accelerator, "devices": "1"}))
+    hardware.announce(notes)
+    capability = torch.cuda.get_device_name() if device == "cuda" else torch.backends.cpu.get_cpu_capability()
+    machine = (torch.cuda.get_device_name() if device == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {capability}")
+    native, why = hardware.native_bf16(device)
+    peak32 = matmul_peak(device, torch.float32)
+    # emulated bf16 is so slow that its "peak" says nothing and takes minutes: measured only where native
+    peak16 = matmul_peak(device, torch.bfloat16) if native else None
+    print(f"matmul 2048²: fp32 {peak32:.0f} GFLOP/s, bf16 {f'{peak16:.0f} GFLOP/s' if peak16 else 'not measured'} on "
+          f"{machine}; training at {cfg.precision}, channels-last {'on' if cfg.channels_last else 'off'} ({why})", flush=True)
+    peak = peak16 if cfg.precision.startswith("bf16") and peak16 else peak32
     dataset = scan(args.data)
     rows = []
     for arch in args.models:
         size = MODELS[arch]
         images, labels, _ = load(dataset, size, progress=False)
-        precision = "bf16-mixed"
-        ours = ours_rate(images, labels, arch, args.steps, device, precision)
-        reference = reference_rate(Path(args.data), arch, size, args.steps, device)
-        ceiling = ceiling_rate(arch, size, args.steps, device)
+        ours = ours_rate(images, labels, arch, args.steps, cfg)
+        reference = reference_rate(Path(args.data), arch, size, args.steps, device, cfg.precision)
+        ceiling = ceiling_rate(arch, size, args.steps, cfg)
         flops = train_flops_per_image(arch, size)
         row = {"model": arch, "image_size": size, "ours_img_s": round(ours, 1), "reference_img_s": round(reference, 1),
-               "ratio": round(ours / reference, 2), "device": machine, "ours_precision": precision,
+               "ratio": round(ours / reference, 2), "device": machine, "cpu_capability": capability,
+               "precision": cfg.precision, "channels_last": cfg.channels_last,
                "ceiling_img_s": round(ceiling, 1), "ours_share_of_ceiling": round(ours / ceiling, 3),
-               "ours_gflop_s": round(ours * flops / 1e9, 1), "share_of_bf16_peak": round(ours * flops / 1e9 / peak16, 3),
-               "reference_share_of_fp32_peak": round(reference * flops / 1e9 / peak32, 3),
+               "ours_gflop_s": round(ours * flops / 1e9, 1), "share_of_peak": round(ours * flops / 1e9 / peak, 3),
+               "reference_share_of_peak": round(reference * flops / 1e9 / peak, 3),
                "epoch_seconds_ours": round(len(labels) / ours, 1), "epoch_seconds_reference": round(len(labels) / reference, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -228,23 +251,26 @@ def main():
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     if args.md:
-        write_markdown(Path(args.md), rows, lat, peak32, peak16, machine, args, seed_seconds)
+        write_markdown(Path(args.md), rows, lat, peak32, peak16, machine, args, cfg, why, seed_seconds)
 
 
-def write_markdown(path: Path, rows, lat, peak32, peak16, machine, args, seed_seconds=None):
+def write_markdown(path: Path, rows, lat, peak32, peak16, machine, args, cfg, why, seed_seconds=None):
+    bf16 = f"{peak16:.0f} GFLOP/s" if peak16 else "not measured (no native bf16)"
     lines = [f"# Speed ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {machine}; torch {torch.__version__}. Command: `python benchmarks/speed.py --data {args.data} "
              f"--accelerator {args.accelerator} --md {args.md}`", "",
-             f"Measured matmul peak (2048², torch): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s.", "",
+             f"Precision: **{cfg.precision}**, channels-last {'on' if cfg.channels_last else 'off'}, for ours and the "
+             f"reference alike (`--precision {args.precision}`: {why}).", "",
+             f"Measured matmul peak (2048², torch): fp32 {peak32:.0f} GFLOP/s, bf16 {bf16}.", "",
              "| model | size | ours img/s | reference img/s | ours / reference | random-tensor ceiling img/s | ours / ceiling "
-             "| epoch s (ours / ref, 624 images) | ours GFLOP/s | share of bf16 peak |",
+             f"| epoch s (ours / ref, 624 images) | ours GFLOP/s | share of {cfg.precision} peak |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['image_size']} | {r['ours_img_s']} | {r['reference_img_s']} | **{r['ratio']}×** | "
                      f"{r['ceiling_img_s']} | {r['ours_share_of_ceiling']:.0%} | "
-                     f"{r['epoch_seconds_ours']} / {r['epoch_seconds_reference']} | {r['ours_gflop_s']} | {r['share_of_bf16_peak']:.0%} |")
+                     f"{r['epoch_seconds_ours']} / {r['epoch_seconds_reference']} | {r['ours_gflop_s']} | {r['share_of_peak']:.0%} |")
     if seed_seconds is not None:
-        lines += ["", f"Whole seed experiment (both models, 25 epochs, 224 px, 70/30, bf16): {seed_seconds:.0f} s wall time."]
+        lines += ["", f"Whole seed experiment (both models, 25 epochs, 224 px, 70/30, {cfg.precision}): {seed_seconds:.0f} s wall time."]
     if lat:
         lines += ["", "Inference on this CPU (uint8 in, probabilities out, preprocessing inside):", "",
                   "| model | eager latency ms (1 image) | ONNX Runtime latency ms | eager img/s (batch 32) | ONNX Runtime img/s (batch 32) |",

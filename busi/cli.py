@@ -25,8 +25,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="start resnet models from random weights")
     p.add_argument("--accelerator", help="cpu, gpu, mps or auto (Lightning)")
     p.add_argument("--devices", help="how many devices, or auto (Lightning)")
-    p.add_argument("--precision", help="32-true, bf16-mixed, 16-mixed … (Lightning)")
-    p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory layout (faster convolutions)")
+    p.add_argument("--precision", help="auto (default: bf16-mixed where the device computes bf16 natively, else 32-true), "
+                                       "32-true, bf16-mixed, 16-mixed … (Lightning)")
+    p.add_argument("--channels-last", action="store_true", default=None,
+                   help="NHWC memory layout (default auto: on for CPU and CUDA)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep the NCHW layout")
     p.add_argument("--strategy", help="auto, ddp … (Lightning)")
     p.add_argument("--num-nodes", type=int)
     p.add_argument("--val-size", type=float,

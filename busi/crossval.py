@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, hardware
 from .config import RunConfig, save_config
 from .calibrate import ece
 from .data import load_masks
@@ -26,8 +26,9 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
            n_boot: int = 1000) -> Path:
     """Train and test every model on every fold (of every repeat); each image is scored by models that never saw it."""
     folder = run_dir(out, "cv-" + "-".join(cfg.models), overwrite)
+    cfg, notes = hardware.resolve(cfg)
     check_hardware(cfg)
-    dataset, report, images, labels, conflicted = prepare(cfg, progress)
+    dataset, report, images, labels, conflicted = prepare(cfg, progress, notes)
     paths = [s.path for s in dataset.samples]
     classes = list(dataset.classes)
     dup_groups = group_ids(paths, report["duplicate_groups"])

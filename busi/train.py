@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .config import RunConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD, augment, normalize
+from . import hardware
 from .errors import BusiError
 from .models import last_conv_block
 
@@ -191,6 +192,7 @@ def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, ...], out_d
 
     train is (uint8 images, labels) or, for the lesion head, (images, labels, uint8 masks, has-mask flags).
     """
+    cfg, _ = hardware.resolve(cfg)  # a no-op when the caller resolved (and announced) "auto" already
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "lightning"
     callbacks = [History(out_dir / "history.csv", test)]
@@ -229,6 +231,7 @@ def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, ...], out_d
 
 def make_trainer(cfg: RunConfig, **kwargs) -> L.Trainer:
     """Lightning's Trainer for cfg's hardware settings; a setting this machine cannot honour is a one-line error."""
+    cfg, _ = hardware.resolve(cfg)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)  # keep the GPU/TPU banner and tips out of users' way
     try:

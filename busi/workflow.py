@@ -14,7 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
-from . import __version__, checkpoint
+from . import __version__, checkpoint, hardware
 from .audit import audit, near_duplicates_across
 from .config import RunConfig, save_config
 from .data import (IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MASK_NAME, MASK_USABLE, Dataset, load, load_masks,
@@ -66,9 +66,13 @@ def run_audit(data: str | Path, out: str | Path | None = None, classes=None, ove
     return result, folder
 
 
-def prepare(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, dict, torch.Tensor, torch.Tensor, list[str]]:
-    """Scan, audit, leave out label conflicts and unreadable files, decode the rest once into memory."""
+def prepare(cfg: RunConfig, progress: bool = True, notes: list[str] = ()) -> tuple[Dataset, dict, torch.Tensor, torch.Tensor, list[str]]:
+    """Scan, audit, leave out label conflicts and unreadable files, decode the rest once into memory.
+
+    notes (the hardware choice) are printed once the folder is known to be there, so a bad --data stays one line.
+    """
     dataset = scan(cfg.data, cfg.classes)
+    hardware.announce(notes)
     report = audit(dataset, progress=progress)
     conflicted = sorted({p for g in report["label_conflicts"] for p in g})
     left_out = set(conflicted) | set(report["skipped"])
@@ -145,11 +149,12 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
               progress: bool = True) -> Path:
     """Audit, split (grouped, stratified, seeded), train every model in cfg.models, evaluate on the test part."""
     folder = run_dir(out, "-".join(cfg.models), overwrite, resume)
-    check_hardware(cfg)
     main = is_main_process()
+    cfg, notes = hardware.resolve(cfg)
+    check_hardware(cfg)
     os.environ["BUSI_RUN_DIR"] = str(folder.resolve())  # inherited by DDP worker processes Lightning starts
     progress = progress and main
-    dataset, report, images, labels, conflicted = prepare(cfg, progress)
+    dataset, report, images, labels, conflicted = prepare(cfg, progress, notes if main else [])
     check_models(cfg, len(dataset.classes))
     paths = [s.path for s in dataset.samples]
     grouped = cfg.split == "grouped"

@@ -42,6 +42,8 @@ def test_train_writes_the_run_folder(trained):
         assert ckpt["config"]["arch"] == arch and ckpt["config"]["image_size"] == 32
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["epochs"] == 1 and cfg["models"] == ["custom-cnn", "resnet50"] and cfg["seed"] == 0
+    # 'auto' is resolved before the run and the folder records what was used, so the run can be repeated anywhere
+    assert cfg["precision"] in ("32-true", "bf16-mixed") and isinstance(cfg["channels_last"], bool)
     split = json.loads((out / "split.json").read_text())
     assert not set(split["train"]) & set(split["test"])
     assert len(list(csv.DictReader(open(out / "summary.csv")))) == 2
@@ -176,7 +178,7 @@ def test_resume_continues_from_the_last_epoch(kaggle_folder, tmp_path):
 @pytest.mark.parametrize("hardware, message", [
     (["--accelerator", "gpu"], "cannot train with --accelerator gpu"),
     (["--accelerator", "tpu"], "cannot train with --accelerator tpu"),
-    (["--precision", "8-bogus"], "cannot train with"),
+    (["--precision", "8-bogus"], "'precision' must be one of auto, 32-true, bf16-mixed"),
 ])
 def test_impossible_hardware_fails_before_anything_is_written(kaggle_folder, tmp_path, capsys, hardware, message):
     if hardware[:2] == ["--accelerator", "gpu"] and torch.cuda.is_available():
@@ -227,7 +229,8 @@ def test_recommended_config_trains_one_tiny_epoch_end_to_end(kaggle_folder, tmp_
     assert "no test part" in printed and "busi evaluate" in printed
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["test_size"] == 0 and saved["epochs"] == 1
-    shrunk = ("epochs", "image_size", "batch_size")  # TINY's flags; every other key is the shipped recipe's
+    # TINY's flags, and the hardware keys that 'auto' resolves; every other key is the shipped recipe's
+    shrunk = ("epochs", "image_size", "batch_size", "precision", "channels_last")
     assert all(saved[k] == v for k, v in recipe.items() if k not in shrunk)
     split = json.loads((out / "split.json").read_text())
     assert split["test"] == [] and len(split["train"]) + len(split["val"]) == 24
