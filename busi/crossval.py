@@ -61,7 +61,8 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                     train_idx, val_idx = train_idx[sub_train], train_idx[sub_val]
                 model, config, _ = train_one(arch, cfg, classes, part, train_idx, val_idx, folder / arch / f"repeat{r}-fold{k}",
                                              progress=progress, checkpoints=False, seed=cfg.seed + 1000 * r + k)
-                logits = logits_of(model, images[test_idx], tta=cfg.tta)
+                norm = config["mean"], config["std"]
+                logits = logits_of(model, images[test_idx], *norm, tta=cfg.tta)
                 probs = torch.softmax(logits / config["temperature"], 1)
                 m = compute_metrics(probs, labels[test_idx], classes)
                 fold_rows.append({"model": arch, "repeat": r, "fold": k, "n_train": len(train_idx), "n_val": len(val_idx),
@@ -75,13 +76,13 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                 oof_probs.append(probs)
                 if isinstance(model, Ensemble):  # each member alone: the spread over training seeds, at no training cost
                     for k_m, member in enumerate(model.members):
-                        member_probs[k_m].append(torch.softmax(logits_of(member, images[test_idx], tta=cfg.tta), 1))
+                        member_probs[k_m].append(torch.softmax(logits_of(member, images[test_idx], *norm, tta=cfg.tta), 1))
                 oof_raw.append(torch.softmax(logits, 1))
                 oof_labels.append(labels[test_idx])
                 oof_groups.append(dup_groups[test_idx])
                 lesion = [i for i in test_idx.tolist() if status[i] == "lesion"]
                 if lesion:
-                    heat.append(gradcam(model, images[lesion], probs.argmax(1)[np.isin(test_idx, lesion)].tolist()))
+                    heat.append(gradcam(model, images[lesion], probs.argmax(1)[np.isin(test_idx, lesion)].tolist(), *norm))
                     heat_index += lesion
                 print(f"{arch} repeat {r} fold {k}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} "
                       f"({config['train_seconds']:.0f} s)", flush=True)

@@ -1,4 +1,4 @@
-"""Architectures by name, ImageNet weight loading (download or local file) and head replacement."""
+"""Architectures by name, each with its input normalisation; ImageNet weights (busi.weights) and head replacement."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,9 @@ import torch
 import torchvision
 from torch import nn
 
+from .data import IMAGENET_MEAN, IMAGENET_STD
 from .errors import BusiError
+from .weights import SOURCES as IMAGENET_WEIGHTS, load_imagenet
 
 
 class CustomCNN(nn.Module):
@@ -53,16 +55,32 @@ def _resnet(depth: int):
     return build
 
 
+def _efficientnet_lite(variant: int):
+    def build(num_classes: int) -> nn.Module:
+        import timm  # TF-"same" padding, BN eps 1e-3 and ReLU6, as the converted ImageNet weights expect
+        model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=num_classes)
+        # timm's Google-style init draws the head from U(±1/sqrt(classes)): for 3 classes, logits of std ~3 and a
+        # first loss of 2-4 whose gradients wreck the pretrained body. PyTorch's default (fan-in) init, as the
+        # ResNets' new heads get, starts near uniform probabilities.
+        model.classifier.reset_parameters()
+        return model
+    return build
+
+
 ARCHITECTURES = {
     "custom-cnn": lambda num_classes: CustomCNN(num_classes),
     "resnet18": _resnet(18),
     "resnet50": _resnet(50),
+    "efficientnet-lite0": _efficientnet_lite(0),
+    "efficientnet-lite2": _efficientnet_lite(2),
 }
-# torchvision's weights enums, for the models that have ImageNet weights
-IMAGENET_WEIGHTS = {
-    "resnet18": "ResNet18_Weights",
-    "resnet50": "ResNet50_Weights",
-}
+# The TF EfficientNet-Lite weights were trained on images scaled to [-1, 1]; the others use torchvision's statistics.
+NORMALIZATION = {"efficientnet-lite0": ((0.5,) * 3, (0.5,) * 3), "efficientnet-lite2": ((0.5,) * 3, (0.5,) * 3)}
+
+
+def normalization(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the model's input, per channel, for images scaled to [0, 1]."""
+    return NORMALIZATION.get(arch, (IMAGENET_MEAN, IMAGENET_STD))
 
 
 def build(arch: str, num_classes: int, pretrained: bool = False, weights: str | Path | None = None,
@@ -78,61 +96,14 @@ def build(arch: str, num_classes: int, pretrained: bool = False, weights: str | 
     return model
 
 
-def _download_imagenet(arch: str) -> dict:
-    enum = getattr(torchvision.models, IMAGENET_WEIGHTS[arch]).DEFAULT
-    try:
-        return enum.get_state_dict(progress=True, check_hash=True)
-    except Exception as e:  # urllib, ssl, socket and hash errors all mean the same to the user
-        raise BusiError(
-            f"{arch}: could not download ImageNet weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no network?'}); "
-            f"pass --weights FILE with a local ImageNet state dict, or --no-pretrained to train from scratch") from None
-
-
-def load_imagenet(model: nn.Module, arch: str, weights: str | Path | None = None) -> None:
-    """Load ImageNet weights into every layer but the classification head (which stays new)."""
-    if arch not in IMAGENET_WEIGHTS:
-        raise BusiError(f"{arch}: has no ImageNet weights; drop --weights or choose {', '.join(IMAGENET_WEIGHTS)}")
-    if weights is None:
-        state = _download_imagenet(arch)
-    else:
-        state = read_state_dict(weights)
-    head = "fc."
-    state = {k: v for k, v in state.items() if not k.startswith(head)}
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    source = weights or f"torchvision {arch} ImageNet weights"
-    if missing or unexpected:
-        example = (missing or unexpected)[0]
-        raise BusiError(f"{source}: not a {arch} state dict ({len(missing)} missing and {len(unexpected)} unexpected keys, e.g. '{example}')")
-    for k, v in state.items():
-        if v.shape != own[k].shape:
-            raise BusiError(f"{source}: '{k}' has shape {tuple(v.shape)}, {arch} needs {tuple(own[k].shape)}")
-    model.load_state_dict(state, strict=False)
-
-
-def read_state_dict(path: str | Path) -> dict:
-    """A file of tensors, read without unpickling code; accepts a bare state dict or {'state_dict': …}."""
-    path = Path(path)
-    if not path.is_file():
-        raise BusiError(f"{path}: weights file does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BusiError(f"{path}: not a readable PyTorch weights file ({type(e).__name__})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise BusiError(f"{path}: does not hold a state dict of tensors")
-    return obj
-
-
 def last_conv_block(model: nn.Module) -> tuple[nn.Module, int]:
     """The module whose output is the last spatial feature map (for Grad-CAM and the lesion head), and its channels."""
     if isinstance(model, CustomCNN):
         return model.features, [m for m in model.features if isinstance(m, nn.Conv2d)][-1].out_channels
     if isinstance(model, torchvision.models.ResNet):
         return model.layer4, model.fc.in_features
+    if hasattr(model, "conv_head") and hasattr(model, "bn2"):  # timm EfficientNet: head conv, then BN + activation
+        return model.bn2, model.num_features
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise BusiError(f"{type(model).__name__} has no convolutional layer to explain or supervise")

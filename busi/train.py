@@ -184,7 +184,8 @@ def train_loader(tensors, batch_size, shuffle):
 
 def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, ...], out_dir: Path,
         val: tuple[torch.Tensor, torch.Tensor] | None = None, test: tuple[torch.Tensor, torch.Tensor] | None = None,
-        resume: bool = False, progress: bool = True, checkpoints: bool = True) -> tuple[nn.Module, list[dict]]:
+        resume: bool = False, progress: bool = True, checkpoints: bool = True,
+        normalization: tuple = (IMAGENET_MEAN, IMAGENET_STD)) -> tuple[nn.Module, list[dict]]:
     """Train with Lightning; returns the last epoch's model and the per-epoch history.
 
     With a validation part, Lightning also keeps the epoch of lowest validation loss as lightning/best.ckpt;
@@ -216,7 +217,7 @@ def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, ...], out_d
         weights = counts.sum() / (len(counts) * counts.clamp_min(1))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    module = Classifier(model, cfg, class_weights=weights)
+    module = Classifier(model, cfg, *normalization, class_weights=weights)
     resume_from = None
     if resume:
         candidates = [ckpt_dir / "last.ckpt"]

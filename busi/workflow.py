@@ -17,13 +17,13 @@ from PIL import Image
 from . import __version__, checkpoint, hardware
 from .audit import audit, near_duplicates_across
 from .config import RunConfig, save_config
-from .data import (IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MASK_NAME, MASK_USABLE, Dataset, load, load_masks,
+from .data import (IMAGE_SUFFIXES, MASK_NAME, MASK_USABLE, Dataset, load, load_masks,
                    model_input, read_image, scan, warn)
 from .calibrate import fit_temperature
 from .evaluate import compute_metrics
 from .errors import BusiError
 from .export import ExportedModel, is_exported
-from .models import IMAGENET_WEIGHTS, Ensemble, build, count_parameters
+from .models import IMAGENET_WEIGHTS, Ensemble, build, count_parameters, normalization
 from .plots import loss_curves
 from .report import render
 from .results import write_results
@@ -112,7 +112,7 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
         L.seed_everything((cfg.seed if seed is None else seed) + 7919 * k, verbose=False)
         member, history = fit(build_for(arch, cfg, len(classes)), cfg, part(train_idx),
                               out_dir / f"member{k}" if cfg.ensemble > 1 else out_dir, val=val, test=test, resume=resume,
-                              progress=progress, checkpoints=checkpoints)
+                              progress=progress, checkpoints=checkpoints, normalization=normalization(arch))
         members.append(member)
         histories.append(history)
     model, history = members[0], histories[0]
@@ -128,14 +128,15 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
     config["members"] = cfg.ensemble
     config["train_seconds"] = round(time.perf_counter() - start, 1)
     if val is not None:
-        config["temperature"] = fit_temperature(logits_of(model, val[0], tta=cfg.tta), val[1])
+        config["temperature"] = fit_temperature(logits_of(model, val[0], config["mean"], config["std"], tta=cfg.tta), val[1])
         config["temperature_fitted_on"] = len(val[1])
     return model, config, history
 
 
 def _checkpoint_config(arch: str, cfg: RunConfig, classes) -> dict:
-    return {"arch": arch, "classes": list(classes), "image_size": cfg.image_size, "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD), "trained_on": str(Path(cfg.data).resolve()), "trained_at": datetime.now().isoformat(timespec="seconds"),
+    mean, std = normalization(arch)
+    return {"arch": arch, "classes": list(classes), "image_size": cfg.image_size, "mean": list(mean),
+            "std": list(std), "trained_on": str(Path(cfg.data).resolve()), "trained_at": datetime.now().isoformat(timespec="seconds"),
             "seed": cfg.seed, "epochs": cfg.epochs, "tta": cfg.tta, "temperature": 1.0, "version": __version__}
 
 

@@ -30,8 +30,9 @@ def server(tmp_path_factory):
     from conftest import make_kaggle_folder
     root = tmp_path_factory.mktemp("app")
     data = make_kaggle_folder(root / "data", per_class=8, size=64)
-    assert main(["train", "--data", str(data), "--model", "custom-cnn", "--out", str(root / "run"), *TINY]) == 0
-    ckpt = root / "run" / "custom-cnn" / "checkpoint.pth"
+    # the recommended architecture, from its ImageNet weights
+    assert main(["train", "--data", str(data), "--model", "efficientnet-lite0", "--out", str(root / "run"), *TINY]) == 0
+    ckpt = root / "run" / "efficientnet-lite0" / "checkpoint.pth"
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     log = open(root / "serve.log", "w")
@@ -80,7 +81,7 @@ def test_page_shows_class_probabilities_overlay_and_bad_file_message(server):
             page.on("request", lambda r: hosts.add(urlparse(r.url).hostname))
             page.goto(url)
             page.get_by_text("Research tool, not a diagnosis").first.wait_for(timeout=30000)
-            assert page.get_by_text("custom-cnn").first.is_visible()  # the model card
+            assert page.get_by_text("efficientnet-lite0").first.is_visible()  # the model card
             page.locator("input[type=file]").first.set_input_files([str(image)])
             page.get_by_role("button", name="Analyse").click()
             answer = page.locator(".busi-class").first

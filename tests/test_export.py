@@ -9,13 +9,18 @@ from busi.workflow import run_predict
 from test_cli import TINY
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+@pytest.fixture(scope="module", params=["resnet18 x2", "efficientnet-lite0"])
+def ckpt(tmp_path_factory, request):
+    """A two-member ensemble of tiny ResNet-18s, and EfficientNet-Lite0 from its ImageNet weights (TF 'same' padding)."""
     from conftest import make_kaggle_folder
+    arch, _, members = request.param.partition(" x")
     root = tmp_path_factory.mktemp("export")
     data = make_kaggle_folder(root / "data", per_class=8, size=64)
-    assert main(["train", "--data", str(data), "--model", "resnet18", "--no-pretrained", "--out", str(root / "run"), *TINY]) == 0
-    return root / "run" / "resnet18" / "checkpoint.pth", data
+    pretrained = arch != "resnet18"  # its ImageNet weights need a download; the Lite0 ones are installed
+    (root / "c.yaml").write_text(f"ensemble: {members or 1}\ntta: true\npretrained: {str(pretrained).lower()}\n")
+    assert main(["train", "--data", str(data), "--model", arch, "--config", str(root / "c.yaml"), "--out",
+                 str(root / "run"), *TINY]) == 0
+    return root / "run" / arch / "checkpoint.pth", data
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -36,6 +41,7 @@ def test_exported_model_predicts_like_the_checkpoint(ckpt, fmt, tmp_path, capsys
     assert json.loads(capsys.readouterr().out)[0]["predicted"] == expected[-1]["predicted"]
 
 
+@pytest.mark.parametrize("ckpt", ["resnet18 x2"], indirect=True)
 def test_export_errors(ckpt, tmp_path, capsys):
     path, data = ckpt
     assert main(["export", "--checkpoint", str(path), "--format", "tflite", "--out", str(tmp_path / "m.tflite")]) == 2
