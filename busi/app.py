@@ -11,6 +11,7 @@ from . import checkpoint
 from .data import model_input, read_image
 from .errors import BusiError
 from .explain import gradcam, overlay
+from .operating import decide, describe
 from .workflow import predict_probs
 
 MAX_IMAGES = 12  # per request
@@ -39,8 +40,9 @@ class Predictor:
         except BusiError as e:
             return {"file": name, "error": str(e).replace(str(Path(path).parent) + "/", "")}
         with self.lock:
-            probs = predict_probs(self.model, self.config, image)[0]
-            predicted = int(probs.argmax())
+            probs = predict_probs(self.model, self.config, image)
+            predicted = int(decide(probs, self.classes, self.config.get("operating_point"))[0])
+            probs = probs[0]
             result = {"file": name, "predicted": self.classes[predicted],
                       "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)}}
             if explain:
@@ -52,7 +54,8 @@ class Predictor:
 def model_card(path: Path, config: dict) -> dict:
     """Name, date, classes and the metrics measured when it was trained (from its run folder, if there)."""
     card = {"model": config["arch"], "trained_at": config.get("trained_at", "unknown"), "classes": config["classes"],
-            "image_size": config["image_size"], "temperature": round(float(config.get("temperature", 1.0)), 3)}
+            "image_size": config["image_size"], "temperature": round(float(config.get("temperature", 1.0)), 3),
+            "decision": describe(config.get("operating_point"))}
     metrics = path.parent / "metrics.json"
     if metrics.is_file():
         m = json.loads(metrics.read_text())
@@ -98,7 +101,8 @@ def build_app(predictor: Predictor):
     for key, label in (("cross_validation", "Cross-validation"), ("evaluation", "Test")):
         if key in card:
             about.append(f"**{label}:** {card[key]}")
-    if len(about) == 1:
+    about.append(f"**Decision:** {card['decision']}")
+    if len(about) == 2:
         about.append("No evaluation found beside this checkpoint: treat its answers with extra care.")
 
     def analyse(files):

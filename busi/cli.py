@@ -138,7 +138,7 @@ def _dispatch(args) -> int:
             return 0
         if cfg.test_size == 0:
             print(f"no test part (test_size 0); measure on images the model never saw with "
-                  f"`busi evaluate {folder}/{cfg.models[0]}/checkpoint.pth --data HELDOUT`")
+                  f"`busi evaluate --checkpoint {folder}/{cfg.models[0]}/checkpoint.pth --data HELDOUT`")
             print(f"results in {folder}/ (<model>/checkpoint.pth, history.csv, loss.png, report.html)")
             return 0
         for arch in cfg.models:
@@ -156,6 +156,12 @@ def _dispatch(args) -> int:
         metrics, folder = workflow.run_evaluate(args.checkpoint, args.data, args.out, args.overwrite, args.progress,
                                                 args.train_data)
         _print_metrics(metrics["model"], metrics)
+        if "operating_point" in metrics:
+            op = metrics["operating_point"]
+            mal = op["per_class"][op["class"]]
+            fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+            print(f"at the operating point ({op['rule']}): accuracy {fmt(op['accuracy'])}, {op['class']} recall "
+                  f"{fmt(mal['recall'])}, precision {fmt(mal['precision'])}")
         overlap = metrics["training_overlap"]
         if not overlap["checked"]:
             print(f"not checked for copies of training images: {overlap['note']}")
@@ -177,6 +183,10 @@ def _dispatch(args) -> int:
         elif args.out:
             raise BusiError("--out is only used with --explain")
         rows = workflow.run_predict(args.checkpoint, args.inputs, explain_dir)
+        operating_point = workflow.operating_point_of(args.checkpoint)
+        if operating_point:
+            from .operating import describe
+            print(f"busi: decision rule: {describe(operating_point)}", file=sys.stderr)
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
@@ -204,6 +214,10 @@ def _dispatch(args) -> int:
     elif args.command == "export":
         from .export import export
         print(f"wrote {export(args.checkpoint, args.format, args.out, args.overwrite)}")
+        operating_point = workflow.operating_point_of(args.checkpoint)
+        if operating_point:
+            from .operating import describe
+            print(f"its decision rule, kept in the file's metadata and applied by `busi predict`: {describe(operating_point)}")
     elif args.command == "report":
         from .report import render
         print(f"wrote {render(args.run)}")

@@ -41,6 +41,8 @@ class RunConfig:
     mixup_alpha: float = 0.0  # > 0: blend pairs of training images and their labels (MixUp), Beta(alpha, alpha)
     cutmix_alpha: float = 0.0  # > 0: paste a box of one training image into another (CutMix); both > 0: one per batch
     tta: bool = False  # average the prediction of each image and its mirror image
+    malignant_recall: float | None = None  # e.g. 0.9: call 'malignant' from the p(malignant) that reaches this recall
+    # on the validation part (an operating point stored in the checkpoint); None: argmax
     ensemble: int = 1  # > 1: train this many copies (other seeds) and save them as one averaged model
     # augmentation, drawn per image on whole batches
     flip_p: float = 0.5
@@ -126,6 +128,9 @@ def _validate(cfg: RunConfig, source: str) -> RunConfig:
         (0 <= cfg.label_smoothing < 1, "'label_smoothing' must be in [0, 1)"),
         (cfg.mask_weight >= 0, "'mask_weight' must be at least 0"),
         (cfg.ensemble >= 1, "'ensemble' must be at least 1"),
+        (cfg.malignant_recall is None or 0 < cfg.malignant_recall <= 1, "'malignant_recall' must be in (0, 1]"),
+        (cfg.malignant_recall is None or cfg.val_size > 0,
+         "'malignant_recall' needs a validation part to set its threshold on ('val_size' > 0)"),
         (cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "'mixup_alpha' and 'cutmix_alpha' must be at least 0"),
         (cfg.mask_weight == 0 or cfg.mixup_alpha == cfg.cutmix_alpha == 0,
          "'mask_weight' cannot be combined with 'mixup_alpha' or 'cutmix_alpha' (a blended image has no one lesion mask)"),

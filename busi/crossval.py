@@ -13,6 +13,7 @@ from .config import RunConfig, save_config
 from .calibrate import ece
 from .data import load_masks
 from .evaluate import bootstrap_ci, compute_metrics
+from .operating import decide, decision_metrics
 from .explain import gradcam, summarize_localization
 from .models import Ensemble, count_parameters
 from .plots import confusion_matrix
@@ -51,6 +52,7 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
     fold_rows, oof_rows, summary = [], [], {}
     for arch in cfg.models:
         oof_probs, oof_raw, oof_labels, oof_groups, heat, heat_index = [], [], [], [], [], []
+        oof_decided, thresholds = [], []  # the operating point's decisions, each fold with its own threshold
         member_probs = [[] for _ in range(cfg.ensemble)] if cfg.ensemble > 1 else []
         for r, plan in enumerate(plans):
             for k, (train_idx, test_idx) in enumerate(plan):
@@ -65,6 +67,9 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                 logits = logits_of(model, images[test_idx], *norm, tta=cfg.tta)
                 probs = torch.softmax(logits / config["temperature"], 1)
                 m = compute_metrics(probs, labels[test_idx], classes)
+                if config.get("operating_point"):
+                    oof_decided.append(decide(probs, classes, config["operating_point"]))
+                    thresholds.append(config["operating_point"]["threshold"])
                 fold_rows.append({"model": arch, "repeat": r, "fold": k, "n_train": len(train_idx), "n_val": len(val_idx),
                                   "n_test": len(test_idx), "train_seconds": config["train_seconds"],
                                   "temperature": round(config["temperature"], 4), "accuracy": m["accuracy"],
@@ -109,6 +114,13 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                                     else "no validation part (val_size 0): no temperature fitted"},
             "localization": localization,
         }
+        if cfg.malignant_recall is not None:
+            summary[arch]["operating_point"] = {
+                "target_recall": cfg.malignant_recall, "class": "malignant",
+                "note": "each fold's threshold set on its own validation part; decisions pooled out of fold",
+                "thresholds": thresholds,
+                **(decision_metrics(torch.cat(oof_decided), y, classes) if len(oof_decided) == len(oof_probs) else
+                   {"error": "a fold had no malignant validation image to set the threshold on"})}
         if member_probs:
             members = [compute_metrics(torch.cat(mp), y, classes) for mp in member_probs]
             summary[arch]["members_alone"] = {
@@ -138,4 +150,9 @@ def format_cv(summary: dict) -> str:
         m = s["metrics"]
         parts = [f"{name} {v['estimate']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]" for name, v in m.items()]
         lines.append(f"{arch} ({s['split']} {s['folds']}-fold x{s['repeats']}): " + "; ".join(parts))
+        op = s.get("operating_point")
+        if op and "accuracy" in op:
+            mal = op["per_class"]["malignant"]
+            lines.append(f"{arch} at the operating point (target malignant recall {op['target_recall']}): malignant recall "
+                         f"{mal['recall']:.3f}, precision {mal['precision'] or 0:.3f}, accuracy {op['accuracy']:.3f}")
     return "\n".join(lines)

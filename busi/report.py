@@ -115,7 +115,7 @@ def render(run: str | Path) -> Path:
                     f"{len(split['val'])} validation, {len(split['test'])} test images.</p>")
         if not split["test"]:
             body.append('<p class="note">No test part: every usable image trained the model. Measure it on images it '
-                        "never saw with <code>busi evaluate CHECKPOINT --data HELDOUT</code>.</p>")
+                        "never saw with <code>busi evaluate --checkpoint CHECKPOINT --data HELDOUT</code>.</p>")
     folds = _json(run / "folds.json")
     if folds:
         sizes = ", ".join(str(len(f)) for f in folds["test_folds"][0])

@@ -15,6 +15,7 @@ from torchmetrics.functional.classification import multiclass_roc
 from .calibrate import ece, nll, reliability_bins
 from .errors import BusiError
 from .evaluate import compute_metrics, majority_baseline
+from .operating import decide, describe, metrics_at
 from .explain import gradcam, overlay, summarize_localization
 from .plots import confusion_matrix, gallery, reliability_diagram, roc_curves
 from .train import logits_of
@@ -46,12 +47,16 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
                  else "no validation part to fit a temperature on (see --val-size): after = before"),
         "reliability": reliability_bins(probs, labels),
     }
-    predicted = probs.argmax(1)
+    operating_point = config.get("operating_point")
+    if operating_point:  # the figures above stay argmax ones, comparable across models; these are what users get
+        metrics["operating_point"] = {**metrics_at(probs, labels, classes, operating_point),
+                                      "rule": describe(operating_point)}
+    predicted = decide(probs, classes, operating_point)
     with open(folder / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "true", "predicted", *[f"p_{c}" for c in classes]])
+        w.writerow(["path", "true", "predicted", "predicted_argmax", *[f"p_{c}" for c in classes]])
         for p, t, y, pr in zip(paths, labels.tolist(), predicted.tolist(), probs.tolist()):
-            w.writerow([p, classes[t], classes[y], *[f"{v:.6f}" for v in pr]])
+            w.writerow([p, classes[t], classes[y], classes[max(range(len(pr)), key=pr.__getitem__)], *[f"{v:.6f}" for v in pr]])
 
     name = (extra or {}).get("model", config.get("arch", ""))
     confusion_matrix(metrics["confusion_matrix"], classes, folder / "confusion_matrix.png",

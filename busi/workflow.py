@@ -21,6 +21,7 @@ from .data import (IMAGE_SUFFIXES, MASK_NAME, MASK_USABLE, Dataset, load, load_m
                    model_input, read_image, scan, warn)
 from .calibrate import fit_temperature
 from .evaluate import compute_metrics
+from .operating import decide, fit_threshold
 from .errors import BusiError
 from .export import ExportedModel, is_exported
 from .models import IMAGENET_WEIGHTS, Ensemble, build, count_parameters, normalization
@@ -34,6 +35,8 @@ from .train import check_hardware, fit, logits_of
 def is_main_process() -> bool:
     """False in the extra processes of a distributed run (Lightning DDP, torchrun, SLURM): they train but never write."""
     return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
 
 
 def run_dir(out: str | Path | None, name: str, overwrite: bool = False, resume: bool = False) -> Path:
@@ -130,6 +133,10 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
     if val is not None:
         config["temperature"] = fit_temperature(logits_of(model, val[0], config["mean"], config["std"], tta=cfg.tta), val[1])
         config["temperature_fitted_on"] = len(val[1])
+        if cfg.malignant_recall is not None:
+            val_logits = logits_of(model, val[0], config["mean"], config["std"], tta=cfg.tta)
+            config["operating_point"] = fit_threshold(torch.softmax(val_logits / config["temperature"], 1), val[1],
+                                                      list(classes), cfg.malignant_recall)
     return model, config, history
 
 
@@ -217,7 +224,7 @@ def write_summary(folder: Path, rows: list[dict], classes: list[str]) -> None:
     if not rows:
         (folder / "summary.md").write_text(
             "No test part (test_size 0): every usable image trained the model(s). Measure them on images they never "
-            "saw: `busi evaluate RUN/MODEL/checkpoint.pth --data HELDOUT`.\n")
+            "saw: `busi evaluate --checkpoint RUN/MODEL/checkpoint.pth --data HELDOUT`.\n")
         return
     columns = SUMMARY_COLUMNS + [f"recall_{c}" for c in classes]
     flat = [{**{k: r.get(k) for k in SUMMARY_COLUMNS}, **{f"recall_{c}": r["per_class"][c]["recall"] for c in classes}}
@@ -280,6 +287,12 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     return metrics, folder
 
 
+def operating_point_of(model_path: str | Path) -> dict | None:
+    """The decision threshold stored with a checkpoint or an exported model (None: argmax)."""
+    config = ExportedModel(model_path).config if is_exported(model_path) else checkpoint.read(model_path)["config"]
+    return config.get("operating_point")
+
+
 def predict_probs(model, config: dict, images: torch.Tensor) -> torch.Tensor:
     logits = logits_of(model, images, config["mean"], config["std"], tta=bool(config.get("tta", False)))
     return torch.softmax(logits / float(config.get("temperature", 1.0)), 1)
@@ -321,11 +334,15 @@ def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_d
             rows.append({"path": str(path), "error": str(e)})
             continue
         image = model_input(original, config["image_size"])
-        probs = (predict_probs(model, config, image) if model is not None else exported.probabilities(image))[0]
-        row = {"path": str(path), "predicted": config["classes"][int(probs.argmax())],
+        probs = predict_probs(model, config, image) if model is not None else exported.probabilities(image)
+        predicted = int(decide(probs, config["classes"], config.get("operating_point"))[0])
+        probs = probs[0]
+        row = {"path": str(path), "predicted": config["classes"][predicted],
                "probabilities": {c: round(float(p), 6) for c, p in zip(config["classes"], probs)}}
+        if config.get("operating_point"):
+            row["predicted_argmax"] = config["classes"][int(probs.argmax())]
         if explain_dir is not None:
-            heat = gradcam(model, image, [int(probs.argmax())], config["mean"], config["std"])[0]
+            heat = gradcam(model, image, [predicted], config["mean"], config["std"])[0]
             target = explain_dir / f"{n:04d}-{Path(path).stem}-gradcam.png"
             Image.fromarray(overlay(original, heat)).save(target)
             row["explanation"] = str(target)
