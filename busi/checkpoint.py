@@ -67,6 +67,13 @@ def load(path: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), config
 
 
-def check_classes(path: str | Path, config: dict, classes: tuple[str, ...] | list[str]) -> None:
-    if list(config["classes"]) != list(classes):
-        raise BusiError(f"{path}: trained for classes {', '.join(config['classes'])}, but the data has {', '.join(classes)}")
+def check_classes(path: str | Path, config: dict, classes: tuple[str, ...] | list[str]) -> list[str]:
+    """The model's classes absent from the data; the data may hold a subset of them (BUS-BRA has no 'normal')."""
+    known = list(config["classes"])
+    unknown = [c for c in classes if c not in known]
+    if len(unknown) == len(classes):
+        raise BusiError(f"{path}: trained for classes {', '.join(known)}, but the data has {', '.join(classes)}")
+    if unknown:
+        raise BusiError(f"{path}: the data's class folder(s) {', '.join(unknown)} are not among the model's classes "
+                        f"({', '.join(known)}); leave them out or pass a folder without them")
+    return [c for c in known if c not in classes]

@@ -70,6 +70,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--train-data", help="the folder the model trained on, if not where the checkpoint says: its "
                                          "near-duplicates in --data are reported and scored apart")
+    p.add_argument("--meta", help="CSV with a row per image (e.g. BUS-BRA's bus_data.csv), for per-group figures and "
+                                  "patient-level confidence intervals")
+    p.add_argument("--id-column", default="ID", help="the meta column holding each image's file name without "
+                                                     "extension (default: ID)")
+    p.add_argument("--group-column", help="meta column to break every figure down by (e.g. Device: per scanner)")
+    p.add_argument("--patient-column", help="meta column naming the patient (e.g. Case): CIs resample patients")
     p.add_argument("--out")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -102,7 +108,7 @@ def _overrides(args) -> dict:
 
 
 def _print_metrics(name: str, m: dict) -> None:
-    recalls = ", ".join(f"{c} {v['recall']:.2f}" for c, v in m["per_class"].items())
+    recalls = ", ".join(f"{c} {v['recall']:.2f}" for c, v in m["per_class"].items() if v["recall"] is not None)
     auroc = "–" if m["auroc"] is None else f"{m['auroc']:.3f}"
     print(f"{name}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, AUROC {auroc} "
           f"(n={m['n']}; recall {recalls}; always-majority baseline {m['majority_baseline']:.3f})")
@@ -154,8 +160,20 @@ def _dispatch(args) -> int:
         print(f"results in {folder}/ (cv_metrics.json, fold_metrics.csv, oof_predictions.csv)")
     elif args.command == "evaluate":
         metrics, folder = workflow.run_evaluate(args.checkpoint, args.data, args.out, args.overwrite, args.progress,
-                                                args.train_data)
+                                                args.train_data, args.meta, args.id_column, args.group_column,
+                                                args.patient_column)
         _print_metrics(metrics["model"], metrics)
+        if metrics.get("absent_classes"):
+            print(f"no {', '.join(metrics['absent_classes'])} images here: figures are over the classes present")
+        mvb = metrics.get("malignant_vs_benign")
+        if mvb and mvb.get("auroc"):
+            a = mvb["auroc"]
+            line = f"malignant vs benign: AUROC {a['estimate']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
+            for at in ("argmax", "operating_point"):
+                if mvb.get(f"sensitivity_{at}"):
+                    line += (f"; at {at.replace('_', ' ')}: sensitivity {mvb[f'sensitivity_{at}']['estimate']:.3f}, "
+                             f"specificity {mvb[f'specificity_{at}']['estimate']:.3f}")
+            print(line + f" ({mvb['ci_method']})")
         if "operating_point" in metrics:
             op = metrics["operating_point"]
             mal = op["per_class"][op["class"]]
@@ -173,7 +191,7 @@ def _dispatch(args) -> int:
             rest = overlap.get("metrics_without_them")
             if rest:
                 line += (f"; without them (n={rest['n']}): accuracy {rest['accuracy']:.3f}, macro-F1 {rest['macro_f1']:.3f}, "
-                         + ", ".join(f"recall {c} {v:.2f}" for c, v in rest["recall"].items()))
+                         + ", ".join(f"recall {c} {v:.2f}" for c, v in rest["recall"].items() if v is not None))
             print(line)
         print(f"results in {folder}/")
     elif args.command == "predict":

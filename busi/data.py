@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,7 +242,7 @@ def load_masks(dataset: Dataset, image_size: int) -> tuple[torch.Tensor, list[st
 
 
 def warn(message: str) -> None:
-    tqdm.write(f"warning: {message}")
+    tqdm.write(f"busi: warning: {message}", file=sys.stderr)  # stderr: stdout stays the results, for pipes
 
 
 def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:

@@ -27,23 +27,33 @@ def compute_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: list[str
         per_auroc = MulticlassAUROC(num_classes=k, average="none")(probs, labels)
         auroc = MulticlassAUROC(num_classes=k, average="macro")(probs, labels)
     present = support > 0
-    return {
+    macro = {"macro_precision": MulticlassPrecision(average="macro", **kw)(probs, labels),
+             "macro_recall": MulticlassRecall(average="macro", **kw)(probs, labels),
+             "macro_f1": MulticlassF1Score(average="macro", **kw)(probs, labels)}
+    if not bool(present.all()):  # a folder with a subset of the classes: average over the classes it has
+        macro = {"macro_precision": per_precision[present].mean(), "macro_recall": per_recall[present].mean(),
+                 "macro_f1": per_f1[present].mean()}
+    out = {
         "n": int(len(labels)),
         "classes": list(classes),
         "accuracy": _clean(MulticlassAccuracy(num_classes=k, average="micro")(probs, labels)),
-        "macro_precision": _clean(MulticlassPrecision(average="macro", **kw)(probs, labels)),
-        "macro_recall": _clean(MulticlassRecall(average="macro", **kw)(probs, labels)),
-        "macro_f1": _clean(MulticlassF1Score(average="macro", **kw)(probs, labels)),
+        **{k: _clean(v) for k, v in macro.items()},
         # one-vs-rest AUROC is undefined for a class with no positive (or no negative) example
         "auroc": _clean(auroc) if bool(present.all()) and int(present.sum()) > 1 else None,
         "per_class": {
-            c: {"precision": _clean(per_precision[i]), "recall": _clean(per_recall[i]), "f1": _clean(per_f1[i]),
+            c: {"precision": _clean(per_precision[i]), "recall": _clean(per_recall[i]) if present[i] else None,
+                "f1": _clean(per_f1[i]) if present[i] else None,
                 "auroc": _clean(per_auroc[i]) if present[i] and support[i] < len(labels) else None,
                 "support": int(support[i])}
             for i, c in enumerate(classes)
         },
         "confusion_matrix": MulticlassConfusionMatrix(num_classes=k)(probs, labels).tolist(),
     }
+    if not bool(present.all()):
+        out["absent_classes"] = [c for i, c in enumerate(classes) if not present[i]]
+        out["note"] = ("macro averages over the classes present; an absent class's precision counts the images "
+                       "wrongly called it")
+    return out
 
 
 def majority_baseline(labels: torch.Tensor, num_classes: int) -> float:

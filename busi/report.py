@@ -56,6 +56,21 @@ def _model_section(folder: Path, name: str) -> str:
     parts.append(_table(["class", "precision", "recall", "F1", "AUROC", "support"],
                         [[c, v["precision"], v["recall"], v["f1"], v.get("auroc"), v["support"]] for c, v in m["per_class"].items()],
                         "metrics"))
+    if m.get("absent_classes"):
+        parts.append(f'<p class="note">No {", ".join(map(html.escape, m["absent_classes"]))} images in this folder: '
+                     f"macro averages are over the classes present, and the macro AUROC is not defined.</p>")
+    if m.get("operating_point"):
+        op = m["operating_point"]
+        parts.append(_table(["at the operating point", "value"],
+                            [["rule", op["rule"]], ["accuracy", op["accuracy"]]]
+                            + [[f"{c} recall / precision", f"{v['recall']} / {v['precision']}"] for c, v in op["per_class"].items()],
+                            "metrics"))
+    mvb = m.get("malignant_vs_benign")
+    if mvb:
+        parts.append(_binary_table("Malignant vs benign", mvb))
+        for group, g in (m.get("per_group") or {}).items():
+            if g.get("malignant_vs_benign"):
+                parts.append(_binary_table(f"{m.get('group_column', 'group')} = {group} (n={g['n']})", g["malignant_vs_benign"]))
     overlap = m.get("training_overlap")
     if overlap and overlap.get("checked") and overlap["n_with_near_duplicate_in_training"]:
         rest = overlap.get("metrics_without_them")
@@ -77,6 +92,15 @@ def _model_section(folder: Path, name: str) -> str:
                      ("gradcam.png", "Grad-CAM overlays (green: right, red: wrong)")):
         parts.append(_img(folder / png, f"{name}: {alt}"))
     return "\n".join(parts)
+
+
+def _binary_table(title: str, mvb: dict) -> str:
+    def ci(v):
+        return "–" if v is None else f"{v['estimate']:.3f} [{v['ci_low']}, {v['ci_high']}]"
+    rows = [[k.replace("_", " "), ci(v)] for k, v in mvb.items() if isinstance(v, dict) or (k.startswith(("auroc", "sens", "spec")))]
+    return (f"<h3>{html.escape(title)}</h3>" + _table(["figure (95% CI)", "value"], rows, "metrics")
+            + f'<p class="muted">{mvb["n"]} images ({mvb["n_malignant"]} malignant) of {mvb["n_clusters"]} clusters; '
+              f'score {html.escape(mvb["score"])}; {html.escape(mvb["ci_method"])}</p>')
 
 
 def _localization(loc: dict) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import time
@@ -261,11 +262,23 @@ def training_overlap(checkpoint_path: str | Path, config: dict, dataset: Dataset
 
 
 def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path | None = None, overwrite: bool = False,
-                 progress: bool = True, train_data: str | Path | None = None) -> tuple[dict, Path]:
-    """Evaluate a saved model on every readable image of a folder, and again without the images it has seen copies of."""
+                 progress: bool = True, train_data: str | Path | None = None, meta: str | Path | None = None,
+                 id_column: str = "ID", group_column: str | None = None, patient_column: str | None = None
+                 ) -> tuple[dict, Path]:
+    """Evaluate a saved model on every readable image of a folder, and again without the images it has seen copies of.
+
+    The folder may hold a subset of the model's classes (another hospital's benign/malignant set); a meta CSV adds
+    per-group figures (e.g. per scanner) and a bootstrap over patients instead of images.
+    """
+    if (group_column or patient_column) and not meta:
+        raise BusiError("--group-column and --patient-column need --meta FILE.csv")
     model, config = checkpoint.load(checkpoint_path)
     dataset = scan(data)
-    checkpoint.check_classes(checkpoint_path, config, dataset.classes)
+    absent = checkpoint.check_classes(checkpoint_path, config, dataset.classes)
+    if absent:  # labels re-numbered in the model's class order, so every figure speaks of the model's classes
+        order = list(config["classes"])
+        dataset = Dataset(dataset.root, tuple(order), [dataclasses.replace(s, label=order.index(dataset.classes[s.label]))
+                                                       for s in dataset.samples], dataset.skipped)
     folder = run_dir(out, f"evaluate-{config['arch']}", overwrite)
     images, labels, dataset = load(dataset, config["image_size"], progress)
     masks, status = load_masks(dataset, config["image_size"])
@@ -280,11 +293,33 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump({"command": "evaluate", "checkpoint": str(checkpoint_path),
                                                      "data": str(data), "busi_version": __version__}, sort_keys=False))
-    metrics = write_results(folder, model, config, images, labels, [s.path for s in dataset.samples], masks, status,
-                            {"model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped,
-                             "training_overlap": overlap})
+    extra = {"model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped,
+             "training_overlap": overlap, **external_figures(model, config, images, labels, dataset, meta, id_column,
+                                                             group_column, patient_column)}
+    metrics = write_results(folder, model, config, images, labels, [s.path for s in dataset.samples], masks, status, extra)
     render(folder)
     return metrics, folder
+
+
+def external_figures(model, config, images, labels, dataset: Dataset, meta, id_column, group_column, patient_column) -> dict:
+    """malignant_vs_benign (patient-level CIs when a patient column is given) and per_group, for metrics.json."""
+    from .external import malignant_vs_benign, per_group, read_meta
+    paths = [s.path for s in dataset.samples]
+    rows = {}
+    if meta:
+        columns = [c for c in (group_column, patient_column) if c]
+        rows, notes = read_meta(meta, id_column, columns, paths)
+        for line in notes:
+            warn(line)
+    probs = predict_probs(model, config, images)
+    op = config.get("operating_point")
+    patients = [rows.get(p, {}).get(patient_column) or f"image:{p}" for p in paths] if patient_column else None
+    out = {"malignant_vs_benign": malignant_vs_benign(probs, labels, config["classes"], op, patients)}
+    if group_column:
+        out["group_column"] = group_column
+        out["per_group"] = per_group(probs, labels, config["classes"], [rows.get(p, {}).get(group_column) or "unknown"
+                                                                        for p in paths], op, patients)
+    return out
 
 
 def operating_point_of(model_path: str | Path) -> dict | None:

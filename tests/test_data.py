@@ -86,7 +86,7 @@ def test_load_skips_corrupt_images_with_a_warning(kaggle_folder, capsys):
     assert images.shape == (23, 3, 32, 32) and images.dtype == torch.uint8
     assert labels.tolist().count(0) == 7
     assert "benign (2).png" in kept.skipped["benign/benign (2).png"]
-    assert "benign (2).png" in capsys.readouterr().out
+    assert "benign (2).png" in capsys.readouterr().err  # warnings go to stderr, results to stdout
 
 
 def test_augment_keeps_shape_range_and_flips():

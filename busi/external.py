@@ -1,0 +1,122 @@
+"""Another hospital's images: malignant-vs-benign figures with patient-level CIs, per-scanner metrics, a meta CSV."""
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+from .errors import BusiError
+from .operating import decide
+
+
+def read_meta(path: str | Path, id_column: str, columns: list[str], image_paths: list[str]) -> tuple[dict, list[str]]:
+    """{image path: {column: value}} for the images of the folder, matched by file stem; and warnings.
+
+    Images without a row keep their place in every pooled figure (group 'unknown'); rows naming images that are
+    not in the folder are counted, never silently dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BusiError(f"{path}: meta CSV does not exist")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in [id_column, *columns] if c not in header]
+        if missing:
+            raise BusiError(f"{path}: no column(s) {', '.join(missing)} (it has: {', '.join(header) or 'no header'})")
+        rows = {}
+        for row in reader:
+            key = row[id_column].strip()
+            if key in rows and any(rows[key][c] != row[c] for c in columns):
+                raise BusiError(f"{path}: '{key}' appears twice with different values")
+            rows[key] = {c: row[c].strip() for c in columns}
+    stems = {Path(p).stem: p for p in image_paths}
+    if len(stems) < len(image_paths):
+        raise BusiError(f"{path}: two images of the folder share a file name, so '{id_column}' cannot tell them apart")
+    meta = {stems[k]: v for k, v in rows.items() if k in stems}
+    notes = []
+    if len(rows) > len(meta):
+        notes.append(f"{path}: {len(rows) - len(meta)} row(s) name images that are not in the folder")
+    if len(meta) < len(image_paths):
+        notes.append(f"{path}: {len(image_paths) - len(meta)} image(s) have no row (grouped as 'unknown')")
+    return meta, notes
+
+
+def _binary(probs: torch.Tensor, labels: torch.Tensor, classes, operating_point) -> dict | None:
+    """Score, truth and decisions of the malignant-vs-benign question, on the images that are one or the other."""
+    if "malignant" not in classes or "benign" not in classes:
+        return None
+    mal, ben = list(classes).index("malignant"), list(classes).index("benign")
+    keep = (labels == mal) | (labels == ben)
+    p = probs[keep]
+    score = p[:, mal] / (p[:, mal] + p[:, ben]).clamp_min(1e-12)  # the question asked, whatever else the model knows
+    truth = (labels[keep] == mal).long()
+    at = {"argmax": p.argmax(1) == mal}
+    if operating_point:
+        at["operating_point"] = decide(p, classes, operating_point) == mal
+    return {"score": score, "truth": truth, "called": at, "keep": keep}
+
+
+def _point(score, truth, called) -> dict:
+    out = {"n": int(len(truth)), "n_malignant": int(truth.sum()), "auroc": None}
+    if 0 < int(truth.sum()) < len(truth):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out["auroc"] = float(binary_auroc(score, truth))
+    for name, c in called.items():
+        pos, neg = truth == 1, truth == 0
+        out[f"sensitivity_{name}"] = float(c[pos].float().mean()) if pos.any() else None
+        out[f"specificity_{name}"] = float((~c[neg]).float().mean()) if neg.any() else None
+    return out
+
+
+def malignant_vs_benign(probs: torch.Tensor, labels: torch.Tensor, classes, operating_point: dict | None = None,
+                        clusters: list | None = None, n_boot: int = 1000, seed: int = 0) -> dict | None:
+    """AUROC of p(malignant)/(p(malignant)+p(benign)) and sensitivity/specificity at argmax and at the operating point,
+    with 95% percentile CIs from a bootstrap over clusters (patients when known, else images)."""
+    b = _binary(probs, labels, classes, operating_point)
+    if b is None or len(b["truth"]) == 0:
+        return None
+    point = _point(b["score"], b["truth"], b["called"])
+    ids = np.asarray(clusters, dtype=object)[b["keep"].numpy()] if clusters is not None else np.arange(len(b["truth"]))
+    unique, inverse = np.unique(ids.astype(str), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        pick = torch.from_numpy(np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))]))
+        boot = _point(b["score"][pick], b["truth"][pick], {k: v[pick] for k, v in b["called"].items()})
+        for k, v in boot.items():
+            if v is not None and not k.startswith("n"):
+                samples.setdefault(k, []).append(v)
+    result = {"n": point["n"], "n_malignant": point["n_malignant"], "n_clusters": len(unique),
+              "ci_method": f"95% percentile bootstrap over {'patients' if clusters is not None else 'images'} "
+                           f"({n_boot} resamples)",
+              "score": "p(malignant) / (p(malignant) + p(benign))"}
+    for k, v in point.items():
+        if k.startswith("n"):
+            continue
+        s = samples.get(k, [])
+        result[k] = None if v is None else {"estimate": round(v, 4),
+                                            "ci_low": round(float(np.quantile(s, 0.025)), 4) if s else None,
+                                            "ci_high": round(float(np.quantile(s, 0.975)), 4) if s else None}
+    return result
+
+
+def per_group(probs: torch.Tensor, labels: torch.Tensor, classes, groups: list[str], operating_point: dict | None = None,
+              clusters: list | None = None) -> dict:
+    """Every figure of malignant_vs_benign, and accuracy, for each group (scanner, site …)."""
+    out = {}
+    groups = np.asarray(groups, dtype=object)
+    for g in sorted(set(groups.tolist())):
+        idx = torch.from_numpy(np.flatnonzero(groups == g))
+        sub = [clusters[i] for i in idx.tolist()] if clusters is not None else None
+        out[g] = {"n": int(len(idx)),
+                  "accuracy": round(float((decide(probs[idx], classes, None) == labels[idx]).float().mean()), 4),
+                  "malignant_vs_benign": malignant_vs_benign(probs[idx], labels[idx], classes, operating_point, sub,
+                                                             n_boot=300)}
+    return out
