@@ -21,3 +21,32 @@ def test_speed_script_writes_its_table(tmp_path):
     assert {"model", "image_size", "ours_img_s", "reference_img_s", "ratio", "device"} <= set(rows[0])
     assert rows[0]["ours_img_s"] > 0 and rows[0]["reference_img_s"] > 0
     assert "ONNX Runtime" in (tmp_path / "speed.md").read_text()
+
+
+def test_external_script_sets_busi_cv_beside_the_external_folder(tmp_path):
+    import csv
+    import shutil
+
+    from busi import checkpoint
+    from busi.models import build
+    data = make_kaggle_folder(tmp_path / "ext", per_class=6, size=64)
+    shutil.rmtree(data / "normal")
+    ckpt = tmp_path / "m.pth"
+    checkpoint.save(ckpt, build("custom-cnn", 3), {"arch": "custom-cnn", "classes": ["benign", "malignant", "normal"],
+                                                   "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
+    cv = tmp_path / "cv"
+    cv.mkdir()
+    with open(cv / "oof_predictions.csv", "w", newline="") as f:  # BUSI out of fold: perfectly separated
+        w = csv.writer(f)
+        w.writerow(["path", "true", "p_benign", "p_malignant", "p_normal"])
+        w.writerows([["a", "benign", 0.8, 0.1, 0.1], ["b", "malignant", 0.2, 0.7, 0.1], ["c", "normal", 0.1, 0.1, 0.8]])
+    meta = tmp_path / "meta.csv"
+    meta.write_text("ID,Case,Device\n" + "".join(f"{c} ({i}),{c}{i},GE @10MHz\n" for c in ("benign", "malignant")
+                                                for i in range(1, 7)))
+    md = tmp_path / "external.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "external.py"), "--data", str(data), "--meta", str(meta),
+                           "--model", f"tiny={ckpt}:{cv}", "--out-root", str(tmp_path / "runs"), "--md", str(md)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| tiny"))
+    assert "| 1.000 |" in row and "GE" in row  # the BUSI AUROC of the fake CV, and a per-scanner figure
