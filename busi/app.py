@@ -12,9 +12,10 @@ from .data import model_input, read_image
 from .errors import BusiError
 from .explain import gradcam, overlay
 from .operating import decide, describe
-from .workflow import predict_probs
+from .workflow import image_files, predict_probs
 
 MAX_IMAGES = 12  # per request
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # in a source checkout; an installed wheel has none
 MAX_FILE_SIZE = "20mb"
 DISCLAIMER = "Research tool, not a diagnosis. Do not use it to make clinical decisions."
 
@@ -52,7 +53,7 @@ class Predictor:
 
 
 def model_card(path: Path, config: dict) -> dict:
-    """Name, date, classes and the metrics measured when it was trained (from its run folder, if there)."""
+    """Name, date, classes and the metrics measured when it was trained (from its run folder or the bundled card)."""
     card = {"model": config["arch"], "trained_at": config.get("trained_at", "unknown"), "classes": config["classes"],
             "image_size": config["image_size"], "temperature": round(float(config.get("temperature", 1.0)), 3),
             "decision": describe(config.get("operating_point"))}
@@ -61,6 +62,9 @@ def model_card(path: Path, config: dict) -> dict:
         m = json.loads(metrics.read_text())
         card["evaluation"] = (f"held-out test part of {m['n']} images: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
                               f"malignant recall {m['per_class'].get('malignant', {}).get('recall', float('nan')):.3f}")
+    bundled = path.parent / "card.json"
+    if bundled.is_file() and json.loads(bundled.read_text()).get("cross_validation"):
+        card["cross_validation"] = json.loads(bundled.read_text())["cross_validation"]
     cv = path.parent.parent / "cv_metrics.json"
     if cv.is_file():
         s = json.loads(cv.read_text()).get(config["arch"])
@@ -91,7 +95,7 @@ CSS = """
 """
 
 
-def build_app(predictor: Predictor):
+def build_app(predictor: Predictor, examples: Path = EXAMPLES):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
@@ -130,13 +134,19 @@ def build_app(predictor: Predictor):
         gr.Markdown("\n\n".join(about))
         with gr.Row():
             with gr.Column(scale=1):
-                files = gr.File(label=f"Ultrasound images (PNG/JPEG, up to {MAX_IMAGES})", file_count="multiple",
-                                file_types=["image"], type="filepath")
+                # no file_types filter: the browser would drop other files without a word; the server answers them
+                files = gr.File(label=f"Ultrasound images: PNG, JPEG, BMP or TIFF, up to {MAX_IMAGES} at once",
+                                file_count="multiple", type="filepath")
                 button = gr.Button("Analyse", variant="primary")
             with gr.Column(scale=2):
                 answer = gr.HTML(label="Result")
                 overlays = gr.Gallery(label="Where the model looked (Grad-CAM)", columns=3, height="auto")
         button.click(analyse, files, [answer, overlays], api_name="analyse")
+        example_files = [str(p) for p in image_files([examples])][:MAX_IMAGES] if examples.is_dir() else []
+        if example_files:  # a fresh clone can try the page with no data of its own
+            with gr.Row():
+                gr.Button(f"Try the {len(example_files)} example images (BUSI, from examples/)").click(
+                    lambda: analyse(example_files), None, [answer, overlays], api_name=False)
         api_in = gr.File(visible=False, type="filepath")
         api_out = gr.JSON(visible=False)
         gr.Button(visible=False).click(classify_api, api_in, api_out, api_name="classify")

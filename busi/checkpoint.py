@@ -3,31 +3,56 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from . import __version__
+from .config import MODEL_NAMES
 from .errors import BusiError
-from .models import ARCHITECTURES, build
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that peek() answers before it loads
+    import torch
+    from torch import nn
 
 FORMAT = "busi-checkpoint"
 REQUIRED = ("arch", "classes", "image_size", "mean", "std")
 
 
-def save(path: str | Path, model: nn.Module, config: dict) -> None:
-    """Write atomically, so an interrupted save never leaves a half file under the real name."""
+def save(path: str | Path, model: nn.Module, config: dict, dtype: torch.dtype | None = None) -> None:
+    """Write atomically, so an interrupted save never leaves a half file under the real name.
+
+    dtype (e.g. float16) stores the floating-point tensors smaller; load() casts them back to the model's dtype.
+    """
     missing = [k for k in REQUIRED if k not in config]
     if missing:
         raise ValueError(f"checkpoint config lacks {missing}")
+    import torch
     json.dumps(config)  # plain types only: anything else would need unpickling to read back
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     torch.save({"format": FORMAT, "version": __version__, "state_dict": state,
                 "config": {"temperature": 1.0, **config}}, tmp)
     os.replace(tmp, path)
+
+
+def peek(path: str | Path) -> None:
+    """A quick look without torch: a file that is no PyTorch archive, or one with no busi checkpoint inside, is a
+    one-line error at once; read() still validates everything else."""
+    path = Path(path)
+    if not path.exists():
+        raise BusiError(f"{path}: checkpoint does not exist")
+    if path.is_dir():
+        raise BusiError(f"{path}: is a folder; pass the checkpoint.pth inside it")
+    if not zipfile.is_zipfile(path):
+        raise BusiError(f"{path}: not a readable checkpoint (truncated, corrupt or not a PyTorch file)")
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        if not pickles or FORMAT.encode() not in archive.read(pickles[0]):
+            raise BusiError(f"{path}: not a busi checkpoint (expected a checkpoint.pth written by `busi train`)")
 
 
 def read(path: str | Path) -> dict:
@@ -37,6 +62,7 @@ def read(path: str | Path) -> dict:
         raise BusiError(f"{path}: checkpoint does not exist")
     if path.is_dir():
         raise BusiError(f"{path}: is a folder; pass the checkpoint.pth inside it")
+    import torch
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -46,13 +72,14 @@ def read(path: str | Path) -> dict:
     config = obj.get("config")
     if not isinstance(config, dict) or any(k not in config for k in REQUIRED) or not isinstance(obj.get("state_dict"), dict):
         raise BusiError(f"{path}: busi checkpoint is incomplete (config or weights missing)")
-    if config["arch"] not in ARCHITECTURES:
+    if config["arch"] not in MODEL_NAMES:
         raise BusiError(f"{path}: architecture '{config['arch']}' is unknown to this version of busi")
     return obj
 
 
 def load(path: str | Path) -> tuple[nn.Module, dict]:
     """(model in eval mode, config)."""
+    from .models import build
     obj = read(path)
     config = obj["config"]
     model = build(config["arch"], len(config["classes"]), members=int(config.get("members", 1)))

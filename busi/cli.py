@@ -4,34 +4,37 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
+from . import __version__
 from .errors import BusiError
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset folder with one sub-folder per class (e.g. Dataset_BUSI_with_GT)")
     p.add_argument("--config", help="YAML file of settings (flags given here override it)")
-    p.add_argument("--model", dest="models", action="append", help="custom-cnn, resnet18 or resnet50 (repeat for several)")
+    p.add_argument("--model", dest="models", action="append", help="custom-cnn, resnet18, resnet50, efficientnet-lite0 or efficientnet-lite2; repeat for several "
+                        "(default: custom-cnn and resnet50, the seed experiment)")
     p.add_argument("--classes", nargs="+", help="class folder names, in label order (default: every sub-folder)")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--image-size", type=int, help="side of the square model input in pixels (default 224)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 25)")
+    p.add_argument("--batch-size", type=int, help="images per step and per device (default 32)")
+    p.add_argument("--lr", type=float, help="learning rate (default 0.001)")
+    p.add_argument("--weight-decay", type=float, help="weight decay (default 0)")
+    p.add_argument("--seed", type=int, help="seed of the split, the folds and training (default 0)")
     p.add_argument("--split", choices=["grouped", "random"], help="random ignores near-duplicates (leaky; for comparison only)")
     p.add_argument("--weights", help="local ImageNet state dict for resnet models (offline machines)")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
                    help="start resnet models from random weights")
-    p.add_argument("--accelerator", help="cpu, gpu, mps or auto (Lightning)")
-    p.add_argument("--devices", help="how many devices, or auto (Lightning)")
+    p.add_argument("--accelerator", help="cpu, gpu, mps or auto (default auto; Lightning)")
+    p.add_argument("--devices", help="how many devices per machine, or auto (default auto; Lightning)")
     p.add_argument("--precision", help="auto (default: bf16-mixed where the device computes bf16 natively, else 32-true), "
                                        "32-true, bf16-mixed, 16-mixed … (Lightning)")
     p.add_argument("--channels-last", action="store_true", default=None,
                    help="NHWC memory layout (default auto: on for CPU and CUDA)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep the NCHW layout")
-    p.add_argument("--strategy", help="auto, ddp … (Lightning)")
-    p.add_argument("--num-nodes", type=int)
+    p.add_argument("--strategy", help="auto, ddp … (default auto; Lightning)")
+    p.add_argument("--num-nodes", type=int, help="machines in a multi-node run (default 1; Lightning)")
     p.add_argument("--val-size", type=float,
                    help="share of the training part kept aside to fit the temperature (default 0.1; 0: none)")
     p.add_argument("--out", help="run folder (default: runs/<timestamp>-<name>)")
@@ -46,14 +49,15 @@ RUN_KEYS = ("data", "models", "classes", "image_size", "epochs", "batch_size", "
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="busi", description="Breast-ultrasound classifiers with honest, duplicate-aware evaluation.")
+    root.add_argument("--version", action="version", version=f"busi {__version__}")
     sub = root.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("audit", help="count images, find near-duplicates and label conflicts")
-    p.add_argument("data")
-    p.add_argument("--classes", nargs="+")
-    p.add_argument("--out")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("data", help="dataset folder with one sub-folder per class")
+    p.add_argument("--classes", nargs="+", help="class folder names (default: every sub-folder)")
+    p.add_argument("--out", help="folder for audit.json (default: runs/<timestamp>-audit)")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
     p = sub.add_parser("train", help="train models on a grouped train/test split and evaluate them")
     _add_run_options(p)
@@ -66,8 +70,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="repeat the k-fold split with other seeds (default 1)")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on every image of a folder")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--checkpoint", help="checkpoint.pth (default: the bundled model, see `busi model`)")
+    p.add_argument("--data", required=True, help="folder of images the model never saw, one sub-folder per class "
+                                                 "(all of the model's classes or some of them)")
     p.add_argument("--train-data", help="the folder the model trained on, if not where the checkpoint says: its "
                                          "near-duplicates in --data are reported and scored apart")
     p.add_argument("--meta", help="CSV with a row per image (e.g. BUS-BRA's bus_data.csv), for per-group figures and "
@@ -76,31 +81,39 @@ def parser() -> argparse.ArgumentParser:
                                                      "extension (default: ID)")
     p.add_argument("--group-column", help="meta column to break every figure down by (e.g. Device: per scanner)")
     p.add_argument("--patient-column", help="meta column naming the patient (e.g. Case): CIs resample patients")
-    p.add_argument("--out")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--out", help="results folder (default: runs/<timestamp>-evaluate-<model>)")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
     p = sub.add_parser("predict", help="class and probabilities for images or folders of images")
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pth, or a model written by `busi export`")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.add_argument("--checkpoint", help="checkpoint.pth, or a model written by `busi export` (default: the bundled "
+                                        "model, see `busi model`)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders searched for images "
+                                                                         "(masks left out)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--explain", action="store_true", help="also write a Grad-CAM overlay per image into --out")
     p.add_argument("--out", help="folder for --explain overlays (default: runs/<timestamp>-predict)")
 
     p = sub.add_parser("serve", help="a local web page to try a checkpoint (needs: pip install -e \".[app]\")")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", help="checkpoint.pth (default: the bundled model, see `busi model`)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
 
     p = sub.add_parser("export", help="write a checkpoint as ONNX or TorchScript, preprocessing and class names inside")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", help="checkpoint.pth (default: the bundled model, see `busi model`)")
     p.add_argument("--format", required=True, help="onnx or torchscript")
     p.add_argument("--out", help="output file (default: beside the checkpoint, .onnx or .pt)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+    sub.add_parser("model", help="print the bundled model's card: data, recipe, figures, intended use and limits")
 
     p = sub.add_parser("report", help="rebuild report.html of a run folder from its files")
-    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("run", metavar="RUN_DIR", help="a folder written by train, cv or evaluate")
     return root
+
+
+NO_DATA = ("no data folder: pass --data DATA, e.g. BUSI's Dataset_BUSI_with_GT (https://doi.org/10.1016/j.dib.2019.104863; "
+           "on Kaggle as 'Breast Ultrasound Images Dataset'), or try the bundled model: busi predict examples/")
 
 
 def _overrides(args) -> dict:
@@ -126,38 +139,66 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _dispatch(args) -> int:
-    from . import workflow  # late: keeps `busi --help` fast
-    from .audit import summary
-    from .config import make_config
+def _check_before_imports(args):
+    """Arguments, config and paths, checked with no torch imported, so a mistake is answered in well under a second.
 
-    if args.command == "audit":
+    -> the config of train and cv (None for the other commands)."""
+    from .config import make_config
+    from .folders import scan
+    cfg = None
+    if args.command in ("train", "cv"):
+        cfg = make_config(_overrides(args), args.config)
+        if not cfg.data:
+            raise BusiError(NO_DATA)
+        scan(cfg.data, cfg.classes)  # a missing, empty or mistaken folder; the run scans it again, which is cheap
+    if args.command == "evaluate":
+        scan(args.data)
+    checkpoint_path = getattr(args, "checkpoint", None)
+    if checkpoint_path and Path(checkpoint_path).suffix not in (".onnx", ".pt", ".ts"):  # exported models: later
+        from .checkpoint import peek
+        peek(checkpoint_path)
+    for name, what in (("checkpoint", "checkpoint"), ("train_data", "--train-data folder"), ("meta", "meta CSV")):
+        value = getattr(args, name, None)
+        if value and not Path(value).exists():
+            raise BusiError(f"{value}: {what} does not exist")
+    return cfg
+
+
+def _dispatch(args) -> int:
+    cfg = _check_before_imports(args)
+    from . import workflow  # late: keeps `busi --help` and argument errors fast
+    from .audit import summary
+
+    if getattr(args, "checkpoint", "unset") is None:  # left out: the model that ships with busi
+        from .bundled import default_checkpoint
+        args.checkpoint = str(default_checkpoint())
+    if args.command == "model":
+        from .bundled import card_text
+        print(card_text(), end="")
+    elif args.command == "audit":
         result, folder = workflow.run_audit(args.data, args.out, args.classes, args.overwrite, args.progress)
         print(summary(result))
         print(f"wrote {folder / 'audit.json'}")
     elif args.command == "train":
-        cfg = make_config(_overrides(args), args.config)
-        if not cfg.data:
-            raise BusiError("no data folder: pass --data DATA (or set 'data' in the config file)")
+        if args.resume and workflow.run_finished(args.out, cfg):
+            print(f"{args.out}: this run already finished; nothing to resume (its files are unchanged)")
+            return 0
         folder = workflow.run_train(cfg, args.out, args.overwrite, args.resume, args.progress)
         if not workflow.is_main_process():
             return 0
         if cfg.test_size == 0:
             print(f"no test part (test_size 0); measure on images the model never saw with "
                   f"`busi evaluate --checkpoint {folder}/{cfg.models[0]}/checkpoint.pth --data HELDOUT`")
-            print(f"results in {folder}/ (<model>/checkpoint.pth, history.csv, loss.png, report.html)")
+            print(f"results in {folder}/ (<model>/checkpoint.pth, history.csv, loss.png); report: {folder / 'report.html'}")
             return 0
         for arch in cfg.models:
             _print_metrics(arch, json.loads((folder / arch / "metrics.json").read_text()))
-        print(f"results in {folder}/ (summary.md, loss.png, <model>/metrics.json, checkpoint.pth)")
+        print(f"results in {folder}/ (summary.md, loss.png, <model>/metrics.json, checkpoint.pth); report: {folder / 'report.html'}")
     elif args.command == "cv":
         from .crossval import format_cv, run_cv
-        cfg = make_config(_overrides(args), args.config)
-        if not cfg.data:
-            raise BusiError("no data folder: pass --data DATA (or set 'data' in the config file)")
         folder = run_cv(cfg, args.out, args.overwrite, args.progress)
         print(format_cv(json.loads((folder / "cv_metrics.json").read_text())))
-        print(f"results in {folder}/ (cv_metrics.json, fold_metrics.csv, oof_predictions.csv)")
+        print(f"results in {folder}/ (cv_metrics.json, fold_metrics.csv, oof_predictions.csv); report: {folder / 'report.html'}")
     elif args.command == "evaluate":
         metrics, folder = workflow.run_evaluate(args.checkpoint, args.data, args.out, args.overwrite, args.progress,
                                                 args.train_data, args.meta, args.id_column, args.group_column,
@@ -193,14 +234,14 @@ def _dispatch(args) -> int:
                 line += (f"; without them (n={rest['n']}): accuracy {rest['accuracy']:.3f}, macro-F1 {rest['macro_f1']:.3f}, "
                          + ", ".join(f"recall {c} {v:.2f}" for c, v in rest["recall"].items() if v is not None))
             print(line)
-        print(f"results in {folder}/")
+        print(f"results in {folder}/; report: {folder / 'report.html'}")
     elif args.command == "predict":
         explain_dir = None
         if args.explain:
             explain_dir = workflow.run_dir(args.out, "predict")
         elif args.out:
             raise BusiError("--out is only used with --explain")
-        rows = workflow.run_predict(args.checkpoint, args.inputs, explain_dir)
+        rows = workflow.run_predict(args.checkpoint, args.inputs, explain_dir, progress=True)
         operating_point = workflow.operating_point_of(args.checkpoint)
         if operating_point:
             from .operating import describe

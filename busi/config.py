@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ class RunConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+# busi.models.ARCHITECTURES' names, here too so that a config is checked without importing torch (a test keeps them equal)
+MODEL_NAMES = ("custom-cnn", "resnet18", "resnet50", "efficientnet-lite0", "efficientnet-lite2")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 _HINTS = typing.get_type_hints(RunConfig)
 
@@ -101,11 +104,9 @@ def _check_type(name: str, value, source: str):
 
 
 def _validate(cfg: RunConfig, source: str) -> RunConfig:
-    from .models import ARCHITECTURES  # late import: models pulls in torchvision
-
     for m in cfg.models:
-        if m not in ARCHITECTURES:
-            raise BusiError(f"{source}: unknown model '{m}' (choose from {', '.join(ARCHITECTURES)})")
+        if m not in MODEL_NAMES:
+            raise BusiError(f"{source}: unknown model '{m}' (choose from {', '.join(MODEL_NAMES)})")
     if not cfg.models:
         raise BusiError(f"{source}: 'models' is empty")
     checks = [
@@ -162,7 +163,9 @@ def make_config(overrides: dict | None = None, config_file: str | Path | None = 
     for source, layer in layers:
         for key, value in layer.items():
             if key not in FIELDS:
-                raise BusiError(f"{source}: unknown config key '{key}' (known keys: {', '.join(FIELDS)})")
+                close = difflib.get_close_matches(str(key), list(FIELDS), n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'?" if close else "the keys are listed in busi/config.py's RunConfig"
+                raise BusiError(f"{source}: unknown config key '{key}' ({hint})")
             values[key] = _check_type(key, value, source)
     source = layers[0][0] if config_file is not None else "command line"
     return _validate(RunConfig(**values), source)

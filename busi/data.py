@@ -1,11 +1,9 @@
-"""Finding images in a class-per-folder dataset, decoding any PNG/JPEG safely, and augmenting batches."""
+"""Decoding any PNG/JPEG/BMP/TIFF safely into in-memory tensors, lesion masks, and augmenting batches."""
 from __future__ import annotations
 
 import math
-import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,93 +13,14 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from .errors import BusiError
+from .folders import BUSI_CLASSES, IMAGE_SUFFIXES, MASK_NAME, Dataset, Sample, scan  # noqa: F401 (re-exported)
 
-BUSI_CLASSES = ("benign", "malignant", "normal")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-# BUSI names masks "benign (12)_mask.png" and, for extra lesions, "benign (12)_mask_1.png".
-MASK_NAME = re.compile(r"^(?P<stem>.+)_mask(?:_\d+)?$")
 # Ultrasound frames are well under a megapixel; anything this large is a mistake or a decompression bomb.
 MAX_PIXELS = 64_000_000
+MIN_SIDE = 8  # fewer pixels a side hold no scan (a 1x1 placeholder, an icon): skipped, not upscaled
+DEEP_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # 16-bit and 32-bit greyscale: rescaled to 8 bits
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: str  # relative to the dataset root, with forward slashes: stable across machines
-    label: int
-    mask_paths: tuple[str, ...] = ()
-
-
-@dataclass
-class Dataset:
-    root: Path
-    classes: tuple[str, ...]
-    samples: list[Sample]
-    skipped: dict[str, str] = field(default_factory=dict)  # relative path -> why it was left out
-
-    def file(self, sample: Sample | str) -> Path:
-        return self.root / (sample.path if isinstance(sample, Sample) else sample)
-
-    def counts(self) -> dict[str, int]:
-        return {c: sum(s.label == i for s in self.samples) for i, c in enumerate(self.classes)}
-
-    def subset(self, indices) -> "Dataset":
-        return Dataset(self.root, self.classes, [self.samples[i] for i in indices], dict(self.skipped))
-
-
-def scan(root: str | Path, classes: tuple[str, ...] | list[str] | None = None) -> Dataset:
-    """List the images of a folder with one sub-folder per class; masks are attached, not classified."""
-    root = Path(root)
-    if not root.exists():
-        raise BusiError(f"{root}: data folder does not exist")
-    if not root.is_dir():
-        raise BusiError(f"{root}: is not a folder")
-    skipped: dict[str, str] = {}
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    for p in sorted(root.iterdir()):
-        if p.is_file() and not p.name.startswith("."):
-            skipped[p.name] = "not inside a class folder"
-    if classes is None:
-        if not folders:
-            raise BusiError(f"{root}: no class folders (expected one sub-folder per class, e.g. {', '.join(BUSI_CLASSES)})")
-        classes = tuple(p.name for p in folders)
-    else:
-        classes = tuple(classes)
-        names = {p.name for p in folders}
-        missing = [c for c in classes if c not in names]
-        if missing:
-            raise BusiError(f"{root}: missing class folder(s) {', '.join(missing)} (found: {', '.join(sorted(names)) or 'none'})")
-        for p in folders:
-            if p.name not in classes:
-                skipped[p.name + "/"] = "folder is not one of the classes " + ", ".join(classes)
-
-    samples: list[Sample] = []
-    for label, name in enumerate(classes):
-        images: dict[str, str] = {}
-        masks: dict[str, list[str]] = {}
-        for f in sorted((root / name).iterdir()):
-            rel = f"{name}/{f.name}"
-            if f.name.startswith("."):
-                skipped[rel] = "hidden file"
-            elif f.is_dir():
-                skipped[rel + "/"] = "nested folder inside a class folder"
-            elif f.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped[rel] = f"not an image file ({f.suffix or 'no extension'})"
-            elif m := MASK_NAME.match(f.stem):
-                masks.setdefault(m["stem"], []).append(rel)
-            else:
-                images[f.stem] = rel
-        for stem, rels in masks.items():
-            if stem not in images:
-                for rel in rels:
-                    skipped[rel] = "mask without a matching image"
-        if not images:
-            nested = sorted(p.name for p in (root / name).iterdir() if p.is_dir() and not p.name.startswith("."))
-            hint = f"; it holds folders ({', '.join(nested[:4])}): did you mean --data {root / name}?" if nested else ""
-            raise BusiError(f"{root / name}: class folder holds no images{hint}")
-        samples += [Sample(rel, label, tuple(masks.get(stem, ()))) for stem, rel in images.items()]
-    return Dataset(root, classes, samples, skipped)
 
 
 def _to_rgb8(im: Image.Image) -> Image.Image:
@@ -122,14 +41,21 @@ def _to_rgb8(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Decode one image file into an 8-bit RGB PIL image, or raise BusiError naming the file."""
+def open_image(path: str | Path, notes: list[str] | None = None) -> Image.Image:
+    """Decode one image file into an 8-bit RGB PIL image, or raise BusiError naming the file.
+
+    notes, when given, collects what was unusual but usable ("16-bit"), for one warning over many images.
+    """
     path = Path(path)
     try:
         with Image.open(path) as im:
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise BusiError(f"{path}: image too large ({w}x{h} pixels; the limit is {MAX_PIXELS:,})")
+            if min(w, h) < MIN_SIDE:
+                raise BusiError(f"{path}: image too small to be a scan ({w}x{h} pixels; at least {MIN_SIDE} a side)")
+            if notes is not None and im.mode in DEEP_MODES:
+                notes.append(f"{'16' if im.mode.startswith('I;16') else '32'}-bit greyscale, rescaled to 8 bits")
             im = ImageOps.exif_transpose(im)
             im.load()  # decode now, so a truncated file fails here and not later
             return _to_rgb8(im)
@@ -143,9 +69,11 @@ def open_image(path: str | Path) -> Image.Image:
         raise BusiError(f"{path}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def read_image(path: str | Path, size: int | None = None) -> np.ndarray:
+def read_image(path: str | Path, size: int | None = None, notes: list[str] | None = None) -> np.ndarray:
     """HxWx3 uint8 array; resized to size x size (as the seed did, aspect ratio not kept) when size is given."""
-    im = open_image(path)
+    im = open_image(path, notes)
+    if size is not None and notes is not None and min(im.size) < size:
+        notes.append(f"smaller than the {size}-pixel model input, upscaled")
     if size is not None:
         im = im.resize((size, size), Image.BILINEAR)
     return np.array(im)
@@ -177,22 +105,28 @@ def load(dataset: Dataset, image_size: int, progress: bool = True) -> tuple[torc
     Unreadable images are dropped with a warning that names them, and recorded in the dataset's `skipped`.
     """
     def decode(sample: Sample):
+        notes: list[str] = []
         try:
-            return read_image(dataset.file(sample), image_size), None
+            return read_image(dataset.file(sample), image_size, notes), None, notes
         except BusiError as e:
-            return None, str(e)
+            return None, str(e), notes
 
     with ThreadPoolExecutor(max_workers=4) as pool:  # PIL releases the GIL while decoding and resizing
         results = list(tqdm(pool.map(decode, dataset.samples), total=len(dataset.samples), desc="decoding images",
                             disable=not progress, leave=False))
-    kept, arrays, skipped = [], [], dict(dataset.skipped)
-    for sample, (arr, err) in zip(dataset.samples, results):
+    kept, arrays, skipped, unusual = [], [], dict(dataset.skipped), {}
+    for sample, (arr, err, notes) in zip(dataset.samples, results):
+        for note in notes:
+            unusual.setdefault(note, []).append(sample.path)
         if err is None:
             kept.append(sample)
             arrays.append(arr)
         else:
             skipped[sample.path] = err
             warn(f"skipping {err}")
+    for note, paths in unusual.items():  # one line per kind, not one per image
+        more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+        warn(f"{len(paths)} image(s) {note}: {', '.join(paths[:3])}{more}")
     if not kept:
         raise BusiError(f"{dataset.root}: none of the images could be read")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()

@@ -16,8 +16,11 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def loss_curves(histories: dict[str, list[dict]], path: Path) -> None:
-    """Training loss per epoch for every model (solid), validation loss dotted and test loss dashed where measured."""
+def loss_curves(histories: dict[str, list[dict]], path: Path) -> str:
+    """Training loss per epoch for every model (solid), validation loss dotted and test loss dashed where measured.
+
+    Every point stays on the chart: when early losses dwarf the rest, the y axis turns logarithmic (and says so)
+    rather than cutting them off. Returns the scale used, 'linear' or 'log'."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (name, rows) in enumerate(histories.items()):
         color = f"C{i}"
@@ -27,14 +30,18 @@ def loss_curves(histories: dict[str, list[dict]], path: Path) -> None:
             ax.plot(epochs, [r.get("val_loss", float("nan")) for r in rows], color=color, ls=":", label=f"{name} validation")
         if rows and "test_loss" in rows[0]:
             ax.plot(epochs, [r["test_loss"] for r in rows], color=color, ls="--", label=f"{name} test")
-    values = [r[k] for rows in histories.values() for r in rows for k in ("train_loss", "val_loss", "test_loss") if k in r]
-    train = [r["train_loss"] for rows in histories.values() for r in rows]
-    if values and train and np.isfinite(values).all():  # early validation spikes must not flatten the curves
-        ax.set_ylim(0, max(1.5 * max(train), float(np.percentile(values, 95))) * 1.05)
-    ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss per epoch")
+    values = np.array([r[k] for rows in histories.values() for r in rows for k in ("train_loss", "val_loss", "test_loss")
+                       if k in r], dtype=float)
+    values = values[np.isfinite(values) & (values > 0)]
+    scale = "linear"
+    if len(values) and values.max() > 3 * np.percentile(values, 90):  # early spikes would flatten every other curve
+        scale = "log"
+        ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel="cross-entropy loss" + (" (log scale)" if scale == "log" else ""), title="Loss per epoch")
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)
+    return scale
 
 
 def confusion_matrix(matrix: list[list[int]], classes: list[str], path: Path, title: str = "") -> None:

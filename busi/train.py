@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import random
 import sys
 import time
 import math
@@ -10,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -155,19 +157,52 @@ class History(Callback):
         self.rows = state["rows"]
 
 
-class EpochLines(Callback):
-    """Progress for logs (SLURM, nohup, CI), where a live progress bar prints nothing: one line per epoch."""
+class RandomState(Callback):
+    """Saves every random generator's state in each Lightning checkpoint and restores it on --resume, so a resumed
+    run draws the same shuffles, augmentations and dropout masks as a run never interrupted.
 
-    def __init__(self, name: str):
-        self.name, self.start = name, time.perf_counter()
+    The state is taken when the checkpoint is written (end of an epoch, after its validation) and put back when
+    Lightning restores the checkpoint, before it opens the next epoch's data loader, whose shuffle is the next draw
+    in both runs.
+    """
+
+    def state_dict(self):
+        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state):
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class EpochLines(Callback):
+    """Progress for logs (SLURM, nohup, CI), where a live progress bar prints nothing: a line per epoch, and within
+    an epoch a line whenever `every` seconds have passed since the last, so a log never goes quiet for long."""
+
+    def __init__(self, name: str, every: float = 30.0):
+        self.name, self.every = name, every
+        self.start = self.last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if trainer.is_global_zero and now - self.last >= self.every:
+            self.last = now
+            print(f"{self.name} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: batch {batch_idx + 1}/"
+                  f"{trainer.num_training_batches} ({now - self.start:.0f} s)", flush=True)
 
     def on_train_epoch_end(self, trainer, module):
         if not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
         losses = " ".join(f"{k} {float(metrics[k]):.3f}" for k in ("train_loss", "val_loss") if k in metrics)
+        self.last = time.perf_counter()
         print(f"{self.name} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {losses} "
-              f"({time.perf_counter() - self.start:.0f} s)", flush=True)
+              f"({self.last - self.start:.0f} s)", flush=True)
 
 
 def device_tensors(tensors: tuple[torch.Tensor, ...], trainer: L.Trainer) -> tuple[torch.Tensor, ...]:
@@ -196,7 +231,7 @@ def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, ...], out_d
     cfg, _ = hardware.resolve(cfg)  # a no-op when the caller resolved (and announced) "auto" already
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "lightning"
-    callbacks = [History(out_dir / "history.csv", test)]
+    callbacks = [History(out_dir / "history.csv", test), RandomState()]
     if val is not None:
         best = ModelCheckpoint(ckpt_dir, filename="best", monitor="val_loss", save_last=True)
     else:  # without a validation part there is nothing honest to call "best": keep the last epoch
@@ -206,6 +241,7 @@ def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, ...], out_d
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # data is in memory
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")  # validation is optional here
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")  # --resume
     bar = progress and sys.stdout.isatty()
     if progress and not bar:
         callbacks.append(EpochLines(out_dir.name))

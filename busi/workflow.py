@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
+from tqdm.auto import tqdm
 
 from . import __version__, checkpoint, hardware
 from .audit import audit, near_duplicates_across
@@ -152,6 +153,18 @@ def check_models(cfg: RunConfig, n_classes: int) -> None:
     """Build every model once before training any, so a missing weight file fails in seconds, not after an hour."""
     for arch in cfg.models:
         build_for(arch, cfg, n_classes)
+
+
+def run_finished(out: str | Path | None, cfg: RunConfig) -> bool:
+    """True when --out holds a run that trained every model for cfg.epochs and wrote its report (the last step);
+    a finished run resumed with more --epochs is not finished: it trains on."""
+    if not out:
+        raise BusiError("--resume needs --out: the folder of the run to continue")
+    folder = Path(out)
+    if not (folder / "config.yaml").is_file():
+        raise BusiError(f"{folder}: nothing to resume (no run was started in this folder)")
+    done = yaml.safe_load((folder / "config.yaml").read_text()).get("epochs", 0) >= cfg.epochs
+    return done and (folder / "report.html").is_file() and all((folder / m / "checkpoint.pth").is_file() for m in cfg.models)
 
 
 def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = False, resume: bool = False,
@@ -345,7 +358,8 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
-def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_dir: str | Path | None = None) -> list[dict]:
+def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_dir: str | Path | None = None,
+                progress: bool = False) -> list[dict]:
     """One row per image: path, predicted class, probability of each class, or the error that stopped it.
 
     With explain_dir, a Grad-CAM overlay of the predicted class is written there for each image.
@@ -362,7 +376,9 @@ def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_d
         explain_dir = Path(explain_dir)
         explain_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for n, path in enumerate(image_files(inputs)):
+    files = image_files(inputs)
+    bar = tqdm(files, desc="predicting", unit="image", disable=not progress or len(files) < 8, leave=False)
+    for n, path in enumerate(bar):
         try:
             original = read_image(path)
         except BusiError as e:

@@ -94,11 +94,15 @@ def test_page_shows_class_probabilities_overlay_and_bad_file_message(server):
             page.screenshot(path=str(root / "page.png"), full_page=True)
 
             page.locator("button[aria-label='Clear']").first.click() if page.locator("button[aria-label='Clear']").count() else None
-            page.locator("input[type=file]").first.set_input_files([str(broken)])
+            notes = root / "notes.txt"  # not an image at all: answered too, not silently dropped by the browser
+            notes.write_text("hello")
+            assert "PNG, JPEG, BMP or TIFF" in page.content()
+            page.locator("input[type=file]").first.set_input_files([str(broken), str(notes)])
             page.get_by_role("button", name="Analyse").click()
             error = page.locator(".busi-error").first
             error.wait_for(timeout=60000)
             assert "broken.png" in error.inner_text() and "not a readable image" in error.inner_text()
+            assert page.locator(".busi-error").count() == 2 and "notes.txt" in page.locator(".busi-error").nth(1).inner_text()
             page.reload()  # the server keeps serving after a bad file
             page.get_by_text("Research tool, not a diagnosis").first.wait_for(timeout=30000)
             assert hosts <= {"127.0.0.1", "localhost"}, hosts  # nothing fetched from the internet

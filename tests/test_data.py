@@ -119,3 +119,19 @@ def test_mask_status_counts_every_case(kaggle_folder):
 def test_pointing_one_folder_too_high_gets_a_hint(kaggle_folder):
     with pytest.raises(BusiError, match="did you mean --data .*Dataset_BUSI_with_GT"):
         scan(kaggle_folder.parent)
+
+
+def test_odd_images_are_named_in_a_warning_or_skipped(kaggle_folder, capsys):
+    """16-bit greyscale is rescaled and said; smaller than the model input is upscaled and said; 1x1 is skipped."""
+    import numpy as np
+    from PIL import Image
+    deep = (np.arange(96 * 96, dtype=np.uint16).reshape(96, 96) * 7)
+    Image.fromarray(deep).save(kaggle_folder / "benign" / "benign (3).png")  # mode I;16
+    Image.new("L", (40, 40), 90).save(kaggle_folder / "malignant" / "malignant (3).png")
+    Image.new("RGB", (1, 1)).save(kaggle_folder / "normal" / "normal (3).png")
+    images, labels, kept = load(scan(kaggle_folder), 64, progress=False)
+    err = capsys.readouterr().err
+    assert "1 image(s) 16-bit greyscale, rescaled to 8 bits: benign/benign (3).png" in err
+    assert "smaller than the 64-pixel model input, upscaled: malignant/malignant (3).png" in err
+    assert "too small to be a scan (1x1 pixels" in kept.skipped["normal/normal (3).png"] and len(labels) == 23
+    assert images[[s.path for s in kept.samples].index("benign/benign (3).png")].max() > 200  # rescaled, not clipped

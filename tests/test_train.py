@@ -74,3 +74,14 @@ def test_progress_in_a_log_is_one_line_per_epoch(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if " epoch " in line]
     assert [line.split(":")[0] for line in lines] == ["custom-cnn epoch 1/2", "custom-cnn epoch 2/2"]
     assert "train_loss" in lines[0] and "val_loss" in lines[0]
+
+
+def test_a_log_hears_from_a_long_epoch(tmp_path, capsys, monkeypatch):
+    """Within an epoch a line appears whenever `every` seconds have passed (30 s in use; 0 here, so every batch)."""
+    import busi.train
+    monkeypatch.setattr(busi.train.EpochLines.__init__, "__defaults__", (0.0,))
+    cfg = make_config({"epochs": 1, "batch_size": 8})
+    images, labels, _, _ = _data()
+    fit(build("custom-cnn", 3), cfg, (images, labels), tmp_path / "m", progress=True, checkpoints=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0] for line in lines if "batch" in line] == [f"m epoch 1/1: batch {b}/3" for b in (1, 2, 3)]

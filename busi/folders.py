@@ -1,0 +1,91 @@
+"""Finding the images of a class-per-folder dataset: classes, lesion masks, stray files (no torch, so it is fast)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BusiError
+
+BUSI_CLASSES = ("benign", "malignant", "normal")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+# BUSI names masks "benign (12)_mask.png" and, for extra lesions, "benign (12)_mask_1.png".
+MASK_NAME = re.compile(r"^(?P<stem>.+)_mask(?:_\d+)?$")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # relative to the dataset root, with forward slashes: stable across machines
+    label: int
+    mask_paths: tuple[str, ...] = ()
+
+
+@dataclass
+class Dataset:
+    root: Path
+    classes: tuple[str, ...]
+    samples: list[Sample]
+    skipped: dict[str, str] = field(default_factory=dict)  # relative path -> why it was left out
+
+    def file(self, sample: Sample | str) -> Path:
+        return self.root / (sample.path if isinstance(sample, Sample) else sample)
+
+    def counts(self) -> dict[str, int]:
+        return {c: sum(s.label == i for s in self.samples) for i, c in enumerate(self.classes)}
+
+    def subset(self, indices) -> "Dataset":
+        return Dataset(self.root, self.classes, [self.samples[i] for i in indices], dict(self.skipped))
+
+
+def scan(root: str | Path, classes: tuple[str, ...] | list[str] | None = None) -> Dataset:
+    """List the images of a folder with one sub-folder per class; masks are attached, not classified."""
+    root = Path(root)
+    if not root.exists():
+        raise BusiError(f"{root}: data folder does not exist")
+    if not root.is_dir():
+        raise BusiError(f"{root}: is not a folder")
+    skipped: dict[str, str] = {}
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for p in sorted(root.iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            skipped[p.name] = "not inside a class folder"
+    if classes is None:
+        if not folders:
+            raise BusiError(f"{root}: no class folders (expected one sub-folder per class, e.g. {', '.join(BUSI_CLASSES)})")
+        classes = tuple(p.name for p in folders)
+    else:
+        classes = tuple(classes)
+        names = {p.name for p in folders}
+        missing = [c for c in classes if c not in names]
+        if missing:
+            raise BusiError(f"{root}: missing class folder(s) {', '.join(missing)} (found: {', '.join(sorted(names)) or 'none'})")
+        for p in folders:
+            if p.name not in classes:
+                skipped[p.name + "/"] = "folder is not one of the classes " + ", ".join(classes)
+
+    samples: list[Sample] = []
+    for label, name in enumerate(classes):
+        images: dict[str, str] = {}
+        masks: dict[str, list[str]] = {}
+        for f in sorted((root / name).iterdir()):
+            rel = f"{name}/{f.name}"
+            if f.name.startswith("."):
+                skipped[rel] = "hidden file"
+            elif f.is_dir():
+                skipped[rel + "/"] = "nested folder inside a class folder"
+            elif f.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped[rel] = f"not an image file ({f.suffix or 'no extension'})"
+            elif m := MASK_NAME.match(f.stem):
+                masks.setdefault(m["stem"], []).append(rel)
+            else:
+                images[f.stem] = rel
+        for stem, rels in masks.items():
+            if stem not in images:
+                for rel in rels:
+                    skipped[rel] = "mask without a matching image"
+        if not images:
+            nested = sorted(p.name for p in (root / name).iterdir() if p.is_dir() and not p.name.startswith("."))
+            hint = f"; it holds folders ({', '.join(nested[:4])}): did you mean --data {root / name}?" if nested else ""
+            raise BusiError(f"{root / name}: class folder holds no images{hint}")
+        samples += [Sample(rel, label, tuple(masks.get(stem, ()))) for stem, rel in images.items()]
+    return Dataset(root, classes, samples, skipped)
