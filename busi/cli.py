@@ -154,10 +154,10 @@ def _check_before_imports(args):
     if args.command == "evaluate":
         scan(args.data)
     checkpoint_path = getattr(args, "checkpoint", None)
-    if checkpoint_path and Path(checkpoint_path).suffix not in (".onnx", ".pt", ".ts"):  # exported models: later
+    if checkpoint_path and Path(checkpoint_path).suffix not in (".onnx", ".pt", ".ts"):  # exported models: by name only
         from .checkpoint import peek
         peek(checkpoint_path)
-    for name, what in (("checkpoint", "checkpoint"), ("train_data", "--train-data folder"), ("meta", "meta CSV")):
+    for name, what in (("checkpoint", "model file"), ("train_data", "--train-data folder"), ("meta", "meta CSV")):
         value = getattr(args, name, None)
         if value and not Path(value).exists():
             raise BusiError(f"{value}: {what} does not exist")

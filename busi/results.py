@@ -29,12 +29,15 @@ def _caption(path: str, classes, true: int, predicted: int, confidence: float) -
 
 def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Tensor, labels: torch.Tensor,
                   paths: list[str], masks: torch.Tensor | None = None, mask_status: list[str] | None = None,
-                  extra: dict | None = None, explain: bool = True) -> dict:
-    """metrics.json, predictions.csv, confusion_matrix.png, misclassified.png, roc.png, calibration.png, gradcam.png."""
+                  extra: dict | None = None, explain: bool = True, logits: torch.Tensor | None = None) -> dict:
+    """metrics.json, predictions.csv, confusion_matrix.png, misclassified.png, roc.png, calibration.png, gradcam.png.
+
+    logits: the model's raw scores on images, when the caller has them already."""
     folder.mkdir(parents=True, exist_ok=True)
     classes = list(config["classes"])
     temperature = float(config.get("temperature", 1.0))
-    logits = logits_of(model, images, config["mean"], config["std"], tta=bool(config.get("tta", False)))
+    if logits is None:
+        logits = logits_of(model, images, config["mean"], config["std"], tta=bool(config.get("tta", False)))
     raw = torch.softmax(logits, 1)
     probs = torch.softmax(logits / temperature, 1)
     metrics = {**compute_metrics(probs, labels, classes), "majority_baseline": round(majority_baseline(labels, len(classes)), 6)}

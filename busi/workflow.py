@@ -39,8 +39,6 @@ def is_main_process() -> bool:
     return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
-
-
 def run_dir(out: str | Path | None, name: str, overwrite: bool = False, resume: bool = False) -> Path:
     """The run folder: --out, or runs/<timestamp>-<name>; a folder already holding files is refused."""
     if not is_main_process():  # rank 0 checks and writes the folder; the others only need its name
@@ -133,10 +131,10 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
     config["members"] = cfg.ensemble
     config["train_seconds"] = round(time.perf_counter() - start, 1)
     if val is not None:
-        config["temperature"] = fit_temperature(logits_of(model, val[0], config["mean"], config["std"], tta=cfg.tta), val[1])
+        val_logits = logits_of(model, val[0], config["mean"], config["std"], tta=cfg.tta)
+        config["temperature"] = fit_temperature(val_logits, val[1])
         config["temperature_fitted_on"] = len(val[1])
         if cfg.malignant_recall is not None:
-            val_logits = logits_of(model, val[0], config["mean"], config["std"], tta=cfg.tta)
             config["operating_point"] = fit_threshold(torch.softmax(val_logits / config["temperature"], 1), val[1],
                                                       list(classes), cfg.malignant_recall)
     return model, config, history
@@ -296,10 +294,12 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     images, labels, dataset = load(dataset, config["image_size"], progress)
     masks, status = load_masks(dataset, config["image_size"])
     overlap = training_overlap(checkpoint_path, config, dataset, train_data, progress)
+    logits = logits_of(model, images, config["mean"], config["std"], tta=bool(config.get("tta", False)))  # once for all
+    probs = torch.softmax(logits / float(config.get("temperature", 1.0)), 1)
     if overlap["checked"] and overlap["near_duplicates"]:
         unseen = [i for i, s in enumerate(dataset.samples) if s.path not in overlap["near_duplicates"]]
         if unseen:
-            m = compute_metrics(predict_probs(model, config, images[unseen]), labels[unseen], config["classes"])
+            m = compute_metrics(probs[unseen], labels[unseen], config["classes"])
             overlap["metrics_without_them"] = {"n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                                                "auroc": m["auroc"],
                                                "recall": {c: v["recall"] for c, v in m["per_class"].items()}}
@@ -307,14 +307,15 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     (folder / "config.yaml").write_text(yaml.safe_dump({"command": "evaluate", "checkpoint": str(checkpoint_path),
                                                      "data": str(data), "busi_version": __version__}, sort_keys=False))
     extra = {"model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped,
-             "training_overlap": overlap, **external_figures(model, config, images, labels, dataset, meta, id_column,
+             "training_overlap": overlap, **external_figures(probs, config, labels, dataset, meta, id_column,
                                                              group_column, patient_column)}
-    metrics = write_results(folder, model, config, images, labels, [s.path for s in dataset.samples], masks, status, extra)
+    metrics = write_results(folder, model, config, images, labels, [s.path for s in dataset.samples], masks, status, extra,
+                            logits=logits)
     render(folder)
     return metrics, folder
 
 
-def external_figures(model, config, images, labels, dataset: Dataset, meta, id_column, group_column, patient_column) -> dict:
+def external_figures(probs, config, labels, dataset: Dataset, meta, id_column, group_column, patient_column) -> dict:
     """malignant_vs_benign (patient-level CIs when a patient column is given) and per_group, for metrics.json."""
     from .external import malignant_vs_benign, per_group, read_meta
     paths = [s.path for s in dataset.samples]
@@ -324,7 +325,6 @@ def external_figures(model, config, images, labels, dataset: Dataset, meta, id_c
         rows, notes = read_meta(meta, id_column, columns, paths)
         for line in notes:
             warn(line)
-    probs = predict_probs(model, config, images)
     op = config.get("operating_point")
     patients = [rows.get(p, {}).get(patient_column) or f"image:{p}" for p in paths] if patient_column else None
     out = {"malignant_vs_benign": malignant_vs_benign(probs, labels, config["classes"], op, patients)}
