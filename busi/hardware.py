@@ -8,23 +8,17 @@ import torch
 
 from .config import RunConfig
 
-# Measured on 2-core AMD EPYCs (benchmarks/speed.md): without native bf16 oneDNN emulates it and a ResNet-18
-# training step runs ~8x slower than in fp32; with AVX512-BF16 the same step runs ~1.8x faster than in fp32.
-
 
 def device_type(accelerator: str) -> str:
-    """'cuda', 'mps' or 'cpu': where Lightning will put the model for this --accelerator."""
+    """'cuda', 'mps', 'cpu' …: where Lightning will put the model for this --accelerator."""
     if accelerator in ("gpu", "cuda"):
         return "cuda"
-    if accelerator in ("cpu", "mps"):
+    if accelerator != "auto":
         return accelerator
-    if accelerator == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return "mps"
-    return "cpu" if accelerator == "auto" else accelerator
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
 
 
 def onednn_bf16() -> bool:
@@ -41,7 +35,8 @@ def cpu_bf16_instructions() -> list[str]:
 def cpu_bf16() -> tuple[bool, str]:
     """(native bf16 on this CPU?, why): oneDNN must support bf16 *and* the CPU must have instructions for it.
 
-    oneDNN also 'supports' bf16 on AVX-512 CPUs without AVX512-BF16 (Skylake), by converting: not faster than fp32.
+    Measured on 2-core AMD EPYCs (benchmarks/speed.md): where bf16 is emulated a ResNet-18 training step runs ~8x
+    slower than in fp32; with AVX512-BF16 the same step runs ~1.8x faster than in fp32. oneDNN also 'supports' bf16 on AVX-512 CPUs without AVX512-BF16 (Skylake), by converting: not faster than fp32.
     """
     capability = torch.backends.cpu.get_cpu_capability()
     onednn, instructions = onednn_bf16(), cpu_bf16_instructions()
