@@ -43,8 +43,8 @@ def card(data: dict, cv_dir: Path | None, external: Path | None) -> str:
          f"{op['target_recall']:.0%} malignant recall on {op['fitted_on']} validation images; it found "
          f"{op['recall_where_fitted']:.0%} there), else the most probable other class. `busi predict --json` gives "
          "the probabilities and the argmax answer too." if op else "- Decision rule: argmax."),
-        f"- Stored in fp16 ({data['size_bytes'] / 1e6:.1f} MB); probabilities move by at most "
-        f"{data['fp16_max_probability_change']:.1e} against the fp32 model on the example images.", "",
+        f"- Stored as {data['stored_as']} ({data['size_bytes'] / 1e6:.1f} MB; fp16 is used only when it moves no "
+        f"probability of the example images by more than 1e-3): at most {data['max_probability_change']:.1e} here.", "",
         "## Data",
         "Trained on `busi_dev`: 624 of the 780 images of BUSI (W. Al-Dhabyani, M. Gomaa, H. Khaled, A. Fahmy, "
         "\"Dataset of breast ultrasound images\", Data in Brief 28 (2020) 104863; Baheya Hospital, Cairo, 2018, "
@@ -78,8 +78,9 @@ def card(data: dict, cv_dir: Path | None, external: Path | None) -> str:
               "- Three classes only (normal, benign, malignant); anything else (other organs, Doppler, elastography) "
               "still gets one of the three answers.", "",
               "## Provenance",
-              f"- Built by `{data['command']}` at commit {data['commit']} on {data['bundled_at'][:10]} "
-              f"({data['machine']}; trained in {data['trained_with']['precision']}, {data['train_seconds']:.0f} s).",
+              f"- Built by `{data['command']}` at commit {data['commit']} on {data['bundled_at'][:10]}; trained in "
+              f"{data['trained_with']['precision']} with channels-last {data['trained_with']['channels_last']} "
+              f"({data['train_seconds']:.0f} s of training), bundled on {data['machine']}.",
               "- What it says about `examples/` (images it trained on, so no test of it):", ""]
     lines += [f"  - `{x['image']}`: {x['predicted']} (" + ", ".join(f"{c} {p:.2f}" for c, p in x["probabilities"].items()) + ")"
               for x in data["examples"]]

@@ -1,0 +1,72 @@
+"""The model that ships in busi/assets/: it loads safely, is the recommended recipe, and says what its card says."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from busi import bundled
+from busi.cli import main
+from busi.workflow import run_predict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bundled_model_loads_without_unpickling_and_is_small():
+    obj = torch.load(bundled.MODEL, map_location="cpu", weights_only=True)
+    assert obj["format"] == "busi-checkpoint" and obj["config"]["arch"] == "efficientnet-lite0"
+    assert bundled.MODEL.stat().st_size <= 25 * 2 ** 20
+    card = json.loads(bundled.CARD_DATA.read_text())
+    stored = {"float16": torch.float16, "float32": torch.float32}[card["stored_as"]]
+    assert all(v.dtype == stored for v in obj["state_dict"].values() if v.is_floating_point())
+    assert card["max_probability_change"] <= 1e-3  # against the model as trained, on the example images
+
+
+def test_bundled_model_is_the_recommended_recipe():
+    card = json.loads(bundled.CARD_DATA.read_text())
+    recipe = bundled.recipe_of(yaml.safe_load((ROOT / "configs" / "recommended.yaml").read_text()))
+    assert {k: card["recipe"].get(k) for k in recipe} == recipe
+    assert card["commit"] and card["command"].startswith("python scripts/bundle_model.py")
+
+
+def test_bundled_model_classifies_the_examples_as_its_card_says():
+    card = json.loads(bundled.CARD_DATA.read_text())
+    rows = run_predict(bundled.MODEL, [ROOT / "examples"])
+    assert len(rows) == len(card["examples"]) == 6
+    for row, said in zip(rows, card["examples"]):
+        assert row["path"].endswith(said["image"]) and row["predicted"] == said["predicted"]
+        assert all(abs(row["probabilities"][c] - p) < 1e-4 for c, p in said["probabilities"].items())
+
+
+def test_commands_default_to_the_bundled_model(capsys):
+    assert main(["predict", "--json", str(ROOT / "examples" / "malignant")]) == 0
+    out = capsys.readouterr()
+    assert len(json.loads(out.out)) == 2 and "using the bundled model" in out.err
+    assert main(["model"]) == 0
+    card = capsys.readouterr().out
+    assert "Research tool, not a medical device" in card and "cross-validation" in card
+    assert "BUSI" in card and "examples/" in card
+
+
+def test_missing_or_damaged_bundled_model_says_how_to_rebuild(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bundled, "MODEL", tmp_path / "recommended.pth")
+    assert main(["predict", str(ROOT / "examples" / "normal")]) == 2
+    err = capsys.readouterr().err
+    assert "no bundled model" in err and "scripts/bundle_model.py" in err and "--checkpoint" in err
+    (tmp_path / "recommended.pth").write_bytes(b"\x00" * 64)
+    assert main(["export", "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "damaged" in err and err.count("\n") == 1
+
+
+def test_the_app_offers_the_examples_and_starts_without_them(tmp_path):
+    pytest.importorskip("gradio")
+    from busi.app import Predictor, build_app
+    predictor = Predictor(bundled.MODEL)
+    assert "cross_validation" in predictor.card  # the bundled card's figure, shown on the page
+    with_examples, _ = build_app(predictor)
+    without, _ = build_app(predictor, examples=tmp_path / "none")
+    labels = lambda app: [getattr(b, "value", "") for b in app.blocks.values()]  # noqa: E731
+    assert any("example images" in str(v) for v in labels(with_examples))
+    assert not any("example images" in str(v) for v in labels(without))
