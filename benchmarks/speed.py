@@ -32,7 +32,7 @@ from busi.data import load, scan
 from busi.models import build
 from busi.train import Classifier, device_tensors, train_loader
 
-MODELS = {"custom-cnn": 224, "resnet50": 224, "resnet18": 128}  # resnet18 @128: the recommended recipe's backbone
+MODELS = {"custom-cnn": 224, "resnet50": 224, "resnet18": 176, "efficientnet-lite0": 224}  # the seed's, scratch.yaml's, recommended.yaml's
 BATCH = 32
 
 
@@ -259,8 +259,9 @@ def write_markdown(path: Path, rows, lat, peak32, peak16, machine, args, cfg, wh
     lines = [f"# Speed ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {machine}; torch {torch.__version__}. Command: `python benchmarks/speed.py --data {args.data} "
              f"--accelerator {args.accelerator} --md {args.md}`", "",
-             f"Precision: **{cfg.precision}**, channels-last {'on' if cfg.channels_last else 'off'}, for ours and the "
-             f"reference alike (`--precision {args.precision}`: {why}).", "",
+             f"Precision: **{cfg.precision}** for ours and the reference alike (`--precision {args.precision}`: {why}); "
+             f"channels-last {'on' if cfg.channels_last else 'off'} for ours, the reference keeps PyTorch's default "
+             f"layout as the original did.", "",
              f"Measured matmul peak (2048², torch): fp32 {peak32:.0f} GFLOP/s, bf16 {bf16}.", "",
              "| model | size | ours img/s | reference img/s | ours / reference | random-tensor ceiling img/s | ours / ceiling "
              f"| epoch s (ours / ref, 624 images) | ours GFLOP/s | share of {cfg.precision} peak |",

@@ -138,15 +138,16 @@ def build_app(predictor: Predictor, examples: Path = EXAMPLES):
                 files = gr.File(label=f"Ultrasound images: PNG, JPEG, BMP or TIFF, up to {MAX_IMAGES} at once",
                                 file_count="multiple", type="filepath")
                 button = gr.Button("Analyse", variant="primary")
+                example_files = [str(p) for p in image_files([examples])][:MAX_IMAGES] if examples.is_dir() else []
+                # a fresh clone can try the page with no data of its own
+                try_examples = (gr.Button(f"Try the {len(example_files)} example images (BUSI, from examples/)")
+                                if example_files else None)
             with gr.Column(scale=2):
                 answer = gr.HTML(label="Result")
                 overlays = gr.Gallery(label="Where the model looked (Grad-CAM)", columns=3, height="auto")
         button.click(analyse, files, [answer, overlays], api_name="analyse")
-        example_files = [str(p) for p in image_files([examples])][:MAX_IMAGES] if examples.is_dir() else []
-        if example_files:  # a fresh clone can try the page with no data of its own
-            with gr.Row():
-                gr.Button(f"Try the {len(example_files)} example images (BUSI, from examples/)").click(
-                    lambda: analyse(example_files), None, [answer, overlays], api_name=False)
+        if try_examples is not None:
+            try_examples.click(lambda: analyse(example_files), None, [answer, overlays], api_name=False)
         api_in = gr.File(visible=False, type="filepath")
         api_out = gr.JSON(visible=False)
         gr.Button(visible=False).click(classify_api, api_in, api_out, api_name="classify")
