@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from busi.models import IMAGENET_WEIGHTS
+
 
 def run(recipe: Path, data: str, folds: int, repeats: int, split: str | None, out_root: Path) -> Path:
     out = out_root / (recipe.stem + (f"-{split}" if split else ""))
@@ -46,6 +48,7 @@ def table(runs: list[Path]) -> str:
             members = f" ×{config['ensemble']}" if config.get("ensemble", 1) > 1 else ""
             notes = ", MixUp/CutMix" if config.get("mixup_alpha", 0) or config.get("cutmix_alpha", 0) else ""
             notes += f", seed {config['seed']}" if config.get("seed", 0) else ""
+            notes += ", ImageNet weights" if config.get("pretrained") and arch in IMAGENET_WEIGHTS else ""
             if (folder / "roi_oracle.json").is_file():  # benchmarks/roi_ceiling.py: not a recipe anyone can ship
                 notes += ", **true-mask lesion crops (ceiling)**"
             lines.append(f"| {folder.name} | {arch}{members} @{config['image_size']}, {config['epochs']} ep{notes} | {s['split']} | "
@@ -70,6 +73,21 @@ def seed_table(runs: list[Path]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def operating_point_table(runs: list[Path]) -> str:
+    """Out-of-fold decisions at each fold's malignant threshold (set on that fold's validation part)."""
+    lines = ["| recipe | target malignant recall | malignant recall | malignant precision | accuracy | thresholds per fold |",
+             "|---|---|---|---|---|---|"]
+    for folder in runs:
+        for arch, s in json.loads((folder / "cv_metrics.json").read_text()).items():
+            op = s.get("operating_point")
+            if not op or "accuracy" not in op:
+                continue
+            mal = op["per_class"]["malignant"]
+            lines.append(f"| {folder.name} | {op['target_recall']} | {mal['recall']:.3f} | {mal['precision']:.3f} | "
+                         f"{op['accuracy']:.3f} | {', '.join(f'{t:.3f}' for t in op['thresholds'])} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", type=Path)
@@ -88,6 +106,9 @@ def main():
         runs = [run(r, args.data, args.folds, args.repeats, args.split, args.out_root) for r in args.recipes]
     done = [r for r in runs if (r / "cv_metrics.json").is_file()]
     print(table(done))
+    operating = operating_point_table(done)
+    if operating:
+        print("\nAt the operating point (malignant_recall):\n" + operating)
     seeds = seed_table(done)
     if seeds:
         print("\nSeed spread (ensemble members scored alone):\n" + seeds)
