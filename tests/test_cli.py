@@ -297,7 +297,7 @@ def test_resume_after_a_kill_mid_epoch_equals_the_run_never_interrupted(tmp_path
     from conftest import make_kaggle_folder
     data = make_kaggle_folder(tmp_path / "data", per_class=16, size=96)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({
-        "models": ["resnet18"], "pretrained": False, "epochs": 4, "image_size": 96, "batch_size": 8, "val_size": 0.2,
+        "models": ["resnet18"], "pretrained": False, "epochs": 5, "image_size": 96, "batch_size": 8, "val_size": 0.2,
         "min_scale": 0.8, "brightness": 0.1, "contrast": 0.1, "precision": "32-true"}))  # every random draw in use
 
     def train(out, *extra):
@@ -316,9 +316,10 @@ def test_resume_after_a_kill_mid_epoch_equals_the_run_never_interrupted(tmp_path
     first = time.time()
     while rows() < 2 and time.time() < deadline:
         time.sleep(0.02)
-    time.sleep(0.4 * (time.time() - first))  # into the third epoch, well before its end
+    time.sleep(0.3 * (time.time() - first))  # into the third epoch, before its end
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL and rows() == 2  # killed in epoch 3, after epoch 2's checkpoint
+    # killed in epoch 3 (or, on a fast machine, 4): after a checkpoint, before the run's end
+    assert proc.wait() == -signal.SIGKILL and 2 <= rows() <= 3
     assert subprocess.run(train(cut, "--resume"), capture_output=True, env=env, timeout=600).returncode == 0
 
     assert (cut / "resnet18" / "history.csv").read_text() == (whole / "resnet18" / "history.csv").read_text()
