@@ -18,7 +18,7 @@ from .evaluate import compute_metrics, majority_baseline
 from .operating import decide, describe, metrics_at
 from .explain import gradcam, overlay, summarize_localization
 from .plots import confusion_matrix, gallery, reliability_diagram, roc_curves
-from .train import logits_of
+from .train import checkpoint_logits
 
 GALLERY_SIZE = 8  # per kind (right, wrong) in gradcam.png
 
@@ -37,7 +37,7 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
     classes = list(config["classes"])
     temperature = float(config.get("temperature", 1.0))
     if logits is None:
-        logits = logits_of(model, images, config["mean"], config["std"], tta=bool(config.get("tta", False)))
+        logits = checkpoint_logits(model, images, config)
     raw = torch.softmax(logits, 1)
     probs = torch.softmax(logits / temperature, 1)
     metrics = {**compute_metrics(probs, labels, classes), "majority_baseline": round(majority_baseline(labels, len(classes)), 6)}

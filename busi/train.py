@@ -129,6 +129,11 @@ def logits_of(model: nn.Module, images: torch.Tensor, mean=IMAGENET_MEAN, std=IM
     return torch.cat(out)
 
 
+def checkpoint_logits(model: nn.Module, images: torch.Tensor, config: dict) -> torch.Tensor:
+    """logits_of with a checkpoint config's normalisation and test-time augmentation (before its temperature)."""
+    return logits_of(model, images, config["mean"], config["std"], tta=bool(config.get("tta", False)))
+
+
 class History(Callback):
     """Per epoch: training loss, and loss/accuracy on the test part (for curves only: it selects nothing)."""
 

@@ -31,7 +31,7 @@ from .plots import loss_curves
 from .report import render
 from .results import write_results
 from .split import group_ids, train_test
-from .train import check_hardware, fit, logits_of
+from .train import check_hardware, checkpoint_logits, fit, logits_of
 
 
 def is_main_process() -> bool:
@@ -294,7 +294,7 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     images, labels, dataset = load(dataset, config["image_size"], progress)
     masks, status = load_masks(dataset, config["image_size"])
     overlap = training_overlap(checkpoint_path, config, dataset, train_data, progress)
-    logits = logits_of(model, images, config["mean"], config["std"], tta=bool(config.get("tta", False)))  # once for all
+    logits = checkpoint_logits(model, images, config)  # once, for the overlap, the external figures and write_results
     probs = torch.softmax(logits / float(config.get("temperature", 1.0)), 1)
     if overlap["checked"] and overlap["near_duplicates"]:
         unseen = [i for i, s in enumerate(dataset.samples) if s.path not in overlap["near_duplicates"]]
@@ -342,7 +342,7 @@ def operating_point_of(model_path: str | Path) -> dict | None:
 
 
 def predict_probs(model, config: dict, images: torch.Tensor) -> torch.Tensor:
-    logits = logits_of(model, images, config["mean"], config["std"], tta=bool(config.get("tta", False)))
+    logits = checkpoint_logits(model, images, config)
     return torch.softmax(logits / float(config.get("temperature", 1.0)), 1)
 
 
