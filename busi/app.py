@@ -7,7 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from . import checkpoint
+from . import checkpoint, preprocess
 from .data import model_input, read_image
 from .errors import BusiError
 from .explain import gradcam, overlay
@@ -36,7 +36,7 @@ class Predictor:
         try:
             if Path(path).stat().st_size == 0:
                 raise BusiError(f"{name}: empty file")
-            original = read_image(path)
+            original = preprocess.apply(read_image(path), self.config.get("preprocess", ()))  # what the model sees
             image = model_input(original, self.config["image_size"])
         except BusiError as e:
             return {"file": name, "error": str(e).replace(str(Path(path).parent) + "/", "")}
@@ -48,7 +48,7 @@ class Predictor:
                       "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)}}
             if explain:
                 heat = gradcam(self.model, image, [predicted], self.config["mean"], self.config["std"])[0]
-                result["overlay"] = overlay(original, heat)  # shown on the scan as uploaded, not the resized input
+                result["overlay"] = overlay(original, heat)  # on the scan at its own size, not the resized input
         return result
 
 

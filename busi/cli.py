@@ -37,14 +37,20 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-nodes", type=int, help="machines in a multi-node run (default 1; Lightning)")
     p.add_argument("--val-size", type=float,
                    help="share of the training part kept aside to fit the temperature (default 0.1; 0: none)")
+    p.add_argument("--preprocess", nargs="+", metavar="STEP",
+                   help="clean every image before training and prediction (kept in the checkpoint): crop (to the scan "
+                        "region), overlays (paint out calipers and text), clahe (equalise grey levels)")
+    p.add_argument("--ultrasound-p", type=float, help="chance of each ultrasound-like augmentation (speckle, gain, blur, "
+                                                      "depth attenuation) per image (default 0)")
     p.add_argument("--out", help="run folder (default: runs/<timestamp>-<name>)")
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds a run")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
-RUN_KEYS = ("data", "models", "classes", "image_size", "epochs", "batch_size", "lr", "weight_decay", "seed", "split",
+RUN_KEYS = ("data", "models", "preprocess", "ultrasound_p", "classes", "image_size", "epochs", "batch_size", "lr", "weight_decay", "seed", "split",
             "weights", "pretrained", "accelerator", "devices", "precision", "channels_last", "strategy", "num_nodes", "test_size",
-            "val_size", "folds", "repeats")
+            "val_size", "folds", "repeats", "external", "external_meta", "external_id_column", "external_patient_column",
+            "external_group_column")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,6 +74,12 @@ def parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--folds", type=int, help="number of folds (default 5)")
     p.add_argument("--repeats", type=int, help="repeat the k-fold split with other seeds (default 1)")
+    p.add_argument("--external", help="another hospital's folder (e.g. busbra_dev: benign and malignant) that every fold's "
+                                      "model also scores; cv_metrics.json gets its figures beside the cross-validated ones")
+    p.add_argument("--external-meta", help="CSV with a row per --external image (e.g. bus_data.csv)")
+    p.add_argument("--external-id-column", help="its column of file names without extension (default: ID)")
+    p.add_argument("--external-patient-column", help="its patient column (e.g. Case): CIs resample patients")
+    p.add_argument("--external-group-column", help="its column to break figures down by (e.g. Device)")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on every image of a folder")
     p.add_argument("--checkpoint", help="checkpoint.pth (default: the bundled model, see `busi model`)")
@@ -151,6 +163,10 @@ def _check_before_imports(args):
         if not cfg.data:
             raise BusiError(NO_DATA)
         scan(cfg.data, cfg.classes)  # a missing, empty or mistaken folder; the run scans it again, which is cheap
+        if cfg.external:
+            scan(cfg.external)
+        if cfg.external_meta and not Path(cfg.external_meta).is_file():
+            raise BusiError(f"{cfg.external_meta}: external meta CSV does not exist")
     if args.command == "evaluate":
         scan(args.data)
     checkpoint_path = getattr(args, "checkpoint", None)

@@ -45,6 +45,15 @@ class RunConfig:
     malignant_recall: float | None = None  # e.g. 0.9: call 'malignant' from the p(malignant) that reaches this recall
     # on the validation part (an operating point stored in the checkpoint); None: argmax
     ensemble: int = 1  # > 1: train this many copies (other seeds) and save them as one averaged model
+    # cv only: every fold's model also scores this folder of another hospital (classes: a subset of the model's)
+    external: str | None = None
+    external_meta: str | None = None  # CSV with a row per external image, for patient-level CIs and per-group figures
+    external_id_column: str = "ID"
+    external_patient_column: str | None = None
+    external_group_column: str | None = None
+    # preprocessing of every image, in training and prediction (stored in the checkpoint): crop (to the scan region),
+    # overlays (calipers and text painted out), clahe (adaptive histogram equalisation); busi/preprocess.py
+    preprocess: list[str] = field(default_factory=list)
     # augmentation, drawn per image on whole batches
     flip_p: float = 0.5
     max_rotation: float = 10.0
@@ -52,6 +61,7 @@ class RunConfig:
     min_scale: float = 1.0  # < 1: random zoom-and-shift keeping at least this share of each side
     brightness: float = 0.0
     contrast: float = 0.0
+    ultrasound_p: float = 0.0  # chance of each ultrasound-like change: speckle, gain (gamma), blur, depth attenuation
     # weights
     pretrained: bool = True  # ImageNet weights for models that have them (resnet50)
     weights: str | None = None  # a local ImageNet state dict, for offline machines
@@ -70,6 +80,7 @@ class RunConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 # busi.models.ARCHITECTURES' names, here too so that a config is checked without importing torch (a test keeps them equal)
 MODEL_NAMES = ("custom-cnn", "resnet18", "resnet50", "efficientnet-lite0", "efficientnet-lite2")
+PREPROCESS_STEPS = ("crop", "overlays", "clahe")  # busi.preprocess.STEPS (a test keeps them equal)
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 _HINTS = typing.get_type_hints(RunConfig)
 
@@ -109,6 +120,9 @@ def _validate(cfg: RunConfig, source: str) -> RunConfig:
             raise BusiError(f"{source}: unknown model '{m}' (choose from {', '.join(MODEL_NAMES)})")
     if not cfg.models:
         raise BusiError(f"{source}: 'models' is empty")
+    for step in cfg.preprocess:
+        if step not in PREPROCESS_STEPS:
+            raise BusiError(f"{source}: unknown preprocess step '{step}' (choose from {', '.join(PREPROCESS_STEPS)})")
     checks = [
         (0 <= cfg.test_size < 1, "'test_size' must be in [0, 1) (0: train on every image, test with `busi evaluate`)"),
         (0 <= cfg.val_size < 1, "'val_size' must be in [0, 1)"),
@@ -119,7 +133,8 @@ def _validate(cfg: RunConfig, source: str) -> RunConfig:
         (cfg.lr > 0, "'lr' must be positive"),
         (cfg.folds >= 2, "'folds' must be at least 2"),
         (cfg.repeats >= 1, "'repeats' must be at least 1"),
-        (0 <= cfg.flip_p <= 1 and 0 <= cfg.autocontrast_p <= 1, "probabilities must be in [0, 1]"),
+        (0 <= cfg.flip_p <= 1 and 0 <= cfg.autocontrast_p <= 1 and 0 <= cfg.ultrasound_p <= 1,
+         "probabilities must be in [0, 1]"),
         (cfg.num_nodes >= 1, "'num_nodes' must be at least 1"),
         (cfg.precision in PRECISIONS, f"'precision' must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}"),
         (cfg.optimizer in ("adam", "adamw"), "'optimizer' must be adam or adamw"),
@@ -132,6 +147,8 @@ def _validate(cfg: RunConfig, source: str) -> RunConfig:
         (cfg.malignant_recall is None or 0 < cfg.malignant_recall <= 1, "'malignant_recall' must be in (0, 1]"),
         (cfg.malignant_recall is None or cfg.val_size > 0,
          "'malignant_recall' needs a validation part to set its threshold on ('val_size' > 0)"),
+        (not (cfg.external_patient_column or cfg.external_group_column) or cfg.external_meta,
+         "'external_patient_column' and 'external_group_column' need 'external_meta'"),
         (cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "'mixup_alpha' and 'cutmix_alpha' must be at least 0"),
         (cfg.mask_weight == 0 or cfg.mixup_alpha == cfg.cutmix_alpha == 0,
          "'mask_weight' cannot be combined with 'mixup_alpha' or 'cutmix_alpha' (a blended image has no one lesion mask)"),

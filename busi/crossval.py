@@ -15,6 +15,7 @@ from .data import load_masks
 from .evaluate import bootstrap_ci, compute_metrics
 from .operating import decide, decision_metrics
 from .explain import gradcam, summarize_localization
+from .external import fold_average, load_external
 from .models import Ensemble, count_parameters
 from .plots import confusion_matrix
 from .report import render
@@ -38,8 +39,9 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
     plans = [kfold(labels.numpy(), dup_groups if grouped else np.arange(len(paths)), cfg.folds, cfg.seed + r, grouped)
              for r in range(cfg.repeats)]
     check_models(cfg, len(classes))
-    masks, status = load_masks(dataset, cfg.image_size)
+    masks, status = load_masks(dataset, cfg.image_size, cfg.preprocess)
     part = training_tensors(cfg, images, labels, masks, status)
+    external = load_external(cfg, classes, progress) if cfg.external else None
 
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder / "config.yaml", {"busi_version": __version__, "command": "cv"})
@@ -53,6 +55,7 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
     for arch in cfg.models:
         oof_probs, oof_raw, oof_labels, oof_groups, heat, heat_index = [], [], [], [], [], []
         oof_decided, thresholds = [], []  # the operating point's decisions, each fold with its own threshold
+        external_probs = []
         member_probs = [[] for _ in range(cfg.ensemble)] if cfg.ensemble > 1 else []
         for r, plan in enumerate(plans):
             for k, (train_idx, test_idx) in enumerate(plan):
@@ -79,6 +82,9 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                     oof_rows.append({"model": arch, "repeat": r, "fold": k, "path": paths[i], "true": classes[labels[i]],
                                      **{f"p_{c}": round(v, 6) for c, v in zip(classes, p)}})
                 oof_probs.append(probs)
+                if external is not None:
+                    external_probs.append(torch.softmax(
+                        logits_of(model, external["images"], *norm, tta=cfg.tta) / config["temperature"], 1))
                 if isinstance(model, Ensemble):  # each member alone: the spread over training seeds, at no training cost
                     for k_m, member in enumerate(model.members):
                         member_probs[k_m].append(torch.softmax(logits_of(member, images[test_idx], *norm, tta=cfg.tta), 1))
@@ -128,6 +134,13 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                 **{key: [round(m[key], 4) for m in members] for key in ("accuracy", "macro_f1", "auroc")},
                 "recall_malignant": [round(m["per_class"]["malignant"]["recall"], 4) for m in members
                                      if "malignant" in m["per_class"]]}
+        if external is not None:
+            summary[arch]["external"] = fold_average(external_probs, thresholds, external, cfg, classes)
+            mean = torch.stack(external_probs).mean(0)
+            ext_paths = [s.path for s in external["dataset"].samples]
+            _write_csv(folder / arch / "external_predictions.csv",
+                       [{"path": p, "true": classes[int(t)], **{f"p_{c}": round(float(v), 6) for c, v in zip(classes, row)}}
+                        for p, t, row in zip(ext_paths, external["labels"], mean)])
         confusion_matrix(pooled["confusion_matrix"], classes, folder / arch / "confusion_matrix.png",
                          f"{arch}, pooled out-of-fold (n={len(y)})")
     _write_csv(folder / "fold_metrics.csv", fold_rows)
@@ -155,4 +168,10 @@ def format_cv(summary: dict) -> str:
             mal = op["per_class"]["malignant"]
             lines.append(f"{arch} at the operating point (target malignant recall {op['target_recall']}): malignant recall "
                          f"{mal['recall']:.3f}, precision {mal['precision'] or 0:.3f}, accuracy {op['accuracy']:.3f}")
+        mvb = (s.get("external") or {}).get("malignant_vs_benign")
+        if mvb and mvb["auroc"]:
+            a, sens, spec = mvb["auroc"], mvb["sensitivity_argmax"], mvb["specificity_argmax"]
+            lines.append(f"{arch} on {s['external']['data']} (the fold models averaged): malignant-vs-benign AUROC "
+                         f"{a['estimate']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}], sensitivity {sens['estimate']:.3f}, "
+                         f"specificity {spec['estimate']:.3f} (n={mvb['n']})")
     return "\n".join(lines)

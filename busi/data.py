@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from . import preprocess
 from .errors import BusiError
 from .folders import BUSI_CLASSES, IMAGE_SUFFIXES, MASK_NAME, Dataset, Sample, scan  # noqa: F401 (re-exported)
 
@@ -69,9 +70,12 @@ def open_image(path: str | Path, notes: list[str] | None = None) -> Image.Image:
         raise BusiError(f"{path}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def read_image(path: str | Path, size: int | None = None, notes: list[str] | None = None) -> np.ndarray:
-    """HxWx3 uint8 array; resized to size x size (as the seed did, aspect ratio not kept) when size is given."""
+def read_image(path: str | Path, size: int | None = None, notes: list[str] | None = None, steps=()) -> np.ndarray:
+    """HxWx3 uint8 array, through the preprocessing steps (busi.preprocess) and resized to size x size (as the seed
+    did, aspect ratio not kept) when size is given."""
     im = open_image(path, notes)
+    if steps:
+        im = Image.fromarray(preprocess.apply(np.array(im), steps))
     if size is not None and notes is not None and min(im.size) < size:
         notes.append(f"smaller than the {size}-pixel model input, upscaled")
     if size is not None:
@@ -85,11 +89,15 @@ def model_input(image: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(resized).permute(2, 0, 1)[None]
 
 
-def read_mask(paths: list[str | Path] | tuple[str | Path, ...], size: int | None = None) -> np.ndarray | None:
-    """Union of an image's lesion masks as a bool array, resized to size x size when given (None without masks)."""
+def read_mask(paths: list[str | Path] | tuple[str | Path, ...], size: int | None = None,
+              box: tuple[int, int, int, int] | None = None) -> np.ndarray | None:
+    """Union of an image's lesion masks as a bool array, cut to the image's box (top, bottom, left, right) and resized
+    to size x size when given (None without masks)."""
     union = None
     for p in paths:
         im = open_image(p).convert("L")
+        if box is not None:
+            im = im.crop((box[2], box[0], box[3], box[1]))
         if size is not None:
             im = im.resize((size, size), Image.NEAREST)
         m = np.asarray(im) > 127
@@ -99,15 +107,16 @@ def read_mask(paths: list[str | Path] | tuple[str | Path, ...], size: int | None
     return union
 
 
-def load(dataset: Dataset, image_size: int, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, Dataset]:
-    """Decode and resize every image once into memory: (uint8 Nx3xSxS, int64 labels, the dataset minus failures).
+def load(dataset: Dataset, image_size: int, progress: bool = True, steps=()) -> tuple[torch.Tensor, torch.Tensor, Dataset]:
+    """Decode, preprocess and resize every image once into memory: (uint8 Nx3xSxS, int64 labels, the dataset minus
+    failures).
 
     Unreadable images are dropped with a warning that names them, and recorded in the dataset's `skipped`.
     """
     def decode(sample: Sample):
         notes: list[str] = []
         try:
-            return read_image(dataset.file(sample), image_size, notes), None, notes
+            return read_image(dataset.file(sample), image_size, notes, steps), None, notes
         except BusiError as e:
             return None, str(e), notes
 
@@ -143,8 +152,8 @@ def mask_status_counts(status: list[str]) -> dict[str, int]:
     return {k: status.count(k) for k in MASK_STATUSES}
 
 
-def load_masks(dataset: Dataset, image_size: int) -> tuple[torch.Tensor, list[str]]:
-    """(uint8 Nx1xSxS lesion masks, a status per image).
+def load_masks(dataset: Dataset, image_size: int, steps=()) -> tuple[torch.Tensor, list[str]]:
+    """(uint8 Nx1xSxS lesion masks, cropped as the images are when steps crop them; a status per image).
 
     Status: 'lesion', 'empty' (all black, as for normal images), 'missing' (no mask file), 'size_mismatch'
     (mask and image differ in size, so it cannot be trusted to line up) or 'unreadable'. Only the first two
@@ -166,7 +175,8 @@ def load_masks(dataset: Dataset, image_size: int) -> tuple[torch.Tensor, list[st
             if sizes != {image_size_px}:
                 status.append("size_mismatch")
                 continue
-            union = read_mask([dataset.file(p) for p in sample.mask_paths], image_size)
+            box = preprocess.scan_box(np.array(open_image(dataset.file(sample)))) if "crop" in steps else None
+            union = read_mask([dataset.file(p) for p in sample.mask_paths], image_size, box)
         except (BusiError, OSError):
             status.append("unreadable")
             continue
@@ -189,12 +199,13 @@ def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tor
 
 def augment(images: torch.Tensor, masks: torch.Tensor | None = None, flip_p: float = 0.5, max_rotation: float = 10.0,
             autocontrast_p: float = 0.5, min_scale: float = 1.0, brightness: float = 0.0, contrast: float = 0.0,
-            generator: torch.Generator | None = None):
+            ultrasound_p: float = 0.0, generator: torch.Generator | None = None):
     """Train-time augmentation drawn per image but computed on the whole batch at once, on the batch's device.
 
     The seed's three (horizontal flip, rotation, autocontrast), plus optional zoom-and-shift (a random crop
     covering at least `min_scale` of each side) and brightness/contrast jitter. uint8 NCHW in, float [0,1]
-    out. Masks (float N1HW), when given, get the same flip, rotation and crop, and are returned too.
+    out. Masks (float N1HW), when given, get the same flip, rotation and crop, and are returned too. ultrasound_p > 0
+    adds what differs between scanners and settings (ultrasound_like).
     """
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images.clone()
     n, device = x.shape[0], x.device
@@ -212,6 +223,8 @@ def augment(images: torch.Tensor, masks: torch.Tensor | None = None, flip_p: flo
         gain = 1 + (draw(n, 1, 1, 1) * 2 - 1) * contrast
         offset = (draw(n, 1, 1, 1) * 2 - 1) * brightness
         x = ((x - 0.5) * gain + 0.5 + offset).clamp(0, 1)
+    if ultrasound_p > 0:
+        x = ultrasound_like(x, ultrasound_p, draw, generator)
     if flip_p > 0:
         flip = draw(n, 1, 1, 1) < flip_p
         x = torch.where(flip, x.flip(-1), x)
@@ -228,3 +241,28 @@ def augment(images: torch.Tensor, masks: torch.Tensor | None = None, flip_p: flo
         if masks is not None:
             masks = F.grid_sample(masks.float(), grid.to(masks.device), mode="bilinear", padding_mode="zeros", align_corners=False)
     return x if masks is None else (x, masks)
+
+
+def ultrasound_like(x: torch.Tensor, p: float, draw, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each with chance p per image: gain (gamma 1/1.6 to 1.6), depth attenuation (the bottom at 50-100% of the top),
+    blur (Gaussian, sigma 1 px: a coarser transducer) and speckle (multiplicative, smoothed grain, 10-30%).
+
+    Float [0, 1] NCHW in and out; the same change on every channel, so grey stays grey.
+    """
+    n, c, h, w = x.shape
+    device = x.device
+    chosen = lambda: draw(n, 1, 1, 1) < p  # noqa: E731
+    gamma = torch.exp((draw(n, 1, 1, 1) * 2 - 1) * math.log(1.6))
+    x = torch.where(chosen(), x.clamp_min(1e-6) ** gamma, x)
+    bottom = 0.5 + 0.5 * draw(n, 1, 1, 1)
+    depth = torch.linspace(0, 1, h, device=device, dtype=x.dtype).view(1, 1, h, 1)
+    x = torch.where(chosen(), x * (1 - (1 - bottom) * depth), x)
+    taps = torch.exp(-torch.arange(-2, 3, device=device, dtype=x.dtype) ** 2 / 2)
+    taps = taps / taps.sum()
+    blurred = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="replicate"), taps.view(1, 1, 1, 5).expand(c, 1, 1, 5), groups=c)
+    blurred = F.conv2d(F.pad(blurred, (0, 0, 2, 2), mode="replicate"), taps.view(1, 1, 5, 1).expand(c, 1, 5, 1), groups=c)
+    x = torch.where(chosen(), blurred, x)
+    grain = F.avg_pool2d(torch.randn(n, 1, h, w, generator=generator).to(device, x.dtype), 3, 1, 1) * 3  # unit spread
+    strength = 0.1 + 0.2 * draw(n, 1, 1, 1)
+    x = torch.where(chosen(), x * (1 + strength * grain), x)
+    return x.clamp(0, 1)

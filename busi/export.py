@@ -46,7 +46,11 @@ def export(checkpoint_path: str | Path, fmt: str, out: str | Path | None = None,
     wrapped = Deployable(model, config).eval()
     side = config["image_size"]
     example = torch.zeros(2, 3, side, side, dtype=torch.uint8)
-    metadata = json.dumps({**config, "format": fmt, "input": f"uint8 N x 3 x {side} x {side} RGB", "output": "probabilities"})
+    steps = config.get("preprocess") or []
+    before = (f"; each image first through busi.preprocess.apply(image, {steps}) (OpenCV: outside the graph), then "
+              "resized" if steps else "")
+    metadata = json.dumps({**config, "format": fmt, "input": f"uint8 N x 3 x {side} x {side} RGB{before}",
+                           "output": "probabilities"})
     tmp = out.with_name(out.name + ".partial")
     try:
         if fmt == "onnx":

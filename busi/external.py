@@ -87,7 +87,7 @@ def malignant_vs_benign(probs: torch.Tensor, labels: torch.Tensor, classes, oper
     members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {}
-    for _ in range(n_boot):
+    for _ in range(n_boot):  # n_boot 0: the point figures alone
         pick = torch.from_numpy(np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))]))
         boot = _point(b["score"][pick], b["truth"][pick], {k: v[pick] for k, v in b["called"].items()})
         for k, v in boot.items():
@@ -120,3 +120,41 @@ def per_group(probs: torch.Tensor, labels: torch.Tensor, classes, groups: list[s
                   "malignant_vs_benign": malignant_vs_benign(probs[idx], labels[idx], classes, operating_point, sub,
                                                              n_boot=300)}
     return out
+
+
+def relabel(dataset, classes, source: str):
+    """The dataset with labels renumbered in the model's class order (it may hold a subset) -> (dataset, absent)."""
+    import dataclasses
+
+    from .checkpoint import check_classes
+    from .folders import Dataset
+    absent = check_classes(source, {"classes": list(classes)}, dataset.classes)
+    order = list(classes)
+    samples = [dataclasses.replace(s, label=order.index(dataset.classes[s.label])) for s in dataset.samples]
+    return Dataset(dataset.root, tuple(order), samples, dataset.skipped), absent
+
+
+def load_external(cfg, classes, progress: bool = True) -> dict:
+    """cfg.external decoded at the training size, labelled in the model's class order, with its meta rows."""
+    from .data import load, scan
+    dataset, absent = relabel(scan(cfg.external), classes, f"{cfg.external} (external)")
+    images, labels, dataset = load(dataset, cfg.image_size, progress, cfg.preprocess)
+    return {"images": images, "labels": labels, "dataset": dataset, "absent_classes": absent}
+
+
+def fold_average(fold_probs: list[torch.Tensor], thresholds: list[float], external: dict, cfg, classes) -> dict:
+    """The external figures of the fold models' averaged probabilities (one model per fold of cv: together they saw
+    every training image), beside each fold model's own AUROC: what a model trained on this data does elsewhere."""
+    from .workflow import external_figures
+    labels = external["labels"]
+    per_fold = [malignant_vs_benign(p, labels, classes, n_boot=0) for p in fold_probs]
+    op = None
+    if thresholds:  # the folds' thresholds differ; their median applied to the averaged probabilities
+        op = {"class": "malignant", "threshold": float(np.median(thresholds)), "note": "median of the folds' thresholds"}
+    figures = external_figures(torch.stack(fold_probs).mean(0), {"classes": list(classes), "operating_point": op},
+                               labels, external["dataset"], cfg.external_meta, cfg.external_id_column,
+                               cfg.external_group_column, cfg.external_patient_column)
+    return {"data": str(cfg.external), "n": int(len(labels)), "absent_classes": external["absent_classes"],
+            "method": f"probabilities averaged over the {len(fold_probs)} fold models", "operating_point": op,
+            "fold_auroc_malignant_vs_benign": [None if f is None or f["auroc"] is None else f["auroc"]["estimate"]
+                                               for f in per_fold], **figures}

@@ -154,6 +154,10 @@ def render(run: str | Path) -> Path:
             body.append(f"<h3>{html.escape(arch)}</h3>" + _table(["metric", "estimate", "CI low", "CI high"], rows, "metrics")
                         + f'<p class="muted">{html.escape(s["ci_method"])}; mean training time {s["mean_train_seconds"]} s per fold; '
                         f'ECE {s["calibration"]["ece_before"]} → {s["calibration"]["ece_after"]} after temperature scaling.</p>')
+            ext = s.get("external") or {}
+            if ext.get("malignant_vs_benign"):
+                body.append(_binary_table(f"{arch} on another hospital's images ({ext['data']}; {ext['method']})",
+                                          ext["malignant_vs_benign"]))
             if s.get("localization", {}).get("per_class"):
                 body.append(_localization(s["localization"]))
             body.append(_img(run / arch / "confusion_matrix.png", f"{arch}: pooled out-of-fold confusion matrix"))

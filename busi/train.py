@@ -53,7 +53,7 @@ class Classifier(L.LightningModule):
         if self.trainer is not None and self.trainer.training:
             c = self.cfg
             out = augment(x, masks, c.flip_p, c.max_rotation, c.autocontrast_p,
-                          c.min_scale, c.brightness, c.contrast)
+                          c.min_scale, c.brightness, c.contrast, c.ultrasound_p)
             x, masks = out if masks is not None else (out, None)
             if self.mix is not None:  # labels become class probabilities, which cross_entropy accepts as they are
                 x, y = self.mix(x, y)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import time
@@ -16,7 +15,7 @@ import yaml
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__, checkpoint, hardware
+from . import __version__, checkpoint, hardware, preprocess
 from .audit import audit, near_duplicates_across
 from .config import RunConfig, save_config
 from .data import (IMAGE_SUFFIXES, MASK_NAME, MASK_USABLE, Dataset, load, load_masks,
@@ -83,7 +82,8 @@ def prepare(cfg: RunConfig, progress: bool = True, notes: list[str] = ()) -> tup
     for s in dataset.samples:
         if s.path in report["skipped"]:  # unreadable images (stray files were reported by scan already)
             warn(f"skipping {report['skipped'][s.path]}")
-    images, labels, kept = load(Dataset(dataset.root, dataset.classes, usable, report["skipped"]), cfg.image_size, progress)
+    images, labels, kept = load(Dataset(dataset.root, dataset.classes, usable, report["skipped"]), cfg.image_size, progress,
+                                 cfg.preprocess)
     for c, n in kept.counts().items():
         if n == 0:
             raise BusiError(f"{dataset.root / c}: no usable images left in this class")
@@ -143,7 +143,7 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
 def _checkpoint_config(arch: str, cfg: RunConfig, classes) -> dict:
     mean, std = normalization(arch)
     return {"arch": arch, "classes": list(classes), "image_size": cfg.image_size, "mean": list(mean),
-            "std": list(std), "trained_on": str(Path(cfg.data).resolve()), "trained_at": datetime.now().isoformat(timespec="seconds"),
+            "std": list(std), "preprocess": list(cfg.preprocess), "trained_on": str(Path(cfg.data).resolve()), "trained_at": datetime.now().isoformat(timespec="seconds"),
             "seed": cfg.seed, "epochs": cfg.epochs, "tta": cfg.tta, "temperature": 1.0, "version": __version__}
 
 
@@ -194,7 +194,7 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
             "classes": list(dataset.classes),
             "train": [paths[i] for i in train_idx], "val": [paths[i] for i in val_idx], "test": [paths[i] for i in test_idx],
             "left_out_label_conflicts": conflicted, "skipped": dataset.skipped})
-    masks, status = load_masks(dataset, cfg.image_size)
+    masks, status = load_masks(dataset, cfg.image_size, cfg.preprocess)
     part = training_tensors(cfg, images, labels, masks, status)
     histories, rows = {}, []
     for arch in cfg.models:
@@ -284,15 +284,13 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     if (group_column or patient_column) and not meta:
         raise BusiError("--group-column and --patient-column need --meta FILE.csv")
     model, config = checkpoint.load(checkpoint_path)
-    dataset = scan(data)
-    absent = checkpoint.check_classes(checkpoint_path, config, dataset.classes)
-    if absent:  # labels re-numbered in the model's class order, so every figure speaks of the model's classes
-        order = list(config["classes"])
-        dataset = Dataset(dataset.root, tuple(order), [dataclasses.replace(s, label=order.index(dataset.classes[s.label]))
-                                                       for s in dataset.samples], dataset.skipped)
+    from .external import relabel
+    # labels re-numbered in the model's class order, so every figure speaks of the model's classes
+    dataset, absent = relabel(scan(data), config["classes"], str(checkpoint_path))
     folder = run_dir(out, f"evaluate-{config['arch']}", overwrite)
-    images, labels, dataset = load(dataset, config["image_size"], progress)
-    masks, status = load_masks(dataset, config["image_size"])
+    steps = config.get("preprocess", ())
+    images, labels, dataset = load(dataset, config["image_size"], progress, steps)
+    masks, status = load_masks(dataset, config["image_size"], steps)
     overlap = training_overlap(checkpoint_path, config, dataset, train_data, progress)
     logits = checkpoint_logits(model, images, config)  # once, for the overlap, the external figures and write_results
     probs = torch.softmax(logits / float(config.get("temperature", 1.0)), 1)
@@ -380,7 +378,7 @@ def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_d
     bar = tqdm(files, desc="predicting", unit="image", disable=not progress or len(files) < 8, leave=False)
     for n, path in enumerate(bar):
         try:
-            original = read_image(path)
+            original = preprocess.apply(read_image(path), config.get("preprocess", ()))  # what the model sees
         except BusiError as e:
             rows.append({"path": str(path), "error": str(e)})
             continue

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from busi.cli import main
+from conftest import synthetic_scan
 from busi.evaluate import bootstrap_ci
 
 TINY = ["--epochs", "1", "--image-size", "32", "--batch-size", "8", "--no-progress"]
@@ -59,3 +60,38 @@ def test_bootstrap_ci_on_a_known_case():
     many = bootstrap_ci(probs.repeat_interleave(10, 0), labels.repeat_interleave(10), np.arange(100).repeat(10),
                         ["a", "b", "c"], n_boot=2000, seed=0)["accuracy"]
     assert many["ci_high"] - many["ci_low"] == pytest.approx(acc["ci_high"] - acc["ci_low"], abs=0.03)
+
+
+def test_cv_scores_another_hospitals_folder_with_every_fold_model(kaggle_folder, tmp_path, capsys):
+    # another hospital: benign and malignant only, two images per patient, a scanner column
+    other = tmp_path / "other"
+    rows = ["ID,Case,Device"]
+    for label, name in enumerate(("benign", "malignant")):
+        (other / name).mkdir(parents=True)
+        for i in range(6):
+            synthetic_scan(label, seed=500 + 10 * label + i).save(other / name / f"{name}_{i}.png")
+            rows.append(f"{name}_{i},{name}{i // 2},{'A' if i % 2 else 'B'}")
+    (other / "meta.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "cv"
+    assert main(["cv", "--data", str(kaggle_folder), "--model", "custom-cnn", "--folds", "2", "--out", str(out),
+                 "--external", str(other), "--external-meta", str(other / "meta.csv"), "--external-patient-column",
+                 "Case", "--external-group-column", "Device", *TINY]) == 0
+    ext = json.loads((out / "cv_metrics.json").read_text())["custom-cnn"]["external"]
+    assert ext["absent_classes"] == ["normal"] and ext["n"] == 12
+    assert len(ext["fold_auroc_malignant_vs_benign"]) == 2
+    mvb = ext["malignant_vs_benign"]
+    assert mvb["n_clusters"] == 6 and mvb["ci_method"].startswith("95% percentile bootstrap over patients")
+    assert set(ext["per_group"]) == {"A", "B"}
+    preds = list(csv.DictReader(open(out / "custom-cnn" / "external_predictions.csv")))
+    assert len(preds) == 12 and {r["true"] for r in preds} == {"benign", "malignant"}
+    assert "another hospital" in (out / "report.html").read_text()
+    assert "malignant-vs-benign AUROC" in capsys.readouterr().out
+
+
+def test_cv_external_folder_sharing_no_class_is_one_line(kaggle_folder, tmp_path, capsys):
+    (tmp_path / "other" / "cats").mkdir(parents=True)
+    synthetic_scan(0, 1).save(tmp_path / "other" / "cats" / "a.png")
+    assert main(["cv", "--data", str(kaggle_folder), "--model", "custom-cnn", "--folds", "2", "--out",
+                 str(tmp_path / "cv"), "--external", str(tmp_path / "other"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "but the data has cats" in err and len(err.strip().splitlines()) == 1

@@ -17,7 +17,15 @@ def ckpt(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("export")
     data = make_kaggle_folder(root / "data", per_class=8, size=64)
     pretrained = arch != "resnet18"  # its ImageNet weights need a download; the Lite0 ones are installed
-    (root / "c.yaml").write_text(f"ensemble: {members or 1}\ntta: true\npretrained: {str(pretrained).lower()}\n")
+    # the ensemble also cleans its images (busi.preprocess, outside the graph): export and predict must still agree
+    steps = "[crop, overlays]" if members else "[]"
+    (root / "c.yaml").write_text(f"ensemble: {members or 1}\ntta: true\npretrained: {str(pretrained).lower()}\n"
+                                 f"preprocess: {steps}\n")
+    from PIL import ImageDraw
+    from PIL import Image
+    marked = Image.open(data / "malignant" / "malignant (1).png").convert("RGB")
+    ImageDraw.Draw(marked).line([10, 20, 30, 20], fill=(255, 255, 255), width=2)  # a caliper's arm
+    marked.save(data / "malignant" / "malignant (1).png")
     assert main(["train", "--data", str(data), "--model", arch, "--config", str(root / "c.yaml"), "--out",
                  str(root / "run"), *TINY]) == 0
     return root / "run" / arch / "checkpoint.pth", data

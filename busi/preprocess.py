@@ -1,0 +1,86 @@
+"""Image clean-up applied before resizing, in training and in every prediction: scan-region crop, overlay removal, CLAHE."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+STEPS = ("crop", "overlays", "clahe")
+
+# Burned-in calipers, dotted measuring lines and text are bright strokes a few pixels wide: a white top-hat
+# (the image minus its opening) keeps structures narrower than the kernel, and real tissue is seldom both that
+# narrow, that much brighter than its surroundings and that bright. Thresholds were read off busi_dev images
+# with calipers and text (tests draw both on a synthetic scan).
+STROKE_KERNEL = 7
+STROKE_CONTRAST = 90  # top-hat response, out of 255
+STROKE_BRIGHTNESS = 170
+COLOUR_SPREAD = 40  # an ultrasound scan is grey; pixels whose channels differ this much are markers
+# Rows and columns darker than this on average hold no scan (the black margin around it).
+MARGIN_LEVEL = 8
+MIN_CROP_SHARE = 0.03  # trim only margins of at least this share of a side: a darker edge of tissue stays
+
+
+def overlay_mask(image: np.ndarray) -> np.ndarray:
+    """bool HxW: pixels of burned-in markers and text (thin bright strokes, or coloured pixels)."""
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (STROKE_KERNEL, STROKE_KERNEL))
+    tophat = cv2.morphologyEx(gray, cv2.MORPH_TOPHAT, kernel)
+    strokes = (tophat > STROKE_CONTRAST) & (gray >= STROKE_BRIGHTNESS)
+    colour = (image.max(2).astype(np.int16) - image.min(2)) > COLOUR_SPREAD
+    return strokes | colour
+
+
+def remove_overlays(image: np.ndarray) -> np.ndarray:
+    """Markers and text painted over from their surroundings; an image without any comes back unchanged."""
+    mask = overlay_mask(image)
+    if not mask.any():
+        return image
+    # the strokes' anti-aliased rims are a pixel or two wider than the threshold finds
+    grown = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=1)
+    return cv2.inpaint(image, grown, 3, cv2.INPAINT_TELEA)
+
+
+def _longest_run(bright: np.ndarray) -> tuple[int, int]:
+    best, start, span = (0, len(bright)), None, -1
+    for i, b in enumerate(np.append(bright, False)):
+        if b and start is None:
+            start = i
+        elif not b and start is not None:
+            if i - start > span:
+                best, span = (start, i), i - start
+            start = None
+    return best
+
+
+def scan_box(image: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the scan region: black margins (and the interface text on them) left out."""
+    gray = cv2.cvtColor(remove_overlays(image), cv2.COLOR_RGB2GRAY).astype(np.float32)
+    h, w = gray.shape
+    top, bottom = _longest_run(gray.mean(1) > MARGIN_LEVEL)
+    left, right = _longest_run(gray.mean(0) > MARGIN_LEVEL)
+    if bottom - top < h / 3 or right - left < w / 3:  # a mostly dark image: nothing to trust, keep it whole
+        return 0, h, 0, w
+    top = top if top >= MIN_CROP_SHARE * h else 0
+    bottom = bottom if h - bottom >= MIN_CROP_SHARE * h else h
+    left = left if left >= MIN_CROP_SHARE * w else 0
+    right = right if w - right >= MIN_CROP_SHARE * w else w
+    return top, bottom, left, right
+
+
+def crop_to_scan(image: np.ndarray) -> np.ndarray:
+    top, bottom, left, right = scan_box(image)
+    return image[top:bottom, left:right]
+
+
+def clahe(image: np.ndarray) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of the grey levels: gain and dynamic range made alike."""
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    out = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(gray)
+    return cv2.cvtColor(out, cv2.COLOR_GRAY2RGB)
+
+
+def apply(image: np.ndarray, steps) -> np.ndarray:
+    """HxWx3 uint8 through the named steps, in the fixed order crop, overlays, clahe."""
+    for step in STEPS:
+        if step in steps:
+            image = {"crop": crop_to_scan, "overlays": remove_overlays, "clahe": clahe}[step](image)
+    return np.ascontiguousarray(image)
