@@ -11,7 +11,8 @@ from .errors import BusiError
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="dataset folder with one sub-folder per class (e.g. Dataset_BUSI_with_GT)")
+    p.add_argument("--data", action="append", help="dataset folder with one sub-folder per class (e.g. "
+                   "Dataset_BUSI_with_GT); repeat to pool several sources (e.g. BUSI and your hospital's images)")
     p.add_argument("--config", help="YAML file of settings (flags given here override it)")
     p.add_argument("--model", dest="models", action="append", help="custom-cnn, resnet18, resnet50, efficientnet-lite0 or efficientnet-lite2; repeat for several "
                         "(default: custom-cnn and resnet50, the seed experiment)")
@@ -156,13 +157,13 @@ def _check_before_imports(args):
 
     -> the config of train and cv (None for the other commands)."""
     from .config import make_config
-    from .folders import scan
+    from .folders import scan, scan_sources
     cfg = None
     if args.command in ("train", "cv"):
         cfg = make_config(_overrides(args), args.config)
         if not cfg.data:
             raise BusiError(NO_DATA)
-        scan(cfg.data, cfg.classes)  # a missing, empty or mistaken folder; the run scans it again, which is cheap
+        scan_sources(cfg.data, cfg.classes)  # a missing, empty or mistaken folder; the run scans it again: cheap
         if cfg.external:
             scan(cfg.external)
         if cfg.external_meta and not Path(cfg.external_meta).is_file():

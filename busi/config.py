@@ -17,7 +17,7 @@ from .errors import BusiError
 class RunConfig:
     """Everything that decides a train or cv run's numbers; the run folder's config.yaml reproduces it."""
 
-    data: str = ""
+    data: list[str] = field(default_factory=list)  # one folder, or several pooled as sources (--data A --data B)
     models: list[str] = field(default_factory=lambda: ["custom-cnn", "resnet50"])
     classes: list[str] | None = None  # None: every sub-folder of the data folder, in name order
     image_size: int = 224

@@ -15,7 +15,7 @@ from .data import load_masks
 from .evaluate import bootstrap_ci, compute_metrics
 from .operating import decide, decision_metrics
 from .explain import gradcam, summarize_localization
-from .external import fold_average, load_external
+from .external import fold_average, load_external, malignant_vs_benign
 from .models import Ensemble, count_parameters
 from .plots import confusion_matrix
 from .report import render
@@ -34,10 +34,11 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
     paths = [s.path for s in dataset.samples]
     classes = list(dataset.classes)
     dup_groups = group_ids(paths, report["duplicate_groups"])
+    sources = np.asarray([dataset.source_of(s) for s in dataset.samples])
     grouped = cfg.split == "grouped"
     # All folds are made (and checked) before any training, so a bad --folds fails at once.
-    plans = [kfold(labels.numpy(), dup_groups if grouped else np.arange(len(paths)), cfg.folds, cfg.seed + r, grouped)
-             for r in range(cfg.repeats)]
+    plans = [kfold(labels.numpy(), dup_groups if grouped else np.arange(len(paths)), cfg.folds, cfg.seed + r, grouped,
+                   sources) for r in range(cfg.repeats)]
     check_models(cfg, len(classes))
     masks, status = load_masks(dataset, cfg.image_size, cfg.preprocess)
     part = training_tensors(cfg, images, labels, masks, status)
@@ -55,14 +56,14 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
     for arch in cfg.models:
         oof_probs, oof_raw, oof_labels, oof_groups, heat, heat_index = [], [], [], [], [], []
         oof_decided, thresholds = [], []  # the operating point's decisions, each fold with its own threshold
-        external_probs = []
+        external_probs, oof_sources = [], []
         member_probs = [[] for _ in range(cfg.ensemble)] if cfg.ensemble > 1 else []
         for r, plan in enumerate(plans):
             for k, (train_idx, test_idx) in enumerate(plan):
                 val_idx = np.array([], dtype=int)
                 if cfg.val_size > 0:  # the same carve-out as `busi train`, so CV measures that recipe
                     sub_train, sub_val = train_test(labels[train_idx].numpy(), dup_groups[train_idx], cfg.val_size,
-                                                    cfg.seed + r, grouped)
+                                                    cfg.seed + r, grouped, sources[train_idx])
                     train_idx, val_idx = train_idx[sub_train], train_idx[sub_val]
                 model, config, _ = train_one(arch, cfg, classes, part, train_idx, val_idx, folder / arch / f"repeat{r}-fold{k}",
                                              progress=progress, checkpoints=False, seed=cfg.seed + 1000 * r + k)
@@ -91,6 +92,7 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                 oof_raw.append(torch.softmax(logits, 1))
                 oof_labels.append(labels[test_idx])
                 oof_groups.append(dup_groups[test_idx])
+                oof_sources.append(sources[test_idx])
                 lesion = [i for i in test_idx.tolist() if status[i] == "lesion"]
                 if lesion:
                     heat.append(gradcam(model, images[lesion], probs.argmax(1)[np.isin(test_idx, lesion)].tolist(), *norm))
@@ -134,6 +136,8 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                 **{key: [round(m[key], 4) for m in members] for key in ("accuracy", "macro_f1", "auroc")},
                 "recall_malignant": [round(m["per_class"]["malignant"]["recall"], 4) for m in members
                                      if "malignant" in m["per_class"]]}
+        if dataset.sources:
+            summary[arch]["per_source"] = per_source_cv(probs, y, g, np.concatenate(oof_sources), classes)
         if external is not None:
             summary[arch]["external"] = fold_average(external_probs, thresholds, external, cfg, classes)
             mean = torch.stack(external_probs).mean(0)
@@ -148,6 +152,19 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
     (folder / "cv_metrics.json").write_text(json.dumps(summary, indent=2))
     render(folder)
     return folder
+
+
+def per_source_cv(probs: torch.Tensor, labels: torch.Tensor, groups: np.ndarray, sources: np.ndarray, classes) -> dict:
+    """Each source's out-of-fold figures: every metric of its images alone, and malignant vs benign with a CI (a source
+    may lack a class, e.g. 'normal', so the binary question is the one every source can answer)."""
+    out = {}
+    for name in sorted(set(sources.tolist())):
+        idx = torch.from_numpy(np.flatnonzero(sources == name))
+        out[name] = {**compute_metrics(probs[idx], labels[idx], classes),
+                     "malignant_vs_benign": malignant_vs_benign(probs[idx], labels[idx], classes,
+                                                                clusters=groups[idx.numpy()].tolist(),
+                                                                cluster_kind="duplicate groups")}
+    return out
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -168,6 +185,11 @@ def format_cv(summary: dict) -> str:
             mal = op["per_class"]["malignant"]
             lines.append(f"{arch} at the operating point (target malignant recall {op['target_recall']}): malignant recall "
                          f"{mal['recall']:.3f}, precision {mal['precision'] or 0:.3f}, accuracy {op['accuracy']:.3f}")
+        for name, m in (s.get("per_source") or {}).items():
+            auc = (m.get("malignant_vs_benign") or {}).get("auroc")
+            lines.append(f"{arch} on source {name} (n={m['n']}): accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
+                         + (f", malignant-vs-benign AUROC {auc['estimate']:.3f} [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]"
+                            if auc else ""))
         mvb = (s.get("external") or {}).get("malignant_vs_benign")
         if mvb and mvb["auroc"]:
             a, sens, spec = mvb["auroc"], mvb["sensitivity_argmax"], mvb["specificity_argmax"]

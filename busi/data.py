@@ -140,7 +140,7 @@ def load(dataset: Dataset, image_size: int, progress: bool = True, steps=()) -> 
         raise BusiError(f"{dataset.root}: none of the images could be read")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([s.label for s in kept], dtype=torch.int64)
-    return images, labels, Dataset(dataset.root, dataset.classes, kept, skipped)
+    return images, labels, dataset.with_samples(kept, skipped)
 
 
 MASK_USABLE = ("lesion", "empty")

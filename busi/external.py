@@ -75,7 +75,8 @@ def _point(score, truth, called) -> dict:
 
 
 def malignant_vs_benign(probs: torch.Tensor, labels: torch.Tensor, classes, operating_point: dict | None = None,
-                        clusters: list | None = None, n_boot: int = 1000, seed: int = 0) -> dict | None:
+                        clusters: list | None = None, n_boot: int = 1000, seed: int = 0,
+                        cluster_kind: str = "patients") -> dict | None:
     """AUROC of p(malignant)/(p(malignant)+p(benign)) and sensitivity/specificity at argmax and at the operating point,
     with 95% percentile CIs from a bootstrap over clusters (patients when known, else images)."""
     b = _binary(probs, labels, classes, operating_point)
@@ -94,7 +95,7 @@ def malignant_vs_benign(probs: torch.Tensor, labels: torch.Tensor, classes, oper
             if v is not None and not k.startswith("n"):
                 samples.setdefault(k, []).append(v)
     result = {"n": point["n"], "n_malignant": point["n_malignant"], "n_clusters": len(unique),
-              "ci_method": f"95% percentile bootstrap over {'patients' if clusters is not None else 'images'} "
+              "ci_method": f"95% percentile bootstrap over {cluster_kind if clusters is not None else 'images'} "
                            f"({n_boot} resamples)",
               "score": "p(malignant) / (p(malignant) + p(benign))"}
     for k, v in point.items():

@@ -26,15 +26,57 @@ class Dataset:
     classes: tuple[str, ...]
     samples: list[Sample]
     skipped: dict[str, str] = field(default_factory=dict)  # relative path -> why it was left out
+    # several folders pooled (--data A --data B): source name -> folder; every path then starts with its source name
+    sources: dict[str, Path] | None = None
 
     def file(self, sample: Sample | str) -> Path:
-        return self.root / (sample.path if isinstance(sample, Sample) else sample)
+        path = sample.path if isinstance(sample, Sample) else sample
+        if self.sources:
+            name, rest = path.split("/", 1)
+            return self.sources[name] / rest
+        return self.root / path
+
+    def source_of(self, sample: Sample) -> str:
+        return sample.path.split("/", 1)[0] if self.sources else self.root.name
 
     def counts(self) -> dict[str, int]:
         return {c: sum(s.label == i for s in self.samples) for i, c in enumerate(self.classes)}
 
     def subset(self, indices) -> "Dataset":
-        return Dataset(self.root, self.classes, [self.samples[i] for i in indices], dict(self.skipped))
+        return self.with_samples([self.samples[i] for i in indices])
+
+    def with_samples(self, samples: list[Sample], skipped: dict[str, str] | None = None) -> "Dataset":
+        return Dataset(self.root, self.classes, samples, dict(self.skipped if skipped is None else skipped), self.sources)
+
+
+def source_names(roots: list[Path]) -> list[str]:
+    """A short, unique name per folder: its own name, or its name and its parent's when two share one."""
+    names = [r.resolve().name for r in roots]
+    out = [n if names.count(n) == 1 else f"{r.resolve().parent.name}-{n}" for n, r in zip(names, roots)]
+    if len(set(out)) < len(out):
+        raise BusiError(f"the same data folder is given twice: {', '.join(str(r) for r in roots)}")
+    return out
+
+
+def scan_sources(roots, classes=None) -> Dataset:
+    """One folder, or several pooled: each keeps its name as a source; a source may hold a subset of the classes (another
+    hospital's benign/malignant set), but no class the first folder (or --classes) lacks."""
+    roots = [Path(r) for r in ([roots] if isinstance(roots, (str, Path)) else roots)]
+    if len(roots) == 1:
+        return scan(roots[0], classes)
+    first = scan(roots[0], classes)
+    names = source_names(roots)
+    samples, skipped = [], {}
+    for name, root in zip(names, roots):
+        ds = first if root == roots[0] else scan(root)
+        extra = [c for c in ds.classes if c not in first.classes]
+        if extra:
+            raise BusiError(f"{root}: class folder(s) {', '.join(extra)} are not among the classes of {roots[0]} "
+                            f"({', '.join(first.classes)})")
+        samples += [Sample(f"{name}/{s.path}", first.classes.index(ds.classes[s.label]),
+                           tuple(f"{name}/{m}" for m in s.mask_paths)) for s in ds.samples]
+        skipped.update({f"{name}/{k}": v for k, v in ds.skipped.items()})
+    return Dataset(roots[0], first.classes, samples, skipped, dict(zip(names, roots)))
 
 
 def scan(root: str | Path, classes: tuple[str, ...] | list[str] | None = None) -> Dataset:

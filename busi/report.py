@@ -56,6 +56,8 @@ def _model_section(folder: Path, name: str) -> str:
     parts.append(_table(["class", "precision", "recall", "F1", "AUROC", "support"],
                         [[c, v["precision"], v["recall"], v["f1"], v.get("auroc"), v["support"]] for c, v in m["per_class"].items()],
                         "metrics"))
+    if m.get("per_source"):
+        parts.append(_per_source(m["per_source"]))
     if m.get("absent_classes"):
         parts.append(f'<p class="note">No {", ".join(map(html.escape, m["absent_classes"]))} images in this folder: '
                      f"macro averages are over the classes present, and the macro AUROC is not defined.</p>")
@@ -101,6 +103,17 @@ def _binary_table(title: str, mvb: dict) -> str:
     return (f"<h3>{html.escape(title)}</h3>" + _table(["figure (95% CI)", "value"], rows, "metrics")
             + f'<p class="muted">{mvb["n"]} images ({mvb["n_malignant"]} malignant) of {mvb["n_clusters"]} clusters; '
               f'score {html.escape(mvb["score"])}; {html.escape(mvb["ci_method"])}</p>')
+
+
+def _per_source(per_source: dict) -> str:
+    """One row per pooled source: how the model does on each hospital's images, not only on all of them together."""
+    def auc(m):
+        a = (m.get("malignant_vs_benign") or {}).get("auroc")
+        return "–" if not a else f"{a['estimate']:.3f} [{a['ci_low']}, {a['ci_high']}]"
+    rows = [[name, m["n"], m["accuracy"], m["macro_f1"], m.get("auroc"), auc(m),
+             ", ".join(m.get("absent_classes", [])) or "–"] for name, m in per_source.items()]
+    return ("<h3>Per source</h3>" + _table(["source", "images", "accuracy", "macro-F1", "AUROC",
+                                            "malignant vs benign AUROC (95% CI)", "classes absent"], rows, "metrics"))
 
 
 def _localization(loc: dict) -> str:
@@ -154,6 +167,8 @@ def render(run: str | Path) -> Path:
             body.append(f"<h3>{html.escape(arch)}</h3>" + _table(["metric", "estimate", "CI low", "CI high"], rows, "metrics")
                         + f'<p class="muted">{html.escape(s["ci_method"])}; mean training time {s["mean_train_seconds"]} s per fold; '
                         f'ECE {s["calibration"]["ece_before"]} → {s["calibration"]["ece_after"]} after temperature scaling.</p>')
+            if s.get("per_source"):
+                body.append(_per_source(s["per_source"]))
             ext = s.get("external") or {}
             if ext.get("malignant_vs_benign"):
                 body.append(_binary_table(f"{arch} on another hospital's images ({ext['data']}; {ext['method']})",

@@ -27,12 +27,26 @@ def _caption(path: str, classes, true: int, predicted: int, confidence: float) -
     return f"{Path(path).name}\ntrue {classes[true]}, said {classes[predicted]} {confidence:.0%}"
 
 
+def per_source(probs: torch.Tensor, labels: torch.Tensor, classes: list[str], sources: list[str],
+               operating_point: dict | None = None) -> dict:
+    """The metrics of each source's images alone (a source may lack a class: its figures cover the classes it has)."""
+    out = {}
+    for name in sorted(set(sources)):
+        idx = torch.tensor([i for i, s in enumerate(sources) if s == name])
+        out[name] = compute_metrics(probs[idx], labels[idx], classes)
+        if operating_point:
+            out[name]["operating_point"] = metrics_at(probs[idx], labels[idx], classes, operating_point)
+    return out
+
+
 def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Tensor, labels: torch.Tensor,
                   paths: list[str], masks: torch.Tensor | None = None, mask_status: list[str] | None = None,
-                  extra: dict | None = None, explain: bool = True, logits: torch.Tensor | None = None) -> dict:
+                  extra: dict | None = None, explain: bool = True, logits: torch.Tensor | None = None,
+                  sources: list[str] | None = None) -> dict:
     """metrics.json, predictions.csv, confusion_matrix.png, misclassified.png, roc.png, calibration.png, gradcam.png.
 
-    logits: the model's raw scores on images, when the caller has them already."""
+    logits: the model's raw scores on images, when the caller has them already. sources: each image's source, when
+    several folders were pooled: every figure is given per source too."""
     folder.mkdir(parents=True, exist_ok=True)
     classes = list(config["classes"])
     temperature = float(config.get("temperature", 1.0))
@@ -54,6 +68,8 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
     if operating_point:  # the figures above stay argmax ones, comparable across models; these are what users get
         metrics["operating_point"] = {**metrics_at(probs, labels, classes, operating_point),
                                       "rule": describe(operating_point)}
+    if sources is not None and len(set(sources)) > 1:
+        metrics["per_source"] = per_source(probs, labels, classes, sources, operating_point)
     predicted = decide(probs, classes, operating_point)
     with open(folder / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)

@@ -1,5 +1,7 @@
-"""Train/test splits and k folds, stratified by class and grouped so near-duplicates never straddle a split."""
+"""Train/test splits and k folds, stratified by class (and source) and grouped so near-duplicates never straddle a split."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
@@ -21,32 +23,54 @@ def _max_folds(labels: np.ndarray, groups: np.ndarray) -> int:
     return min(len(np.unique(groups[labels == c])) for c in np.unique(labels))
 
 
-def kfold(labels, groups, n_folds: int, seed: int, grouped: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+def strata(labels, groups, sources, n_folds: int) -> np.ndarray:
+    """What to stratify by: source and class together when every source's class has a group for each of n_folds
+    (so every source lands on both sides), else class alone (a small source then falls where the groups allow)."""
+    labels = np.asarray(labels)
+    if sources is None or len(set(sources)) < 2:
+        return labels
+    source_ids = np.unique(np.asarray(sources, dtype=str), return_inverse=True)[1]
+    both = source_ids * (int(labels.max()) + 1) + labels
+    return both if _max_folds(both, np.asarray(groups)) >= n_folds else labels
+
+
+def kfold(labels, groups, n_folds: int, seed: int, grouped: bool = True, sources=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train, test) index pairs; every image is in exactly one test fold."""
     labels, groups = np.asarray(labels), np.asarray(groups)
-    limit = _max_folds(labels, groups if grouped else np.arange(len(labels)))
+    if not grouped:
+        groups = np.arange(len(labels))
+    limit = _max_folds(labels, groups)
     if n_folds > limit:
         kind = "duplicate groups" if grouped else "images"
         raise BusiError(f"{n_folds} folds asked for, but the smallest class has only {limit} {kind}: use --folds {limit} or fewer")
+    by = strata(labels, groups, sources, n_folds)
     if grouped:
         splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        return [(tr, te) for tr, te in splitter.split(np.zeros(len(labels)), labels, groups)]
+        return [(tr, te) for tr, te in splitter.split(np.zeros(len(labels)), by, groups)]
     splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    return [(tr, te) for tr, te in splitter.split(np.zeros(len(labels)), labels)]
+    return [(tr, te) for tr, te in splitter.split(np.zeros(len(labels)), by)]
 
 
-def train_test(labels, groups, test_size: float, seed: int, grouped: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def train_test(labels, groups, test_size: float, seed: int, grouped: bool = True, sources=None) -> tuple[np.ndarray, np.ndarray]:
     """A stratified (grouped) split with about test_size of the images in the test part.
 
     StratifiedGroupKFold only makes equal folds, so we cut into n folds and take round(test_size * n)
     of them as the test part: 20 folds give 5% steps, and fewer folds are used on tiny datasets.
+    With several sources, source and class are stratified together when each has groups enough for the
+    coarsest split that still approximates test_size.
     """
     labels, groups = np.asarray(labels), np.asarray(groups)
-    n_folds = min(20, _max_folds(labels, groups if grouped else np.arange(len(labels))))
+    if not grouped:
+        groups = np.arange(len(labels))
+    n_folds = min(20, _max_folds(labels, groups))
     if n_folds < 2:
         raise BusiError("too few images (or duplicate groups) per class to make a train/test split")
+    coarsest = min(n_folds, max(2, math.ceil(1 / min(test_size, 1 - test_size))))
+    by = strata(labels, groups, sources, coarsest)
+    if by is not labels:
+        n_folds = min(20, _max_folds(by, groups))
     k = min(n_folds - 1, max(1, round(test_size * n_folds)))
-    folds = kfold(labels, groups, n_folds, seed, grouped)
+    folds = kfold(labels, groups, n_folds, seed, grouped, sources if by is not labels else None)
     test = np.sort(np.concatenate([te for _, te in folds[:k]]))
     train = np.setdiff1d(np.arange(len(labels)), test)
     return train, test

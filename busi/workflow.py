@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from .audit import audit, near_duplicates_across
 from .config import RunConfig, save_config
 from .data import (IMAGE_SUFFIXES, MASK_NAME, MASK_USABLE, Dataset, load, load_masks,
                    model_input, read_image, scan, warn)
+from .folders import scan_sources
 from .calibrate import fit_temperature
 from .evaluate import compute_metrics
 from .operating import decide, fit_threshold
@@ -73,20 +75,30 @@ def prepare(cfg: RunConfig, progress: bool = True, notes: list[str] = ()) -> tup
 
     notes (the hardware choice) are printed once the folder is known to be there, so a bad --data stays one line.
     """
-    dataset = scan(cfg.data, cfg.classes)
+    dataset = scan_sources(cfg.data, cfg.classes)
     hardware.announce(notes)
     report = audit(dataset, progress=progress)
+    if dataset.sources:
+        report["sources"] = {name: str(root.resolve()) for name, root in dataset.sources.items()}
+        for group in report["duplicate_groups"]:
+            names = sorted({p.split("/", 1)[0] for p in group})
+            if len(names) > 1:  # one clear line each: a hospital's set that holds BUSI images, say
+                warn(f"the same scan is in sources {' and '.join(names)} ({', '.join(group)}): kept on one side of "
+                     "every split" + (", left out (their labels differ)" if group in report["label_conflicts"] else ""))
     conflicted = sorted({p for g in report["label_conflicts"] for p in g})
     left_out = set(conflicted) | set(report["skipped"])
     usable = [s for s in dataset.samples if s.path not in left_out]
     for s in dataset.samples:
         if s.path in report["skipped"]:  # unreadable images (stray files were reported by scan already)
             warn(f"skipping {report['skipped'][s.path]}")
-    images, labels, kept = load(Dataset(dataset.root, dataset.classes, usable, report["skipped"]), cfg.image_size, progress,
+    images, labels, kept = load(dataset.with_samples(usable, report["skipped"]), cfg.image_size, progress,
                                  cfg.preprocess)
     for c, n in kept.counts().items():
         if n == 0:
             raise BusiError(f"{dataset.root / c}: no usable images left in this class")
+    if kept.sources:
+        counts = ", ".join(f"{name} {sum(kept.source_of(s) == name for s in kept.samples)}" for name in kept.sources)
+        print(f"busi: pooling {len(kept.sources)} sources: {counts} images", file=sys.stderr, flush=True)
     return kept, report, images, labels, conflicted
 
 
@@ -142,8 +154,10 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
 
 def _checkpoint_config(arch: str, cfg: RunConfig, classes) -> dict:
     mean, std = normalization(arch)
+    roots = [str(Path(d).resolve()) for d in cfg.data]
     return {"arch": arch, "classes": list(classes), "image_size": cfg.image_size, "mean": list(mean),
-            "std": list(std), "preprocess": list(cfg.preprocess), "trained_on": str(Path(cfg.data).resolve()), "trained_at": datetime.now().isoformat(timespec="seconds"),
+            "std": list(std), "preprocess": list(cfg.preprocess), "trained_on": roots if len(roots) > 1 else roots[0],
+            "trained_at": datetime.now().isoformat(timespec="seconds"),
             "seed": cfg.seed, "epochs": cfg.epochs, "tta": cfg.tta, "temperature": 1.0, "version": __version__}
 
 
@@ -179,13 +193,16 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
     paths = [s.path for s in dataset.samples]
     grouped = cfg.split == "grouped"
     groups = group_ids(paths, report["duplicate_groups"]) if grouped else np.arange(len(paths))
+    sources = [dataset.source_of(s) for s in dataset.samples]
+    source_arr = np.asarray(sources)
     if cfg.test_size > 0:
-        train_idx, test_idx = train_test(labels.numpy(), groups, cfg.test_size, cfg.seed, grouped)
+        train_idx, test_idx = train_test(labels.numpy(), groups, cfg.test_size, cfg.seed, grouped, sources)
     else:  # every image trains; the test is a folder the model never saw, with `busi evaluate`
         train_idx, test_idx = np.arange(len(paths)), np.array([], dtype=int)
     val_idx = np.array([], dtype=int)
     if cfg.val_size > 0:
-        sub_train, sub_val = train_test(labels[train_idx].numpy(), groups[train_idx], cfg.val_size, cfg.seed, grouped)
+        sub_train, sub_val = train_test(labels[train_idx].numpy(), groups[train_idx], cfg.val_size, cfg.seed, grouped,
+                                        source_arr[train_idx])
         train_idx, val_idx = train_idx[sub_train], train_idx[sub_val]
 
     if main:
@@ -212,7 +229,8 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
         rows.append(write_results(folder / arch, model, config, images[test_idx], labels[test_idx],
                                   [paths[i] for i in test_idx], masks[test_idx], [status[i] for i in test_idx],
                                   {"model": arch, "parameters": count_parameters(model), "epochs": cfg.epochs,
-                                   "train_seconds": config["train_seconds"], "n_train": len(train_idx), "n_val": len(val_idx)}))
+                                   "train_seconds": config["train_seconds"], "n_train": len(train_idx), "n_val": len(val_idx)},
+                                  sources=[sources[i] for i in test_idx]))
     if main:
         loss_curves(histories, folder / "loss.png")
         write_summary(folder, rows, list(dataset.classes))
@@ -257,18 +275,19 @@ def training_overlap(checkpoint_path: str | Path, config: dict, dataset: Dataset
     if train_data is not None and not Path(train_data).is_dir():
         raise BusiError(f"{train_data}: --train-data folder does not exist")
     given = train_data or config.get("trained_on")
-    if not given or not Path(given).is_dir():
+    roots = given if isinstance(given, list) else [given] if given else []  # a list: several sources pooled
+    if not roots or not all(Path(r).is_dir() for r in roots):
         return {"checked": False, "note": f"training data '{given}' is not here: pass --train-data DIR to check"}
-    root = Path(given)
-    reference = scan(root, config["classes"])
+    reference = scan_sources(roots, config["classes"])
     split = Path(checkpoint_path).parent.parent / "split.json"
     if split.is_file():  # only what trained the model (training and validation part), not its own test part
         parts = json.loads(split.read_text())
         used = set(parts["train"]) | set(parts["val"])
         if used <= {s.path for s in reference.samples}:
-            reference = Dataset(reference.root, reference.classes, [s for s in reference.samples if s.path in used])
+            reference = reference.with_samples([s for s in reference.samples if s.path in used])
     seen = near_duplicates_across(reference, dataset, progress)
-    return {"checked": True, "training_data": str(root.resolve()), "n_training_images": len(reference.samples),
+    return {"checked": True, "training_data": [str(Path(r).resolve()) for r in roots] if len(roots) > 1 else
+            str(Path(roots[0]).resolve()), "n_training_images": len(reference.samples),
             "n_with_near_duplicate_in_training": len(seen), "near_duplicates": seen}
 
 

@@ -50,3 +50,19 @@ def test_external_script_sets_busi_cv_beside_the_external_folder(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     row = next(line for line in md.read_text().splitlines() if line.startswith("| tiny"))
     assert "| 1.000 |" in row and "GE" in row  # the BUSI AUROC of the fake CV, and a per-scanner figure
+
+
+def test_external_script_reads_a_cv_run_with_an_external_folder(tmp_path):
+    cv = tmp_path / "cv"
+    cv.mkdir()
+    ci = lambda v: {"estimate": v, "ci_low": v - 0.05, "ci_high": v + 0.05}  # noqa: E731
+    mvb = {"auroc": ci(0.71), "sensitivity_argmax": ci(0.4), "specificity_argmax": ci(0.9), "n": 10, "n_malignant": 4}
+    (cv / "cv_metrics.json").write_text(json.dumps({"m": {
+        "metrics": {"accuracy": ci(0.8), "macro_f1": ci(0.77)},
+        "external": {"malignant_vs_benign": mvb, "per_group": {"Toshiba @x": {"n": 10, "malignant_vs_benign": mvb}}}}}))
+    md = tmp_path / "external.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "external.py"), "--cv", f"exp={cv}", "--md", str(md)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| exp"))
+    assert "0.800 [0.750, 0.850]" in row and "0.770" in row and "0.710 [0.660, 0.760]" in row and "Toshiba 0.71" in row

@@ -328,3 +328,57 @@ def test_resume_after_a_kill_mid_epoch_equals_the_run_never_interrupted(tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     m1, m2 = (json.loads((d / "resnet18" / "metrics.json").read_text()) for d in (whole, cut))
     assert m1["accuracy"] == m2["accuracy"] and m1["confusion_matrix"] == m2["confusion_matrix"]
+
+
+def hospital_folder(root: Path, per_class: int = 8) -> Path:
+    """Another hospital's set: benign and malignant only, its own file names."""
+    from conftest import synthetic_scan
+    for label, name in enumerate(("benign", "malignant")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            synthetic_scan(label, seed=7000 + 100 * label + i, size=64).save(root / name / f"h{label}_{i}.png")
+    return root
+
+
+def test_train_pools_sources_keeps_shared_scans_together_and_reports_each(kaggle_folder, tmp_path, capsys):
+    hospital = hospital_folder(tmp_path / "hospital")
+    shared = kaggle_folder / "benign" / "benign (1).png"
+    (hospital / "benign" / "copy.png").write_bytes(shared.read_bytes())  # the same scan in both sources
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(kaggle_folder), "--data", str(hospital), "--model", "custom-cnn",
+                 "--test-size", "0.3", "--out", str(out), *TINY]) == 0
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if "the same scan is in sources" in x]
+    assert len(line) == 1 and "Dataset_BUSI_with_GT and hospital" in line[0] and "hospital/benign/copy.png" in line[0]
+    assert "pooling 2 sources: Dataset_BUSI_with_GT 24, hospital 17 images" in err
+    split = json.loads((out / "split.json").read_text())
+    sides = {p: side for side in ("train", "val", "test") for p in split[side]}
+    assert sides["hospital/benign/copy.png"] == sides["Dataset_BUSI_with_GT/benign/benign (1).png"]
+    for side in ("train", "test"):  # every source on both sides
+        assert {p.split("/")[0] for p in split[side]} == {"Dataset_BUSI_with_GT", "hospital"}
+    metrics = json.loads((out / "custom-cnn" / "metrics.json").read_text())
+    per_source = metrics["per_source"]
+    assert set(per_source) == {"Dataset_BUSI_with_GT", "hospital"}
+    assert per_source["hospital"]["absent_classes"] == ["normal"]
+    assert sum(m["n"] for m in per_source.values()) == metrics["n"]
+    assert "Per source" in (out / "report.html").read_text()
+    ckpt = torch.load(out / "custom-cnn" / "checkpoint.pth", weights_only=True)
+    assert ckpt["config"]["trained_on"] == [str(kaggle_folder.resolve()), str(hospital.resolve())]
+    # evaluate knows what the pooled model trained on: the shared scan is a near-duplicate of a training image
+    assert main(["evaluate", "--checkpoint", str(out / "custom-cnn" / "checkpoint.pth"), "--data", str(hospital),
+                 "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    overlap = json.loads((tmp_path / "ev" / "metrics.json").read_text())["training_overlap"]
+    assert overlap["checked"] and overlap["n_with_near_duplicate_in_training"] >= 1
+
+
+def test_cv_pools_sources_and_scores_each(kaggle_folder, tmp_path, capsys):
+    hospital = hospital_folder(tmp_path / "hospital", per_class=6)
+    out = tmp_path / "cv"
+    assert main(["cv", "--data", str(kaggle_folder), "--data", str(hospital), "--model", "custom-cnn", "--folds", "3",
+                 "--val-size", "0", "--out", str(out), *TINY]) == 0
+    summary = json.loads((out / "cv_metrics.json").read_text())["custom-cnn"]
+    assert summary["per_source"]["hospital"]["n"] == 12 and summary["per_source"]["Dataset_BUSI_with_GT"]["n"] == 24
+    assert summary["per_source"]["hospital"]["malignant_vs_benign"]["auroc"] is not None
+    folds = json.loads((out / "folds.json").read_text())["test_folds"][0]
+    assert all({p.split("/")[0] for p in fold} == {"Dataset_BUSI_with_GT", "hospital"} for fold in folds)
+    assert "on source hospital (n=12)" in capsys.readouterr().out

@@ -6,6 +6,7 @@ from PIL import Image
 from busi import data
 from busi.data import augment, load, read_image, scan
 from busi.errors import BusiError
+from conftest import make_kaggle_folder
 
 
 def test_scan_kaggle_layout_leaves_masks_out_but_attaches_them(kaggle_folder):
@@ -135,3 +136,34 @@ def test_odd_images_are_named_in_a_warning_or_skipped(kaggle_folder, capsys):
     assert "smaller than the 64-pixel model input, upscaled: malignant/malignant (3).png" in err
     assert "too small to be a scan (1x1 pixels" in kept.skipped["normal/normal (3).png"] and len(labels) == 23
     assert images[[s.path for s in kept.samples].index("benign/benign (3).png")].max() > 200  # rescaled, not clipped
+
+
+def test_scan_sources_pools_folders_each_under_its_name(tmp_path):
+    from busi.folders import scan_sources
+    busi = make_kaggle_folder(tmp_path / "busi", per_class=3, size=64)
+    hospital = tmp_path / "hospital"
+    for name in ("malignant", "benign"):  # another order, a subset of the classes
+        (hospital / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), 90).save(hospital / name / "x.png")
+        Image.new("L", (32, 32), 0).save(hospital / name / "x_mask.png")
+    ds = scan_sources([busi, hospital])
+    assert ds.classes == ("benign", "malignant", "normal") and len(ds.samples) == 11
+    by_path = {s.path: s for s in ds.samples}
+    assert by_path["hospital/malignant/x.png"].label == 1 and by_path["hospital/benign/x.png"].label == 0
+    assert by_path["hospital/benign/x.png"].mask_paths == ("hospital/benign/x_mask.png",)
+    assert ds.file(by_path["hospital/benign/x.png"]) == hospital / "benign" / "x.png"
+    assert ds.file("busi/normal/normal (1).png").is_file()
+    assert {ds.source_of(s) for s in ds.samples} == {"busi", "hospital"}
+    assert scan_sources([busi]).samples == scan(busi).samples  # one folder: paths as before
+
+
+def test_scan_sources_bad_input_is_one_line(tmp_path):
+    from busi.folders import scan_sources
+    busi = make_kaggle_folder(tmp_path / "busi", per_class=2, size=64)
+    other = tmp_path / "other" / "cats"
+    other.mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(other / "a.png")
+    with pytest.raises(BusiError, match="class folder.s. cats are not among the classes of"):
+        scan_sources([busi, tmp_path / "other"])
+    with pytest.raises(BusiError, match="given twice"):
+        scan_sources([busi, busi])

@@ -46,3 +46,28 @@ def test_too_many_folds_is_a_clear_error():
     labels, groups = _toy(40)
     with pytest.raises(BusiError, match="folds asked for, but the smallest class has only"):
         kfold(labels, groups, 30, seed=0)
+
+
+@pytest.mark.parametrize("small", [False, True])
+def test_several_sources_each_land_on_both_sides(small):
+    """A big source (BUSI-like) pooled with a small one that holds two classes (another hospital's benign/malignant)."""
+    labels, groups = _toy(300)
+    rng = np.random.default_rng(1)
+    n_b = 12 if small else 80
+    labels_b = rng.choice(2, size=n_b)
+    labels = np.concatenate([labels, labels_b])
+    groups = np.concatenate([groups, 1000 + np.arange(n_b)])
+    sources = np.array(["busi"] * 300 + ["hospital"] * n_b)
+    train, test = train_test(labels, groups, 0.3, seed=0, sources=sources)
+    assert set(groups[train]).isdisjoint(groups[test])
+    for name in ("busi", "hospital"):
+        share = (sources[test] == name).sum() / (sources == name).sum()
+        assert 0.1 < share < 0.5, (name, share)
+    folds = kfold(labels, groups, 3, seed=0, sources=sources)
+    for tr, te in folds:
+        assert set(groups[tr]).isdisjoint(groups[te])
+        assert {"busi", "hospital"} <= set(sources[te]) and {"busi", "hospital"} <= set(sources[tr])
+    if not small:  # stratified by source and class: each fold holds its share of the hospital's malignant images
+        for _, te in folds:
+            n = ((sources[te] == "hospital") & (labels[te] == 1)).sum()
+            assert abs(n - (labels_b == 1).sum() / 3) <= 2
