@@ -40,7 +40,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="share of the training part kept aside to fit the temperature (default 0.1; 0: none)")
     p.add_argument("--preprocess", nargs="+", metavar="STEP",
                    help="clean every image before training and prediction (kept in the checkpoint): crop (to the scan "
-                        "region), overlays (paint out calipers and text), clahe (equalise grey levels)")
+                        "region), overlays (paint out calipers and text), clahe (equalise grey levels), pad (to a "
+                        "square with black, so resizing keeps proportions)")
     p.add_argument("--ultrasound-p", type=float, help="chance of each ultrasound-like augmentation (speckle, gain, blur, "
                                                       "depth attenuation) per image (default 0)")
     p.add_argument("--out", help="run folder (default: runs/<timestamp>-<name>)")

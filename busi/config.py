@@ -52,7 +52,8 @@ class RunConfig:
     external_patient_column: str | None = None
     external_group_column: str | None = None
     # preprocessing of every image, in training and prediction (stored in the checkpoint): crop (to the scan region),
-    # overlays (calipers and text painted out), clahe (adaptive histogram equalisation); busi/preprocess.py
+    # overlays (calipers and text painted out), clahe (adaptive histogram equalisation), pad (to a square, so that
+    # resizing keeps the image's proportions); busi/preprocess.py
     preprocess: list[str] = field(default_factory=list)
     # augmentation, drawn per image on whole batches
     flip_p: float = 0.5
@@ -80,7 +81,7 @@ class RunConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 # busi.models.ARCHITECTURES' names, here too so that a config is checked without importing torch (a test keeps them equal)
 MODEL_NAMES = ("custom-cnn", "resnet18", "resnet50", "efficientnet-lite0", "efficientnet-lite2")
-PREPROCESS_STEPS = ("crop", "overlays", "clahe")  # busi.preprocess.STEPS (a test keeps them equal)
+PREPROCESS_STEPS = ("crop", "overlays", "clahe", "pad")  # busi.preprocess.STEPS (a test keeps them equal)
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 _HINTS = typing.get_type_hints(RunConfig)
 

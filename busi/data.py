@@ -89,15 +89,11 @@ def model_input(image: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(resized).permute(2, 0, 1)[None]
 
 
-def read_mask(paths: list[str | Path] | tuple[str | Path, ...], size: int | None = None,
-              box: tuple[int, int, int, int] | None = None) -> np.ndarray | None:
-    """Union of an image's lesion masks as a bool array, cut to the image's box (top, bottom, left, right) and resized
-    to size x size when given (None without masks)."""
+def read_mask(paths: list[str | Path] | tuple[str | Path, ...], size: int | None = None) -> np.ndarray | None:
+    """Union of an image's lesion masks as a bool array, resized to size x size when given (None without masks)."""
     union = None
     for p in paths:
         im = open_image(p).convert("L")
-        if box is not None:
-            im = im.crop((box[2], box[0], box[3], box[1]))
         if size is not None:
             im = im.resize((size, size), Image.NEAREST)
         m = np.asarray(im) > 127
@@ -175,8 +171,13 @@ def load_masks(dataset: Dataset, image_size: int, steps=()) -> tuple[torch.Tenso
             if sizes != {image_size_px}:
                 status.append("size_mismatch")
                 continue
-            box = preprocess.scan_box(np.array(open_image(dataset.file(sample)))) if "crop" in steps else None
-            union = read_mask([dataset.file(p) for p in sample.mask_paths], image_size, box)
+            if any(s in preprocess.GEOMETRIC for s in steps):  # cut and padded as its image is, then resized
+                full = read_mask([dataset.file(p) for p in sample.mask_paths])
+                _, full = preprocess.apply(np.array(open_image(dataset.file(sample))), steps, mask=full)
+                union = np.asarray(Image.fromarray(full.astype(np.uint8) * 255).resize((image_size, image_size),
+                                                                                         Image.NEAREST)) > 127
+            else:
+                union = read_mask([dataset.file(p) for p in sample.mask_paths], image_size)
         except (BusiError, OSError):
             status.append("unreadable")
             continue

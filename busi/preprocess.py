@@ -1,10 +1,11 @@
-"""Image clean-up applied before resizing, in training and in every prediction: scan-region crop, overlay removal, CLAHE."""
+"""Image clean-up applied before resizing, in training and in every prediction: scan crop, overlays out, CLAHE, padding."""
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
-STEPS = ("crop", "overlays", "clahe")
+STEPS = ("crop", "overlays", "clahe", "pad")
+GEOMETRIC = ("crop", "pad")  # the steps a lesion mask must follow
 
 # Burned-in calipers, dotted measuring lines and text are bright strokes a few pixels wide: a white top-hat
 # (the image minus its opening) keeps structures narrower than the kernel, and real tissue is seldom both that
@@ -66,9 +67,11 @@ def scan_box(image: np.ndarray) -> tuple[int, int, int, int]:
     return top, bottom, left, right
 
 
-def crop_to_scan(image: np.ndarray) -> np.ndarray:
-    top, bottom, left, right = scan_box(image)
-    return image[top:bottom, left:right]
+def pad_box(image: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) black rows and columns that make the image square, centred."""
+    h, w = image.shape[:2]
+    extra_h, extra_w = max(0, w - h), max(0, h - w)
+    return extra_h // 2, extra_h - extra_h // 2, extra_w // 2, extra_w - extra_w // 2
 
 
 def clahe(image: np.ndarray) -> np.ndarray:
@@ -78,9 +81,25 @@ def clahe(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(out, cv2.COLOR_GRAY2RGB)
 
 
-def apply(image: np.ndarray, steps) -> np.ndarray:
-    """HxWx3 uint8 through the named steps, in the fixed order crop, overlays, clahe."""
+def apply(image: np.ndarray, steps, mask: np.ndarray | None = None):
+    """HxWx3 uint8 through the named steps, in the fixed order crop, overlays, clahe, pad.
+
+    pad makes the image square with black borders, so that resizing to the square model input keeps its proportions
+    (a lesion's height-to-width ratio is a sign of malignancy, and scanners' frames differ in shape). A mask (HxW, the
+    image's size) given too gets the same crop and padding, and (image, mask) is returned.
+    """
     for step in STEPS:
-        if step in steps:
-            image = {"crop": crop_to_scan, "overlays": remove_overlays, "clahe": clahe}[step](image)
-    return np.ascontiguousarray(image)
+        if step not in steps:
+            continue
+        if step == "crop":
+            top, bottom, left, right = scan_box(image)
+            image = image[top:bottom, left:right]
+            mask = None if mask is None else mask[top:bottom, left:right]
+        elif step == "pad":
+            top, bottom, left, right = pad_box(image)
+            image = np.pad(image, ((top, bottom), (left, right), (0, 0)))
+            mask = None if mask is None else np.pad(mask, ((top, bottom), (left, right)))
+        else:
+            image = {"overlays": remove_overlays, "clahe": clahe}[step](image)
+    image = np.ascontiguousarray(image)
+    return image if mask is None else (image, np.ascontiguousarray(mask))

@@ -121,3 +121,16 @@ def test_the_checkpoint_carries_its_preprocessing_into_predict(tmp_path):
     Image.fromarray(preprocess.apply(marked, ["crop", "overlays"])).save(tmp_path / "cleaned.png")
     a, b = run_predict(ckpt, [tmp_path / "marked.png", tmp_path / "cleaned.png"])
     assert a["probabilities"] == b["probabilities"]  # the model saw the cleaned scan, not the markers
+
+
+def test_pad_keeps_proportions_and_its_mask_follows():
+    image = tissue(120, 200)
+    mask = np.zeros((120, 200), bool)
+    mask[10:20, 50:60] = True
+    out, m = preprocess.apply(image, ["pad"], mask=mask)
+    assert out.shape == (200, 200, 3) and m.shape == (200, 200)
+    assert np.array_equal(out[40:160], image) and not out[:40].any() and not out[160:].any()
+    ys, xs = np.nonzero(m)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (50, 59, 50, 59)
+    square = tissue(64, 64)
+    assert np.array_equal(preprocess.apply(square, ["pad"]), square)
