@@ -54,6 +54,22 @@ def split_by_patient(data: Path, meta: Path, id_column: str, patient_column: str
             for name, idx in halves.items()}
 
 
+def reference_on(cv_run: Path, half: Path, patient: dict[str, str]) -> dict:
+    """malignant_vs_benign of a cv run's external_predictions.csv on the images of half, CIs over patients."""
+    import torch
+
+    from busi.external import malignant_vs_benign
+    arch_dir = next(cv_run.glob("*/external_predictions.csv"))
+    wanted = {p.relative_to(half).as_posix() for p in half.rglob("*.png") if "_mask" not in p.name}
+    with open(arch_dir, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["path"] in wanted]
+    classes = [k[2:] for k in rows[0] if k.startswith("p_")]
+    probs = torch.tensor([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    labels = torch.tensor([classes.index(r["true"]) for r in rows])
+    clusters = [patient[Path(r["path"]).stem] for r in rows]
+    return {"malignant_vs_benign": malignant_vs_benign(probs, labels, classes, clusters=clusters), "accuracy": None}
+
+
 def run(cmd: list[str]) -> None:
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -70,6 +86,8 @@ def main():
     parser.add_argument("--config", default=str(ROOT / "configs" / "recommended.yaml"))
     parser.add_argument("--busi-only", default=str(ROOT / "busi" / "assets" / "recommended.pth"),
                         help="a model of the same recipe trained on BUSI alone (default: the bundled model)")
+    parser.add_argument("--reference-cv", type=Path, help="a `busi cv --external HOSPITAL` run of BUSI alone: its fold "
+                        "models' averaged predictions on half B make another BUSI-alone row (other trainings than --busi-only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-root", type=Path, default=Path("runs/pooling"))
     parser.add_argument("--md", type=Path)
@@ -93,6 +111,11 @@ def main():
                  "--group-column", args.group_column, "--out", str(ev), "--overwrite", "--no-progress"])
         rows.append((name, json.loads((ev / "metrics.json").read_text())))
 
+    if args.reference_cv:
+        with open(args.meta, newline="", encoding="utf-8-sig") as f:
+            patient = {r[args.id_column]: r[args.patient_column] for r in csv.DictReader(f)}
+        rows.append(("BUSI alone (the CV's fold models averaged)", reference_on(args.reference_cv, out / "half_b", patient)))
+
     def ci(v):
         return "–" if not v else f"{v['estimate']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
     lines = ["| trained on | half B: AUROC, malignant vs benign | sensitivity / specificity (argmax) | "
@@ -104,8 +127,9 @@ def main():
                            if v.get("malignant_vs_benign") and v["malignant_vs_benign"].get("auroc"))
         op = (f"{ci(mvb.get('sensitivity_operating_point'))} / {ci(mvb.get('specificity_operating_point'))}"
               if mvb.get("sensitivity_operating_point") else "–")
+        acc = "–" if m.get("accuracy") is None else f"{m['accuracy']:.3f}"
         lines.append(f"| {name} | {ci(mvb['auroc'])} | {ci(mvb['sensitivity_argmax'])} / {ci(mvb['specificity_argmax'])} "
-                     f"| {op} | {m['accuracy']:.3f} | {groups} |")
+                     f"| {op} | {acc} | {groups or '–'} |")
     text = "\n".join(lines)
     print(text)
     if args.md:

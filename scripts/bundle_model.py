@@ -37,7 +37,9 @@ def card(data: dict, cv_dir: Path | None, external: Path | None) -> str:
         f"{', '.join(data['classes'])}; input {data['image_size']}×{data['image_size']} RGB.",
         f"- Recipe: `configs/recommended.yaml` — {r['epochs']} epochs, AdamW lr {r['lr']}, weight decay {r['weight_decay']}, "
         f"cosine schedule, label smoothing {r['label_smoothing']}, flip / rotation / zoom / brightness / contrast / "
-        f"autocontrast augmentation, mirror test-time augmentation.",
+        f"autocontrast augmentation, mirror test-time augmentation"
+        + (f"; every image first through busi.preprocess: {', '.join(r['preprocess'])} (applied by predict, evaluate "
+           "and serve too)." if r.get("preprocess") else "."),
         f"- Confidence: temperature {data['temperature']:.3f}, fitted on the 10% of the training images kept aside.",
         (f"- Decision rule: 'malignant' whenever p(malignant) ≥ {op['threshold']:.3f} (set for "
          f"{op['target_recall']:.0%} malignant recall on {op['fitted_on']} validation images; it found "

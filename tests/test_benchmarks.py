@@ -66,3 +66,33 @@ def test_external_script_reads_a_cv_run_with_an_external_folder(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     row = next(line for line in md.read_text().splitlines() if line.startswith("| exp"))
     assert "0.800 [0.750, 0.850]" in row and "0.770" in row and "0.710 [0.660, 0.760]" in row and "Toshiba 0.71" in row
+
+
+def test_pooling_script_splits_the_hospital_by_patient_and_compares(tmp_path):
+    import shutil
+    busi = make_kaggle_folder(tmp_path / "busi", per_class=8, size=64)
+    hospital = make_kaggle_folder(tmp_path / "hospital", per_class=8, size=64)
+    shutil.rmtree(hospital / "normal")
+    meta = tmp_path / "meta.csv"  # two images per patient
+    meta.write_text("ID,Case,Device\n" + "".join(f"{c} ({i}),{c}{(i + 1) // 2},GE @10MHz\n"
+                                                for c in ("benign", "malignant") for i in range(1, 9)))
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("models: [custom-cnn]\nepochs: 1\nimage_size: 32\nbatch_size: 8\ntest_size: 0\nval_size: 0.2\n"
+                      "malignant_recall: 0.9\n")
+    busi_only = tmp_path / "busi-only"
+    subprocess.run([sys.executable, "-m", "busi.cli", "train", "--config", str(recipe), "--data", str(busi), "--out",
+                    str(busi_only), "--no-progress"], check=True, capture_output=True, timeout=600)
+    md = tmp_path / "pooling.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pooling.py"), "--busi", str(busi), "--hospital",
+                           str(hospital), "--meta", str(meta), "--config", str(recipe), "--busi-only",
+                           str(busi_only / "custom-cnn" / "checkpoint.pth"), "--out-root", str(tmp_path / "runs"),
+                           "--md", str(md)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    halves = {h: {p.stem for p in (tmp_path / "runs" / h).rglob("*.png") if "_mask" not in p.name}
+              for h in ("half_a", "half_b")}
+    patients = lambda names: {n.split(" (")[0] + str((int(n.split("(")[1][:-1]) + 1) // 2) for n in names}  # noqa: E731
+    assert halves["half_a"] and halves["half_b"] and not patients(halves["half_a"]) & patients(halves["half_b"])
+    split = json.loads((tmp_path / "runs" / "pooled" / "split.json").read_text())
+    assert {p.split("/")[0] for p in split["train"] + split["val"]} == {"busi", "half_a"}
+    text = md.read_text()
+    assert "| BUSI alone |" in text and "| BUSI + half A |" in text
