@@ -59,7 +59,7 @@ def reference_on(cv_run: Path, half: Path, patient: dict[str, str]) -> dict:
     import torch
 
     from busi.external import malignant_vs_benign
-    arch_dir = next(cv_run.glob("*/external_predictions.csv"))
+    arch_dir = next(cv_run.rglob("external_predictions.csv"))  # in <model>/ of a run folder, flat in results/
     wanted = {p.relative_to(half).as_posix() for p in half.rglob("*.png") if "_mask" not in p.name}
     with open(arch_dir, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["path"] in wanted]
