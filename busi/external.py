@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from .data import warn
 from .errors import BusiError
 from .operating import decide
 
@@ -146,16 +147,34 @@ def load_external(cfg, classes, progress: bool = True) -> dict:
 def fold_average(fold_probs: list[torch.Tensor], thresholds: list[float], external: dict, cfg, classes) -> dict:
     """The external figures of the fold models' averaged probabilities (one model per fold of cv: together they saw
     every training image), beside each fold model's own AUROC: what a model trained on this data does elsewhere."""
-    from .workflow import external_figures
     labels = external["labels"]
     per_fold = [malignant_vs_benign(p, labels, classes, n_boot=0) for p in fold_probs]
     op = None
     if thresholds:  # the folds' thresholds differ; their median applied to the averaged probabilities
         op = {"class": "malignant", "threshold": float(np.median(thresholds)), "note": "median of the folds' thresholds"}
-    figures = external_figures(torch.stack(fold_probs).mean(0), {"classes": list(classes), "operating_point": op},
+    found = figures(torch.stack(fold_probs).mean(0), {"classes": list(classes), "operating_point": op},
                                labels, external["dataset"], cfg.external_meta, cfg.external_id_column,
                                cfg.external_group_column, cfg.external_patient_column)
     return {"data": str(cfg.external), "n": int(len(labels)), "absent_classes": external["absent_classes"],
             "method": f"probabilities averaged over the {len(fold_probs)} fold models", "operating_point": op,
             "fold_auroc_malignant_vs_benign": [None if f is None or f["auroc"] is None else f["auroc"]["estimate"]
-                                               for f in per_fold], **figures}
+                                               for f in per_fold], **found}
+
+
+def figures(probs, config, labels, dataset, meta, id_column, group_column, patient_column) -> dict:
+    """malignant_vs_benign (patient-level CIs when a patient column is given) and per_group, for metrics.json."""
+    paths = [s.path for s in dataset.samples]
+    rows = {}
+    if meta:
+        columns = [c for c in (group_column, patient_column) if c]
+        rows, notes = read_meta(meta, id_column, columns, paths)
+        for line in notes:
+            warn(line)
+    op = config.get("operating_point")
+    patients = [rows.get(p, {}).get(patient_column) or f"image:{p}" for p in paths] if patient_column else None
+    out = {"malignant_vs_benign": malignant_vs_benign(probs, labels, config["classes"], op, patients)}
+    if group_column:
+        out["group_column"] = group_column
+        out["per_group"] = per_group(probs, labels, config["classes"], [rows.get(p, {}).get(group_column) or "unknown"
+                                                                        for p in paths], op, patients)
+    return out

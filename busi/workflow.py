@@ -303,7 +303,7 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     if (group_column or patient_column) and not meta:
         raise BusiError("--group-column and --patient-column need --meta FILE.csv")
     model, config = checkpoint.load(checkpoint_path)
-    from .external import relabel
+    from .external import figures, relabel
     # labels re-numbered in the model's class order, so every figure speaks of the model's classes
     dataset, absent = relabel(scan(data), config["classes"], str(checkpoint_path))
     folder = run_dir(out, f"evaluate-{config['arch']}", overwrite)
@@ -324,32 +324,12 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     (folder / "config.yaml").write_text(yaml.safe_dump({"command": "evaluate", "checkpoint": str(checkpoint_path),
                                                      "data": str(data), "busi_version": __version__}, sort_keys=False))
     extra = {"model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped,
-             "training_overlap": overlap, **external_figures(probs, config, labels, dataset, meta, id_column,
-                                                             group_column, patient_column)}
+             "training_overlap": overlap, **figures(probs, config, labels, dataset, meta, id_column, group_column,
+                                                    patient_column)}
     metrics = write_results(folder, model, config, images, labels, [s.path for s in dataset.samples], masks, status, extra,
                             logits=logits)
     render(folder)
     return metrics, folder
-
-
-def external_figures(probs, config, labels, dataset: Dataset, meta, id_column, group_column, patient_column) -> dict:
-    """malignant_vs_benign (patient-level CIs when a patient column is given) and per_group, for metrics.json."""
-    from .external import malignant_vs_benign, per_group, read_meta
-    paths = [s.path for s in dataset.samples]
-    rows = {}
-    if meta:
-        columns = [c for c in (group_column, patient_column) if c]
-        rows, notes = read_meta(meta, id_column, columns, paths)
-        for line in notes:
-            warn(line)
-    op = config.get("operating_point")
-    patients = [rows.get(p, {}).get(patient_column) or f"image:{p}" for p in paths] if patient_column else None
-    out = {"malignant_vs_benign": malignant_vs_benign(probs, labels, config["classes"], op, patients)}
-    if group_column:
-        out["group_column"] = group_column
-        out["per_group"] = per_group(probs, labels, config["classes"], [rows.get(p, {}).get(group_column) or "unknown"
-                                                                        for p in paths], op, patients)
-    return out
 
 
 def operating_point_of(model_path: str | Path) -> dict | None:
