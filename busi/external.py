@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -126,14 +127,11 @@ def per_group(probs: torch.Tensor, labels: torch.Tensor, classes, groups: list[s
 
 def relabel(dataset, classes, source: str):
     """The dataset with labels renumbered in the model's class order (it may hold a subset) -> (dataset, absent)."""
-    import dataclasses
-
     from .checkpoint import check_classes
-    from .folders import Dataset
     absent = check_classes(source, {"classes": list(classes)}, dataset.classes)
     order = list(classes)
     samples = [dataclasses.replace(s, label=order.index(dataset.classes[s.label])) for s in dataset.samples]
-    return Dataset(dataset.root, tuple(order), samples, dataset.skipped), absent
+    return dataclasses.replace(dataset, classes=tuple(order), samples=samples), absent
 
 
 def load_external(cfg, classes, progress: bool = True) -> dict:
@@ -152,9 +150,9 @@ def fold_average(fold_probs: list[torch.Tensor], thresholds: list[float], extern
     op = None
     if thresholds:  # the folds' thresholds differ; their median applied to the averaged probabilities
         op = {"class": "malignant", "threshold": float(np.median(thresholds)), "note": "median of the folds' thresholds"}
-    found = figures(torch.stack(fold_probs).mean(0), {"classes": list(classes), "operating_point": op},
-                               labels, external["dataset"], cfg.external_meta, cfg.external_id_column,
-                               cfg.external_group_column, cfg.external_patient_column)
+    mean = torch.stack(fold_probs).mean(0)
+    found = figures(mean, {"classes": list(classes), "operating_point": op}, labels, external["dataset"],
+                    cfg.external_meta, cfg.external_id_column, cfg.external_group_column, cfg.external_patient_column)
     return {"data": str(cfg.external), "n": int(len(labels)), "absent_classes": external["absent_classes"],
             "method": f"probabilities averaged over the {len(fold_probs)} fold models", "operating_point": op,
             "fold_auroc_malignant_vs_benign": [None if f is None or f["auroc"] is None else f["auroc"]["estimate"]
