@@ -37,7 +37,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", help="auto, ddp … (default auto; Lightning)")
     p.add_argument("--num-nodes", type=int, help="machines in a multi-node run (default 1; Lightning)")
     p.add_argument("--val-size", type=float,
-                   help="share of the training part kept aside to fit the temperature (default 0.1; 0: none)")
+                   help="share of the training part kept aside for the temperature and the malignant threshold "
+                        "(default 0.1; 0: none)")
+    p.add_argument("--fit-temperature", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale the probabilities by a temperature fitted on the validation part (default: on; "
+                        "configs/recommended.yaml: off)")
     p.add_argument("--preprocess", nargs="+", metavar="STEP",
                    help="clean every image before training and prediction (kept in the checkpoint): crop (to the scan "
                         "region), overlays (paint out calipers and text), clahe (equalise grey levels), pad (to a "
@@ -51,7 +55,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 RUN_KEYS = ("data", "models", "preprocess", "ultrasound_p", "classes", "image_size", "epochs", "batch_size", "lr", "weight_decay", "seed", "split",
             "weights", "pretrained", "accelerator", "devices", "precision", "channels_last", "strategy", "num_nodes", "test_size",
-            "val_size", "folds", "repeats", "external", "external_meta", "external_id_column", "external_patient_column",
+            "val_size", "fit_temperature", "folds", "repeats", "external", "external_meta", "external_id_column", "external_patient_column",
             "external_group_column")
 
 

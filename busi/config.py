@@ -23,7 +23,9 @@ class RunConfig:
     image_size: int = 224
     # split
     test_size: float = 0.3
-    val_size: float = 0.1  # carved from the training part (grouped) to fit the temperature; never the test part
+    val_size: float = 0.1  # carved from the training part (grouped) for the temperature and threshold; never the test part
+    fit_temperature: bool = True  # scale the logits by a temperature fitted on the validation part (Guo et al., 2017);
+    # false keeps the network's own probabilities (better for a recipe whose cross-validated ECE the fit worsens)
     split: str = "grouped"  # "grouped" keeps near-duplicates on one side; "random" ignores them (leaky)
     seed: int = 0
     folds: int = 5

@@ -166,7 +166,8 @@ def render(run: str | Path) -> Path:
             rows = [[name, v["estimate"], v["ci_low"], v["ci_high"]] for name, v in s["metrics"].items()]
             body.append(f"<h3>{html.escape(arch)}</h3>" + _table(["metric", "estimate", "CI low", "CI high"], rows, "metrics")
                         + f'<p class="muted">{html.escape(s["ci_method"])}; mean training time {s["mean_train_seconds"]} s per fold; '
-                        f'ECE {s["calibration"]["ece_before"]} → {s["calibration"]["ece_after"]} after temperature scaling.</p>')
+                        f'ECE {s["calibration"]["ece_before"]} → {s["calibration"]["ece_after"]} '
+                        f'({html.escape(s["calibration"]["note"])}).</p>')
             if s.get("per_source"):
                 body.append(_per_source(s["per_source"]))
             ext = s.get("external") or {}

@@ -61,7 +61,7 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
         "nll_before": round(nll(logits, labels), 4), "nll_after": round(nll(logits, labels, temperature), 4),
         "note": (f"before/after temperature scaling fitted on {config['temperature_fitted_on']} validation images "
                  "of the training data, never on these" if config.get("temperature_fitted_on")
-                 else "no validation part to fit a temperature on (see --val-size): after = before"),
+                 else "no temperature fitted (fit_temperature: false, or no validation part): after = before"),
         "reliability": reliability_bins(probs, labels),
     }
     operating_point = config.get("operating_point")

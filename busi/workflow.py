@@ -118,7 +118,7 @@ def build_for(arch: str, cfg: RunConfig, n_classes: int):
 
 def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_dir: Path, test_idx=None,
               resume: bool = False, progress: bool = True, checkpoints: bool = True, seed: int | None = None):
-    """Build, seed and train one model; fit its temperature on the validation part. -> (model, config, history)."""
+    """Build, seed and train one model; calibrate it on the validation part. -> (model, config, history)."""
     start = time.perf_counter()
     val = part(val_idx)[:2] if len(val_idx) else None
     test = part(test_idx)[:2] if test_idx is not None else None
@@ -143,13 +143,18 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
     config["members"] = cfg.ensemble
     config["train_seconds"] = round(time.perf_counter() - start, 1)
     if val is not None:
-        val_logits = logits_of(model, val[0], config["mean"], config["std"], tta=cfg.tta)
-        config["temperature"] = fit_temperature(val_logits, val[1])
-        config["temperature_fitted_on"] = len(val[1])
-        if cfg.malignant_recall is not None:
-            config["operating_point"] = fit_threshold(torch.softmax(val_logits / config["temperature"], 1), val[1],
-                                                      list(classes), cfg.malignant_recall)
+        calibrate(model, config, cfg, val)
     return model, config, history
+
+
+def calibrate(model, config: dict, cfg: RunConfig, val) -> None:
+    """On the validation part (images, labels): the temperature (if cfg fits one) and the malignant threshold."""
+    val_logits = logits_of(model, val[0], config["mean"], config["std"], tta=cfg.tta)
+    config["temperature"] = fit_temperature(val_logits, val[1]) if cfg.fit_temperature else 1.0
+    config["temperature_fitted_on"] = len(val[1]) if cfg.fit_temperature else 0
+    if cfg.malignant_recall is not None:
+        config["operating_point"] = fit_threshold(torch.softmax(val_logits / config["temperature"], 1), val[1],
+                                                  list(config["classes"]), cfg.malignant_recall)
 
 
 def _checkpoint_config(arch: str, cfg: RunConfig, classes) -> dict:

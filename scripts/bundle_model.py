@@ -40,7 +40,9 @@ def card(data: dict, cv_dir: Path | None, external: Path | None) -> str:
         f"autocontrast augmentation, mirror test-time augmentation"
         + (f"; every image first through busi.preprocess: {', '.join(r['preprocess'])} (applied by predict, evaluate "
            "and serve too)." if r.get("preprocess") else "."),
-        f"- Confidence: temperature {data['temperature']:.3f}, fitted on the 10% of the training images kept aside.",
+        (f"- Confidence: temperature {data['temperature']:.3f}, fitted on the 10% of the training images kept aside."
+         if data["temperature"] != 1.0 else "- Confidence: the network's own softmax probabilities (no temperature: "
+         "fitted on so few images it made the recipe's cross-validated calibration worse)."),
         (f"- Decision rule: 'malignant' whenever p(malignant) ≥ {op['threshold']:.3f} (set for "
          f"{op['target_recall']:.0%} malignant recall on {op['fitted_on']} validation images; it found "
          f"{op['recall_where_fitted']:.0%} there), else the most probable other class. `busi predict --json` gives "

@@ -252,7 +252,9 @@ def test_recommended_config_trains_one_tiny_epoch_end_to_end(kaggle_folder, tmp_
     assert split["test"] == [] and len(split["train"]) + len(split["val"]) == 24
     ckpt = out / arch / "checkpoint.pth"
     model, cfg = checkpoint.load(ckpt)
-    assert isinstance(model, Ensemble) == (recipe["ensemble"] > 1) and cfg["temperature_fitted_on"] == len(split["val"])
+    assert isinstance(model, Ensemble) == (recipe["ensemble"] > 1)
+    fitted = recipe.get("fit_temperature", True)  # the recipe's own choice, else none: the network's probabilities
+    assert cfg["temperature_fitted_on"] == (len(split["val"]) if fitted else 0) and (fitted or cfg["temperature"] == 1.0)
     assert ("operating_point" in cfg) == bool(recipe.get("malignant_recall"))
     assert "No test part" in (out / "report.html").read_text() and not (out / arch / "metrics.json").exists()
     hint = next(line for line in printed.splitlines() if "busi evaluate" in line).split("`")[1]

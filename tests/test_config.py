@@ -80,3 +80,15 @@ def test_bad_arguments_are_answered_before_torch_is_imported(tmp_path):
     assert done.stdout.strip() == "[2, 2, 2, 2, 2, 2] False", done.stdout + done.stderr
     assert done.stderr.count("busi: error:") == 6 and "Traceback" not in done.stderr
     assert "state_dict.pth: not a busi checkpoint" in done.stderr and "junk.pth: not a readable checkpoint" in done.stderr
+
+
+def test_fit_temperature_is_the_recipes_unless_a_flag_says_otherwise():
+    from pathlib import Path
+    from busi.cli import _overrides, parser
+    recommended = Path(__file__).resolve().parents[1] / "configs" / "recommended.yaml"
+
+    def fitted(*flags):
+        args = parser().parse_args(["train", "--config", str(recommended), "--data", "d", *flags])
+        return make_config(_overrides(args), args.config).fit_temperature
+    assert make_config().fit_temperature  # the default fits one
+    assert not fitted() and fitted("--fit-temperature") and not fitted("--no-fit-temperature")
