@@ -118,10 +118,10 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                               for key in ("accuracy", "macro_f1", "auroc")},
             "pooled": pooled,
             "calibration": {"ece_before": round(ece(raw, y), 4), "ece_after": round(ece(probs, y), 4),
-                            "note": ("per-fold temperatures fitted on each fold's validation part"
-                                     if cfg.val_size > 0 and cfg.fit_temperature else
-                                     "no temperature fitted (fit_temperature: false): after = before" if cfg.val_size > 0
-                                     else "no validation part (val_size 0): no temperature fitted")},
+                            "note": ("no validation part (val_size 0): no temperature fitted" if cfg.val_size == 0
+                                     else "per-fold temperatures fitted on each fold's validation part"
+                                     if cfg.fit_temperature
+                                     else "no temperature fitted (fit_temperature: false): after = before")},
             "localization": localization,
         }
         if cfg.malignant_recall is not None:
