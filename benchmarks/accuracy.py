@@ -48,7 +48,11 @@ def table(runs: list[Path]) -> str:
             members = f" ×{config['ensemble']}" if config.get("ensemble", 1) > 1 else ""
             notes = ", MixUp/CutMix" if config.get("mixup_alpha", 0) or config.get("cutmix_alpha", 0) else ""
             notes += f", seed {config['seed']}" if config.get("seed", 0) else ""
-            notes += ", ImageNet weights" if config.get("pretrained") and arch in IMAGENET_WEIGHTS else ""
+            notes += (", ImageNet weights" if config.get("pretrained")
+                      and all(a in IMAGENET_WEIGHTS for a in arch.split("+")) else "")
+            if config.get("members"):  # benchmarks/ensemble.py: size and epochs above are the first member's
+                notes += (", out-of-fold average of " + " + ".join(f"`{Path(m).name}`" for m in config["members"])
+                          + " (`benchmarks/ensemble.py`)")
             if (folder / "roi_oracle.json").is_file():  # benchmarks/roi_ceiling.py: not a recipe anyone can ship
                 notes += ", **true-mask lesion crops (ceiling)**"
             lines.append(f"| {folder.name} | {arch}{members} @{config['image_size']}, {config['epochs']} ep{notes} | {s['split']} | "

@@ -141,8 +141,7 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
         if dataset.sources:
             summary[arch]["per_source"] = per_source_cv(probs, y, g, np.concatenate(oof_sources), classes)
         if external is not None:
-            summary[arch]["external"] = fold_average(external_probs, thresholds, external, cfg, classes)
-            mean = torch.stack(external_probs).mean(0)
+            summary[arch]["external"], mean = fold_average(external_probs, thresholds, external, cfg, classes)
             ext_paths = [s.path for s in external["dataset"].samples]
             _write_csv(folder / arch / "external_predictions.csv",
                        [{"path": p, "true": classes[int(t)], **{f"p_{c}": round(float(v), 6) for c, v in zip(classes, row)}}

@@ -173,7 +173,9 @@ def load_masks(dataset: Dataset, image_size: int, steps=()) -> tuple[torch.Tenso
                 continue
             if any(s in preprocess.GEOMETRIC for s in steps):  # cut and padded as its image is, then resized
                 full = read_mask([dataset.file(p) for p in sample.mask_paths])
-                _, full = preprocess.apply(np.array(open_image(dataset.file(sample))), steps, mask=full)
+                # only the steps that move pixels: the mask needs the image's geometry, not its clean-up
+                geometric = [s for s in steps if s in preprocess.GEOMETRIC]
+                _, full = preprocess.apply(np.array(open_image(dataset.file(sample))), geometric, mask=full)
                 union = np.asarray(Image.fromarray(full.astype(np.uint8) * 255).resize((image_size, image_size),
                                                                                          Image.NEAREST)) > 127
             else:

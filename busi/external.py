@@ -142,9 +142,11 @@ def load_external(cfg, classes, progress: bool = True) -> dict:
     return {"images": images, "labels": labels, "dataset": dataset, "absent_classes": absent}
 
 
-def fold_average(fold_probs: list[torch.Tensor], thresholds: list[float], external: dict, cfg, classes) -> dict:
+def fold_average(fold_probs: list[torch.Tensor], thresholds: list[float], external: dict, cfg,
+                 classes) -> tuple[dict, torch.Tensor]:
     """The external figures of the fold models' averaged probabilities (one model per fold of cv: together they saw
-    every training image), beside each fold model's own AUROC: what a model trained on this data does elsewhere."""
+    every training image), beside each fold model's own AUROC: what a model trained on this data does elsewhere.
+    Returns (figures, the averaged probabilities)."""
     labels = external["labels"]
     per_fold = [malignant_vs_benign(p, labels, classes, n_boot=0) for p in fold_probs]
     op = None
@@ -156,7 +158,7 @@ def fold_average(fold_probs: list[torch.Tensor], thresholds: list[float], extern
     return {"data": str(cfg.external), "n": int(len(labels)), "absent_classes": external["absent_classes"],
             "method": f"probabilities averaged over the {len(fold_probs)} fold models", "operating_point": op,
             "fold_auroc_malignant_vs_benign": [None if f is None or f["auroc"] is None else f["auroc"]["estimate"]
-                                               for f in per_fold], **found}
+                                               for f in per_fold], **found}, mean
 
 
 def figures(probs, config, labels, dataset, meta, id_column, group_column, patient_column) -> dict:

@@ -122,3 +122,49 @@ def test_device_pack_keeps_the_layout_and_the_weights_load(tmp_path):
     load_imagenet(reference, "efficientnet-lite0")
     w, ref = model.conv_stem.weight, reference.conv_stem.weight
     assert w.dtype == torch.float32 and torch.allclose(w, ref, rtol=1e-3, atol=1e-4)
+
+
+def _fake_cv(folder: Path, arch: str, paths: list[str], folds: list[int], probs: list[list[float]], seed: int = 0):
+    import csv
+
+    import yaml
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump({"models": [arch], "split": "grouped", "seed": seed, "folds": 2,
+                                                        "repeats": 1, "image_size": 32, "epochs": 1}))
+    (folder / "cv_metrics.json").write_text(json.dumps({arch: {"folds": 2, "repeats": 1, "split": "grouped",
+                                                               "parameters": 1000, "mean_train_seconds": 10.0}}))
+    with open(folder / "oof_predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "repeat", "fold", "path", "true", "p_benign", "p_malignant", "p_normal"])
+        w.writerows([[arch, 0, k, p, p.split("/")[0], *row] for p, k, row in zip(paths, folds, probs)])
+
+
+def test_ensemble_script_averages_members_that_share_their_folds(tmp_path):
+    import csv
+
+    from busi.folders import scan
+    data = make_kaggle_folder(tmp_path / "data", per_class=2, size=64)
+    paths = [s.path for s in scan(data).samples]
+    truth = [["benign", "malignant", "normal"].index(p.split("/")[0]) for p in paths]
+    folds = [i % 2 for i in range(len(paths))]
+    # member a is right on every image (p 0.6); member b leans to 'normal' everywhere (a third right alone):
+    # averaged, the truth gets (0.6 + 0.3) / 2 and 'normal', when wrong, (0.2 + 0.4) / 2: right on every image
+    a = [[0.6 if c == t else 0.2 for c in range(3)] for t in truth]
+    b = [[0.3, 0.3, 0.4] for _ in truth]
+    _fake_cv(tmp_path / "a", "resnet18", paths, folds, a)
+    _fake_cv(tmp_path / "b", "custom-cnn", paths, folds, b)
+    run = lambda *members: subprocess.run(  # noqa: E731
+        [sys.executable, str(ROOT / "benchmarks" / "ensemble.py"), "--data", str(data), "--out", str(tmp_path / "ens"),
+         *[f"--member={m}" for m in members]], capture_output=True, text=True, timeout=600)
+    done = run(tmp_path / "a", tmp_path / "b")
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "ens" / "cv_metrics.json").read_text())["resnet18+custom-cnn"]
+    assert summary["metrics"]["accuracy"]["estimate"] == 1.0 and summary["parameters"] == 2000
+    with open(tmp_path / "ens" / "oof_predictions.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    i = paths.index(row["path"])
+    assert abs(float(row["p_normal"]) - (a[i][2] + b[i][2]) / 2) < 1e-6
+
+    _fake_cv(tmp_path / "c", "custom-cnn", paths, [1 - k for k in folds], b)  # the same images, other folds
+    done = run(tmp_path / "a", tmp_path / "c")
+    assert done.returncode != 0 and "in another fold" in done.stderr and str(tmp_path / "c") in done.stderr
