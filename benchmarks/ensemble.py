@@ -20,11 +20,11 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import yaml
 
 from busi.audit import audit
+from busi.crossval import write_csv
 from busi.data import scan
 from busi.evaluate import bootstrap_ci, compute_metrics
 from busi.external import figures
@@ -93,7 +93,7 @@ def main():
     rows = [{"model": name, "repeat": oofs[0][p]["repeat"], "fold": oofs[0][p]["fold"], "path": p,
              "true": classes[int(t)], **{f"p_{c}": round(float(v), 6) for c, v in zip(classes, row)}}
             for p, t, row in zip(paths, labels, probs)]
-    _write_csv(args.out / "oof_predictions.csv", rows)
+    write_csv(args.out / "oof_predictions.csv", rows)
 
     externals = [m / "external_predictions.csv" for m in args.member]
     if all(e.is_file() for e in externals):
@@ -112,7 +112,7 @@ def main():
         summary["external"] = {"data": ext_cfg["data"], "n": len(ext_paths), "absent_classes": ext_cfg["absent_classes"],
                                "method": "each member's fold-averaged probabilities, averaged over the members",
                                "operating_point": None, **found}
-        _write_csv(args.out / "external_predictions.csv",
+        write_csv(args.out / "external_predictions.csv",
                    [{"path": p, "true": classes[int(t)], **{f"p_{c}": round(float(v), 6) for c, v in zip(classes, row)}}
                     for p, t, row in zip(ext_paths, ext_labels, ext_probs)])
     (args.out / "cv_metrics.json").write_text(json.dumps({name: summary}, indent=2))
@@ -125,13 +125,6 @@ def main():
     if auroc:
         line += f"; external AUROC {auroc['estimate']:.3f} [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}]"
     print(line)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -143,13 +143,13 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
         if external is not None:
             summary[arch]["external"], mean = fold_average(external_probs, thresholds, external, cfg, classes)
             ext_paths = [s.path for s in external["dataset"].samples]
-            _write_csv(folder / arch / "external_predictions.csv",
+            write_csv(folder / arch / "external_predictions.csv",
                        [{"path": p, "true": classes[int(t)], **{f"p_{c}": round(float(v), 6) for c, v in zip(classes, row)}}
                         for p, t, row in zip(ext_paths, external["labels"], mean)])
         confusion_matrix(pooled["confusion_matrix"], classes, folder / arch / "confusion_matrix.png",
                          f"{arch}, pooled out-of-fold (n={len(y)})")
-    _write_csv(folder / "fold_metrics.csv", fold_rows)
-    _write_csv(folder / "oof_predictions.csv", oof_rows)
+    write_csv(folder / "fold_metrics.csv", fold_rows)
+    write_csv(folder / "oof_predictions.csv", oof_rows)
     (folder / "cv_metrics.json").write_text(json.dumps(summary, indent=2))
     render(folder)
     return folder
@@ -168,7 +168,8 @@ def per_source_cv(probs: torch.Tensor, labels: torch.Tensor, groups: np.ndarray,
     return out
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """rows (dicts with the same keys) as a CSV with a header line."""
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
