@@ -69,6 +69,7 @@ def main():
     configs, oofs = check_members(args.member)
     summaries = [json.loads((m / "cv_metrics.json").read_text()) for m in args.member]
     arches = [next(iter(s)) for s in summaries]
+    blocks = [s[a] for s, a in zip(summaries, arches)]  # each member's one model
     classes = [k[2:] for k in next(iter(oofs[0].values())) if k.startswith("p_")]
     paths = sorted(oofs[0])
     labels = torch.tensor([classes.index(oofs[0][p]["true"]) for p in paths])
@@ -76,13 +77,13 @@ def main():
 
     dataset = scan(args.data)
     groups = group_ids(paths, audit(dataset)["duplicate_groups"])
-    first = next(iter(summaries[0].values()))
+    first = blocks[0]
     name = "+".join(arches)
     summary = {
         "model": name, "members": [str(m) for m in args.member], "folds": first["folds"], "repeats": first["repeats"],
         "split": first["split"], "n_images": len(paths), "n_predictions": len(paths),
-        "parameters": sum(next(iter(s.values()))["parameters"] for s in summaries),
-        "mean_train_seconds": sum(next(iter(s.values()))["mean_train_seconds"] for s in summaries),
+        "parameters": sum(b["parameters"] for b in blocks),
+        "mean_train_seconds": sum(b["mean_train_seconds"] for b in blocks),
         "ci_method": "95% percentile bootstrap over duplicate groups of the averaged out-of-fold predictions "
                      "(1000 resamples)",
         "metrics": bootstrap_ci(probs, labels, groups, classes, n_boot=1000, seed=0),
@@ -103,7 +104,7 @@ def main():
             raise SystemExit("the members' external predictions cover other images")
         ext_probs = torch.stack([probs_of(e, ext_paths, classes) for e in ext]).mean(0)
         ext_labels = torch.tensor([classes.index(ext[0][p]["true"]) for p in ext_paths])
-        ext_cfg = next(iter(summaries[0].values()))["external"]
+        ext_cfg = first["external"]
         meta = args.meta and Path(args.meta)
         found = figures(ext_probs, {"classes": classes, "operating_point": None}, ext_labels,
                         SimpleNamespace(samples=[SimpleNamespace(path=p) for p in ext_paths]), meta,
