@@ -12,7 +12,7 @@ from .data import model_input, read_image
 from .errors import BusiError
 from .explain import gradcam, overlay
 from .operating import decide, describe
-from .workflow import image_files, predict_probs
+from .inference import image_files, predict_probs
 
 MAX_IMAGES = 12  # per request
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # in a source checkout; an installed wheel has none

@@ -45,7 +45,7 @@ class _Features:
 def _features(path: Path) -> _Features:
     im = open_image(path).convert("L")
     phash = imagehash.phash(im).hash.flatten()
-    thumb = np.asarray(im.resize((32, 32), Image.BILINEAR), dtype=np.float32)
+    thumb = np.asarray(im.resize((32, 32), Image.BILINEAR), dtype=np.float32)  # as _thumb, before rounding
     thumb = thumb - thumb.mean()
     thumb /= np.linalg.norm(thumb) + 1e-6
     scale = ORB_SIDE / max(im.size)
@@ -198,8 +198,8 @@ def audit(dataset: Dataset, progress: bool = True, use_cache: bool = True) -> di
         sizes[size] += 1
         modes[mode] += 1
 
-    pairs = _copy_pairs(feats)
-    candidates = _candidate_pairs(feats) - pairs
+    pairs = _copy_pairs(feats) if len(feats) > 1 else set()  # no pairs among fewer than two readable images
+    candidates = _candidate_pairs(feats) - pairs if len(feats) > 1 else set()
     for a, b in tqdm(sorted(candidates), desc="audit: matching keypoints", disable=not progress, leave=False):
         if _crop_match(feats[a], feats[b]) or _crop_match(feats[b], feats[a]):
             pairs.add((a, b))
@@ -248,6 +248,57 @@ def near_duplicates_across(reference: Dataset, other: Dataset, progress: bool = 
             if refs and f in other_rel and f not in ref_rel:
                 found[other_rel[f]] = refs
     return found
+
+
+def _thumb(im: Image.Image) -> np.ndarray:
+    return np.asarray(im.convert("L").resize((32, 32), Image.BILINEAR))
+
+
+def fingerprints(dataset: Dataset, progress: bool = True) -> dict:
+    """Each image's perceptual hash and 32x32 grey thumbnail (about 1 KB an image): enough to recognise copies and
+    resizes of these images later without the folder, so a model can carry those of its training images."""
+    def one(sample):
+        im = open_image(dataset.file(sample))
+        return imagehash.phash(im.convert("L")).hash.flatten(), _thumb(im)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        found = list(tqdm(pool.map(one, dataset.samples), total=len(dataset.samples), desc="fingerprints",
+                          disable=not progress, leave=False))
+    import torch
+    return {"fingerprints.phash": torch.from_numpy(np.packbits(np.stack([h for h, _ in found]), axis=1)),
+            "fingerprints.thumb": torch.from_numpy(np.stack([t for _, t in found]))}
+
+
+def _unit(thumbs: np.ndarray) -> np.ndarray:
+    x = thumbs.reshape(len(thumbs), -1).astype(np.float32)
+    x -= x.mean(1, keepdims=True)
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-6)
+
+
+def copies_of_fingerprints(tensors: dict, reference_paths: list[str], other: Dataset,
+                           progress: bool = True) -> dict[str, list[str]]:
+    """Images of `other` that are copies or resizes of fingerprinted images (the audit's first test: close perceptual
+    hashes and correlated thumbnails): other's path -> the fingerprinted images' paths. Crops and zooms need the
+    images themselves (near_duplicates_across)."""
+    theirs = fingerprints(other, progress)
+    ref_bits = np.unpackbits(tensors["fingerprints.phash"].numpy(), axis=1).astype(bool)
+    bits = np.unpackbits(theirs["fingerprints.phash"].numpy(), axis=1).astype(bool)
+    distance = (bits[:, None, :] != ref_bits[None, :, :]).sum(-1)
+    correlation = _unit(theirs["fingerprints.thumb"].numpy()) @ _unit(tensors["fingerprints.thumb"].numpy()).T
+    hits = (distance <= PHASH_MAX_DISTANCE) & (correlation >= COPY_MIN_CORRELATION)
+    return {s.path: [reference_paths[j] for j in np.flatnonzero(row)] for s, row in zip(other.samples, hits) if row.any()}
+
+
+def run_audit(data: str | Path, out: str | Path | None = None, classes=None, overwrite: bool = False,
+              progress: bool = True) -> tuple[dict, Path]:
+    """busi audit: a folder's summary and near-duplicate groups, written to <out>/audit.json."""
+    from .folders import scan
+    from .runs import run_dir
+    dataset = scan(data, classes)
+    folder = run_dir(out, "audit", overwrite)
+    result = audit(dataset, progress=progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "audit.json").write_text(json.dumps(result, indent=2))
+    return result, folder
 
 
 def summary(result: dict) -> str:

@@ -53,7 +53,7 @@ def recipe_of(config: dict) -> dict:
 def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path = MODEL) -> dict:
     """Turn a finished `busi train` run of the recommended recipe into the bundled model: fp16 tensors where they move
     no probability of the example images by more than 1e-3, else fp32, with the card's data (card.json) beside it."""
-    from .workflow import run_predict  # late: pulls in the training stack
+    from .inference import run_predict
     run_config = yaml.safe_load((run / "config.yaml").read_text())
     recipe = yaml.safe_load(recipe_file.read_text())
     differ = sorted(k for k, v in recipe_of(recipe).items() if run_config.get(k) != v)

@@ -19,10 +19,13 @@ FORMAT = "busi-checkpoint"
 REQUIRED = ("arch", "classes", "image_size", "mean", "std")
 
 
-def save(path: str | Path, model: nn.Module, config: dict, dtype: torch.dtype | None = None) -> None:
+def save(path: str | Path, model: nn.Module, config: dict, dtype: torch.dtype | None = None,
+         extras: dict[str, torch.Tensor] | None = None) -> None:
     """Write atomically, so an interrupted save never leaves a half file under the real name.
 
-    dtype (e.g. float16) stores the floating-point tensors smaller; load() casts them back to the model's dtype.
+    dtype (e.g. float16) stores the model's floating-point tensors smaller; load() casts them back to the model's dtype.
+    extras: tensors that describe the model's training data rather than its weights (busi.shift's summary, busi.audit's
+    fingerprints), kept as they are.
     """
     missing = [k for k in REQUIRED if k not in config]
     if missing:
@@ -35,7 +38,8 @@ def save(path: str | Path, model: nn.Module, config: dict, dtype: torch.dtype | 
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     torch.save({"format": FORMAT, "version": __version__, "state_dict": state,
-                "config": {"temperature": 1.0, **config}}, tmp)
+                "config": {"temperature": 1.0, **config},
+                "extras": {k: v.detach().cpu().contiguous() for k, v in (extras or {}).items()}}, tmp)
     os.replace(tmp, path)
 
 
@@ -77,8 +81,9 @@ def read(path: str | Path) -> dict:
     return obj
 
 
-def load(path: str | Path) -> tuple[nn.Module, dict]:
-    """(model in eval mode, config)."""
+def load(path: str | Path, extras: bool = False):
+    """(model in eval mode, config), and with extras=True the extra tensors too: (model, config, extras)."""
+    import torch
     from .models import build
     obj = read(path)
     config = obj["config"]
@@ -91,6 +96,11 @@ def load(path: str | Path) -> tuple[nn.Module, dict]:
         if int(config.get("members", 1)) > 1:
             what = f"ensemble of {config['members']} x {what}"
         raise BusiError(f"{path}: weights do not fit a {what} ({first})") from None
+    if extras:
+        found = obj.get("extras") or {}
+        if not isinstance(found, dict) or not all(isinstance(v, torch.Tensor) for v in found.values()):
+            raise BusiError(f"{path}: busi checkpoint is damaged (its extra tensors are not tensors)")
+        return model.eval(), config, found
     return model.eval(), config
 
 

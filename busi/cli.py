@@ -1,4 +1,4 @@
-"""The `busi` command: parses arguments, calls busi.workflow, prints results and one-line errors."""
+"""The `busi` command: parses arguments, calls the functions that do the work, prints results and one-line errors."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", help="dataset folder with one sub-folder per class (e.g. "
                    "Dataset_BUSI_with_GT); repeat to pool several sources (e.g. BUSI and your hospital's images)")
     p.add_argument("--config", help="YAML file of settings (flags given here override it)")
+    p.add_argument("--meta", action="append", help="CSV with a row per image (e.g. BUS-BRA's bus_data.csv), matched by "
+                   "file name; repeat for several sources (each CSV describes the source whose images it names)")
+    p.add_argument("--id-column", help="the meta column holding each image's file name without extension (default: ID)")
+    p.add_argument("--patient-column", help="meta column naming the patient (e.g. Case): a patient's images stay on "
+                                            "one side of every split, and confidence intervals resample patients")
+    p.add_argument("--group-column", help="meta column to break each source's figures down by (e.g. Device)")
     p.add_argument("--model", dest="models", action="append", help="custom-cnn, resnet18, resnet50, efficientnet-lite0 or efficientnet-lite2; repeat for several "
                         "(default: custom-cnn and resnet50, the seed experiment)")
     p.add_argument("--classes", nargs="+", help="class folder names, in label order (default: every sub-folder)")
@@ -23,7 +29,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="learning rate (default 0.001)")
     p.add_argument("--weight-decay", type=float, help="weight decay (default 0)")
     p.add_argument("--seed", type=int, help="seed of the split, the folds and training (default 0)")
-    p.add_argument("--split", choices=["grouped", "random"], help="random ignores near-duplicates (leaky; for comparison only)")
+    p.add_argument("--split", choices=["grouped", "random", "source"],
+                   help="grouped (default) keeps near-duplicates together; random ignores them (leaky; for comparison "
+                        "only); source (cv with several --data): each fold holds out one whole source, a hospital the "
+                        "model never saw")
     p.add_argument("--weights", help="local ImageNet state dict for resnet models (offline machines)")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
                    help="start resnet models from random weights")
@@ -53,7 +62,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
-RUN_KEYS = ("data", "models", "preprocess", "ultrasound_p", "classes", "image_size", "epochs", "batch_size", "lr", "weight_decay", "seed", "split",
+RUN_KEYS = ("data", "meta", "id_column", "patient_column", "group_column", "malignant_recall", "models", "preprocess", "ultrasound_p", "classes", "image_size", "epochs", "batch_size", "lr", "weight_decay", "seed", "split",
             "weights", "pretrained", "accelerator", "devices", "precision", "channels_last", "strategy", "num_nodes", "test_size",
             "val_size", "fit_temperature", "folds", "repeats", "external", "external_meta", "external_id_column", "external_patient_column",
             "external_group_column")
@@ -123,6 +132,49 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default: beside the checkpoint, .onnx or .pt)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
+    p = sub.add_parser("finetune", help="train a trained model on briefly with your own labelled images (all of its "
+                                        "classes or some)")
+    p.add_argument("--checkpoint", help="the model to start from (default: the bundled model, see `busi model`)")
+    p.add_argument("--data", action="append", help="your labelled images, one sub-folder per class (some of the model's "
+                                                   "classes are enough); repeat to pool several folders")
+    p.add_argument("--config", help="YAML file of settings (defaults: busi/finetune.py DEFAULTS; flags override it)")
+    p.add_argument("--meta", action="append", help="CSV with a row per image, matched by file name (for --patient-column)")
+    p.add_argument("--id-column", help="the meta column holding each image's file name without extension (default: ID)")
+    p.add_argument("--patient-column", help="meta column naming the patient: a patient's images stay on one side of "
+                                            "the validation split")
+    p.add_argument("--epochs", type=int, help="epochs (default 8)")
+    p.add_argument("--lr", type=float, help="learning rate (default 5e-05)")
+    p.add_argument("--batch-size", type=int, help="images per step (default 32)")
+    p.add_argument("--val-size", type=float, help="share kept aside (grouped) to re-set the malignant threshold (default 0.2)")
+    p.add_argument("--malignant-recall", type=float, help="the recall the re-set threshold aims for (default 0.9)")
+    p.add_argument("--seed", type=int, help="seed of the split and training (default 0)")
+    p.add_argument("--precision", help="auto (default), 32-true, bf16-mixed … (Lightning)")
+    p.add_argument("--accelerator", help="cpu, gpu, mps or auto (default auto; Lightning)")
+    p.add_argument("--out", help="run folder (default: runs/<timestamp>-finetune)")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds a run")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+    p = sub.add_parser("adapt", help="label-free adaptation to a new scanner: the model's BatchNorm statistics measured "
+                                     "on its images")
+    p.add_argument("--checkpoint", help="the model to adapt (default: the bundled model, see `busi model`)")
+    p.add_argument("--data", required=True, action="append", help="images of the new scanner or hospital (folders are "
+                                                                    "searched; labels, if any, are not used)")
+    p.add_argument("--out", help="folder for the adapted checkpoint.pth (default: runs/<timestamp>-adapt)")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
+
+    p = sub.add_parser("calibrate", help="re-set the malignant threshold on your own labelled images")
+    p.add_argument("--checkpoint", help="the model (default: the bundled model, see `busi model`)")
+    p.add_argument("--data", required=True, help="labelled images, one sub-folder per class (some of the model's "
+                                                 "classes are enough; malignant ones are needed)")
+    p.add_argument("--malignant-recall", type=float, default=0.9, help="share of malignant images the threshold must "
+                                                                      "find (default 0.9)")
+    p.add_argument("--meta", help="CSV with a row per image, for --patient-column")
+    p.add_argument("--id-column", default="ID", help="its column of file names without extension (default: ID)")
+    p.add_argument("--patient-column", help="meta column naming the patient: the interval resamples patients")
+    p.add_argument("--out", help="folder for the re-set checkpoint.pth (default: runs/<timestamp>-calibrate)")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
     sub.add_parser("model", help="print the bundled model's card: data, recipe, figures, intended use and limits")
 
     p = sub.add_parser("report", help="rebuild report.html of a run folder from its files")
@@ -145,6 +197,37 @@ def _print_metrics(name: str, m: dict) -> None:
           f"(n={m['n']}; recall {recalls}; always-majority baseline {m['majority_baseline']:.3f})")
 
 
+def _seed_experiment(cfg) -> None:
+    """`busi train --data DATA` alone: say what it trains; offline, train what needs no download."""
+    print(f"busi: no --config or --model: the seed experiment, {' and '.join(cfg.models)} for {cfg.epochs} epochs each on a "
+          f"{1 - cfg.test_size:.0%}/{cfg.test_size:.0%} split (about an hour on two CPU cores); the model to use is "
+          "--config configs/recommended.yaml", file=sys.stderr)
+    if "resnet50" in cfg.models and cfg.pretrained and cfg.weights is None:
+        from .weights import imagenet_state_dict
+        try:
+            imagenet_state_dict("resnet50")  # torchvision downloads it once, into its cache
+        except BusiError as e:
+            cfg.models = [m for m in cfg.models if m != "resnet50"]
+            print(f"busi: warning: ResNet-50 left out: {str(e).split(': ', 1)[1].split(';')[0]}; to train it offline pass "
+                  "--model resnet50 --weights resnet50.pth (a local ImageNet state dict) or --no-pretrained",
+                  file=sys.stderr)
+
+
+def _caution(cfg) -> None:
+    from .config import cautions
+    for line in cautions(cfg):
+        print(f"busi: warning: {line}", file=sys.stderr)
+
+
+def _print_finetuned(path: Path) -> None:
+    from .checkpoint import read
+    from .operating import describe
+    config = read(path)["config"]
+    print(f"fine-tuned from {config['parent']['checkpoint']} in {config['train_seconds']:.0f} s; decision rule: "
+          f"{describe(config.get('operating_point'))}")
+    print(f"wrote {path}; measure it on patients it never saw: busi evaluate --checkpoint {path} --data HELDOUT")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -161,47 +244,107 @@ def _check_before_imports(args):
     """Arguments, config and paths, checked with no torch imported, so a mistake is answered in well under a second.
 
     -> the config of train and cv (None for the other commands)."""
-    from .config import make_config
+    from .config import SPLIT_SOURCE_TRAIN, make_config
     from .folders import scan, scan_sources
     cfg = None
     if args.command in ("train", "cv"):
         cfg = make_config(_overrides(args), args.config)
         if not cfg.data:
             raise BusiError(NO_DATA)
-        scan_sources(cfg.data, cfg.classes)  # a missing, empty or mistaken folder; the run scans it again: cheap
+        if args.command == "train" and cfg.split == "source":
+            raise BusiError(SPLIT_SOURCE_TRAIN)
+        _caution(cfg)
+        if cfg.split == "source" and len(cfg.data) < 2:
+            raise BusiError(f"--split source holds out one whole source at a time: it needs two or more --data folders "
+                            f"(got one: {cfg.data[0]})")
+        found = scan_sources(cfg.data, cfg.classes)  # a missing, empty or mistaken folder; the run scans it again: cheap
+        if len(found.classes) < 2:
+            raise BusiError(f"{cfg.data[0]}: holds one class folder ({found.classes[0]}); a classifier needs images of at "
+                            "least two classes, one sub-folder each")
         if cfg.external:
             scan(cfg.external)
+        for meta in cfg.meta:
+            if not Path(meta).is_file():
+                raise BusiError(f"{meta}: meta CSV does not exist")
         if cfg.external_meta and not Path(cfg.external_meta).is_file():
             raise BusiError(f"{cfg.external_meta}: external meta CSV does not exist")
-    if args.command == "evaluate":
+    if args.command == "finetune":
+        if not args.data:
+            raise BusiError("no data folder: pass --data MY_LABELLED (one sub-folder per class, e.g. benign/ and malignant/)")
+        scan_sources(args.data)
+        for meta in args.meta or []:
+            if not Path(meta).is_file():
+                raise BusiError(f"{meta}: meta CSV does not exist")
+    if args.command in ("evaluate", "calibrate"):
         scan(args.data)
+    if args.command == "adapt":
+        for item in args.data:
+            if not Path(item).exists():
+                raise BusiError(f"{item}: does not exist")
     checkpoint_path = getattr(args, "checkpoint", None)
     if checkpoint_path and Path(checkpoint_path).suffix not in (".onnx", ".pt", ".ts"):  # exported models: by name only
         from .checkpoint import peek
         peek(checkpoint_path)
     for name, what in (("checkpoint", "model file"), ("train_data", "--train-data folder"), ("meta", "meta CSV")):
         value = getattr(args, name, None)
-        if value and not Path(value).exists():
+        if isinstance(value, str) and not Path(value).exists():  # train and cv's --meta, a list, was checked above
             raise BusiError(f"{value}: {what} does not exist")
     return cfg
 
 
 def _dispatch(args) -> int:
     cfg = _check_before_imports(args)
-    from . import workflow  # late: keeps `busi --help` and argument errors fast
-    from .audit import summary
+    if args.command != "model":
+        from .compat import check_torch
+        check_torch()
+    # Each command imports what it needs, late: argument errors stay fast, and nothing that only uses a trained model
+    # imports the training stack (Lightning).
 
     if getattr(args, "checkpoint", "unset") is None:  # left out: the model that ships with busi
         from .bundled import default_checkpoint
         args.checkpoint = str(default_checkpoint())
-    if args.command == "model":
+    if args.command == "finetune":
+        from . import workflow
+        from .finetune import finetune_config
+        cfg = finetune_config(args.checkpoint, _overrides(args), args.config)
+        _caution(cfg)
+        folder = workflow.run_train(cfg, args.out or workflow.run_dir(None, "finetune"), args.overwrite,
+                                    progress=args.progress)
+        _print_finetuned(folder / cfg.models[0] / "checkpoint.pth")
+    elif args.command == "adapt":
+        from .adapt import run_adapt
+        record, folder = run_adapt(args.checkpoint, args.data, args.out, args.overwrite)
+        print(f"adapted to {record['n_images']} images of {', '.join(args.data)}: BatchNorm statistics re-estimated, "
+              f"no labels used; wrote {folder / 'checkpoint.pth'}")
+        print("its decision threshold is the parent's: re-set it on labelled images of this hospital with "
+              f"`busi calibrate --checkpoint {folder / 'checkpoint.pth'} --data LABELLED`")
+    elif args.command == "calibrate":
+        from .adapt import run_calibrate
+        record, folder = run_calibrate(args.checkpoint, args.data, args.malignant_recall, args.out, args.overwrite,
+                                       args.meta, args.id_column, args.patient_column, args.progress)
+        op, before = record["operating_point"], record["previous_operating_point"]
+        was = (f" (was {before['threshold']:.3f}, which found {record['previous_recall_here']:.1%} of them here)"
+               if before else "")
+        ci = op["recall_ci"]
+        print(f"threshold on p(malignant) {op['threshold']:.3f}{was}: finds {op['recall_where_fitted']:.1%} of the "
+              f"{op['fitted_on_positives']} malignant images of {args.data}, and calls "
+              f"{op['others_called_malignant']:.1%} of the others malignant")
+        if ci:
+            print(f"recall to expect on new patients like these: {op['expected_recall']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
+                  f"({op['ci_method']})")
+        print(f"wrote {folder / 'checkpoint.pth'}")
+    elif args.command == "model":
         from .bundled import card_text
         print(card_text(), end="")
     elif args.command == "audit":
-        result, folder = workflow.run_audit(args.data, args.out, args.classes, args.overwrite, args.progress)
+        from .audit import run_audit, summary
+        result, folder = run_audit(args.data, args.out, args.classes, args.overwrite, args.progress)
         print(summary(result))
         print(f"wrote {folder / 'audit.json'}")
     elif args.command == "train":
+        from . import workflow
+        if args.config is None and not args.models:
+            _seed_experiment(cfg)
         if args.resume and workflow.run_finished(args.out, cfg):
             print(f"{args.out}: this run already finished; nothing to resume (its files are unchanged)")
             return 0
@@ -222,10 +365,14 @@ def _dispatch(args) -> int:
         print(format_cv(json.loads((folder / "cv_metrics.json").read_text())))
         print(f"results in {folder}/ (cv_metrics.json, fold_metrics.csv, oof_predictions.csv); report: {folder / 'report.html'}")
     elif args.command == "evaluate":
-        metrics, folder = workflow.run_evaluate(args.checkpoint, args.data, args.out, args.overwrite, args.progress,
+        from .inference import run_evaluate
+        metrics, folder = run_evaluate(args.checkpoint, args.data, args.out, args.overwrite, args.progress,
                                                 args.train_data, args.meta, args.id_column, args.group_column,
                                                 args.patient_column)
         _print_metrics(metrics["model"], metrics)
+        if "outside" in metrics["shift"]:
+            from .shift import describe
+            print(describe(metrics["shift"], f"the images of {args.data}"))
         if metrics.get("absent_classes"):
             print(f"no {', '.join(metrics['absent_classes'])} images here: figures are over the classes present")
         mvb = metrics.get("malignant_vs_benign")
@@ -258,13 +405,15 @@ def _dispatch(args) -> int:
             print(line)
         print(f"results in {folder}/; report: {folder / 'report.html'}")
     elif args.command == "predict":
+        from .inference import operating_point_of, run_predict
+        from .runs import run_dir
         explain_dir = None
         if args.explain:
-            explain_dir = workflow.run_dir(args.out, "predict")
+            explain_dir = run_dir(args.out, "predict")
         elif args.out:
             raise BusiError("--out is only used with --explain")
-        rows = workflow.run_predict(args.checkpoint, args.inputs, explain_dir, progress=True)
-        operating_point = workflow.operating_point_of(args.checkpoint)
+        rows = run_predict(args.checkpoint, args.inputs, explain_dir, progress=True)
+        operating_point = operating_point_of(args.checkpoint)
         if operating_point:
             from .operating import describe
             print(f"busi: decision rule: {describe(operating_point)}", file=sys.stderr)
@@ -295,7 +444,8 @@ def _dispatch(args) -> int:
     elif args.command == "export":
         from .export import export
         print(f"wrote {export(args.checkpoint, args.format, args.out, args.overwrite)}")
-        operating_point = workflow.operating_point_of(args.checkpoint)
+        from .inference import operating_point_of
+        operating_point = operating_point_of(args.checkpoint)
         if operating_point:
             from .operating import describe
             print(f"its decision rule, kept in the file's metadata and applied by `busi predict`: {describe(operating_point)}")

@@ -18,6 +18,13 @@ class RunConfig:
     """Everything that decides a train or cv run's numbers; the run folder's config.yaml reproduces it."""
 
     data: list[str] = field(default_factory=list)  # one folder, or several pooled as sources (--data A --data B)
+    # CSV files with a row per image (e.g. BUS-BRA's bus_data.csv), matched by file name; with several sources each CSV
+    # describes the source whose images it names. patient_column: a patient's images stay on one side of every split
+    # and confidence intervals resample patients; group_column: figures per group (e.g. Device: per scanner)
+    meta: list[str] = field(default_factory=list)
+    id_column: str = "ID"
+    patient_column: str | None = None
+    group_column: str | None = None
     models: list[str] = field(default_factory=lambda: ["custom-cnn", "resnet50"])
     classes: list[str] | None = None  # None: every sub-folder of the data folder, in name order
     image_size: int = 224
@@ -26,7 +33,8 @@ class RunConfig:
     val_size: float = 0.1  # carved from the training part (grouped) for the temperature and threshold; never the test part
     fit_temperature: bool = True  # scale the logits by a temperature fitted on the validation part (Guo et al., 2017);
     # false keeps the network's own probabilities (better for a recipe whose cross-validated ECE the fit worsens)
-    split: str = "grouped"  # "grouped" keeps near-duplicates on one side; "random" ignores them (leaky)
+    split: str = "grouped"  # "grouped" keeps near-duplicates on one side; "random" ignores them (leaky); "source" (cv
+    # with several --data): each fold holds out one whole source, a hospital the model never saw
     seed: int = 0
     folds: int = 5
     repeats: int = 1
@@ -65,6 +73,13 @@ class RunConfig:
     brightness: float = 0.0
     contrast: float = 0.0
     ultrasound_p: float = 0.0  # chance of each ultrasound-like change: speckle, gain (gamma), blur, depth attenuation
+    # chance per training image with a lesion mask of a zoomed view instead: clear of the lesion (labelled normal) or
+    # holding all of it (its own label); teaches 'normal' from every source with masks, not one hospital's look
+    lesion_windows: float = 0.0
+    # fine-tuning (busi finetune): start from this busi checkpoint's weights instead of ImageNet's; distill_weight > 0
+    # keeps its probabilities on the new images near the parent's (what it knew of classes the new data lacks)
+    init_checkpoint: str | None = None
+    distill_weight: float = 0.0
     # weights
     pretrained: bool = True  # ImageNet weights for models that have them (resnet50)
     weights: str | None = None  # a local ImageNet state dict, for offline machines
@@ -86,6 +101,8 @@ MODEL_NAMES = ("custom-cnn", "resnet18", "resnet50", "efficientnet-lite0", "effi
 PREPROCESS_STEPS = ("crop", "overlays", "clahe", "pad")  # busi.preprocess.STEPS (a test keeps them equal)
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 _HINTS = typing.get_type_hints(RunConfig)
+SPLIT_SOURCE_TRAIN = ("--split source is for `busi cv` (each fold holds out one whole source); `busi train` with several "
+                      "--data trains on all of them")
 
 
 def _check_type(name: str, value, source: str):
@@ -129,14 +146,15 @@ def _validate(cfg: RunConfig, source: str) -> RunConfig:
     checks = [
         (0 <= cfg.test_size < 1, "'test_size' must be in [0, 1) (0: train on every image, test with `busi evaluate`)"),
         (0 <= cfg.val_size < 1, "'val_size' must be in [0, 1)"),
-        (cfg.split in ("grouped", "random"), "'split' must be 'grouped' or 'random'"),
+        (cfg.split in ("grouped", "random", "source"), "'split' must be 'grouped', 'random' or 'source'"),
         (cfg.image_size >= 32, "'image_size' must be at least 32"),
         (cfg.epochs >= 1, "'epochs' must be at least 1"),
         (cfg.batch_size >= 1, "'batch_size' must be at least 1"),
         (cfg.lr > 0, "'lr' must be positive"),
         (cfg.folds >= 2, "'folds' must be at least 2"),
         (cfg.repeats >= 1, "'repeats' must be at least 1"),
-        (0 <= cfg.flip_p <= 1 and 0 <= cfg.autocontrast_p <= 1 and 0 <= cfg.ultrasound_p <= 1,
+        (0 <= cfg.flip_p <= 1 and 0 <= cfg.autocontrast_p <= 1 and 0 <= cfg.ultrasound_p <= 1
+         and 0 <= cfg.lesion_windows <= 1,
          "probabilities must be in [0, 1]"),
         (cfg.num_nodes >= 1, "'num_nodes' must be at least 1"),
         (cfg.precision in PRECISIONS, f"'precision' must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}"),
@@ -146,10 +164,13 @@ def _validate(cfg: RunConfig, source: str) -> RunConfig:
         (0 < cfg.min_scale <= 1, "'min_scale' must be in (0, 1]"),
         (0 <= cfg.label_smoothing < 1, "'label_smoothing' must be in [0, 1)"),
         (cfg.mask_weight >= 0, "'mask_weight' must be at least 0"),
+        (cfg.distill_weight >= 0, "'distill_weight' must be at least 0"),
+        (cfg.distill_weight == 0 or cfg.init_checkpoint, "'distill_weight' needs 'init_checkpoint' (the model to keep near)"),
         (cfg.ensemble >= 1, "'ensemble' must be at least 1"),
         (cfg.malignant_recall is None or 0 < cfg.malignant_recall <= 1, "'malignant_recall' must be in (0, 1]"),
         (cfg.malignant_recall is None or cfg.val_size > 0,
          "'malignant_recall' needs a validation part to set its threshold on ('val_size' > 0)"),
+        (not (cfg.patient_column or cfg.group_column) or cfg.meta, "'patient_column' and 'group_column' need 'meta'"),
         (not (cfg.external_patient_column or cfg.external_group_column) or cfg.external_meta,
          "'external_patient_column' and 'external_group_column' need 'external_meta'"),
         (cfg.mixup_alpha >= 0 and cfg.cutmix_alpha >= 0, "'mixup_alpha' and 'cutmix_alpha' must be at least 0"),
@@ -162,10 +183,12 @@ def _validate(cfg: RunConfig, source: str) -> RunConfig:
     return cfg
 
 
-def make_config(overrides: dict | None = None, config_file: str | Path | None = None) -> RunConfig:
-    """Defaults, then the YAML file, then explicit overrides (flags); unknown keys and wrong types are errors."""
+def make_config(overrides: dict | None = None, config_file: str | Path | None = None, base: dict | None = None,
+                fixed: dict | None = None, fixed_why: str = "") -> RunConfig:
+    """Defaults (RunConfig's, then base), then the YAML file, then explicit overrides (flags); unknown keys and wrong
+    types are errors. fixed: values no layer may contradict (fixed_why says why, in the error)."""
     values: dict = {}
-    layers = []
+    layers = [("defaults", base)] if base else []
     if config_file is not None:
         path = Path(config_file)
         try:
@@ -187,8 +210,21 @@ def make_config(overrides: dict | None = None, config_file: str | Path | None = 
                 hint = f"did you mean '{close[0]}'?" if close else "the keys are listed in busi/config.py's RunConfig"
                 raise BusiError(f"{source}: unknown config key '{key}' ({hint})")
             values[key] = _check_type(key, value, source)
-    source = layers[0][0] if config_file is not None else "command line"
+            if fixed and key in fixed and values[key] != fixed[key] and source != "defaults":
+                flag = f"--{key.replace('_', '-')}" if source == "command line" else f"'{key}'"
+                raise BusiError(f"{source}: {flag} {value} cannot apply: {fixed_why}'{key}' is {fixed[key]}")
+    values.update(fixed or {})
+    source = str(config_file) if config_file is not None else "command line"
     return _validate(RunConfig(**values), source)
+
+
+def cautions(cfg: RunConfig) -> list[str]:
+    """Settings that run but rarely do what was meant: one line each, printed before training."""
+    out = []
+    if cfg.scheduler == "cosine" and cfg.warmup_epochs > 0 and cfg.warmup_epochs >= cfg.epochs:
+        out.append(f"warmup_epochs {cfg.warmup_epochs} >= epochs {cfg.epochs}: the whole run is the warm-up, the learning "
+                   f"rate never reaches {cfg.lr:g} and the model learns little; raise --epochs or lower warmup_epochs")
+    return out
 
 
 def save_config(cfg: RunConfig, path: Path, extra: dict | None = None) -> None:

@@ -8,19 +8,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, hardware
+from . import __version__, hardware, shift
 from .config import RunConfig, save_config
 from .calibrate import ece
 from .data import load_masks
 from .evaluate import bootstrap_ci, compute_metrics
 from .operating import decide, decision_metrics
+from .adapt import adapt_batchnorm
 from .explain import gradcam, summarize_localization
-from .external import fold_average, load_external, malignant_vs_benign
+from .external import fold_average, load_external, malignant_vs_benign, per_group
 from .models import Ensemble, count_parameters
 from .plots import confusion_matrix
 from .report import render
-from .split import group_ids, kfold, train_test
-from .train import check_hardware, logits_of
+from .split import group_ids, kfold, source_folds, train_test
+from .inference import logits_of
+from .train import check_hardware
 from .workflow import check_models, prepare, run_dir, train_one, training_tensors
 
 
@@ -33,13 +35,18 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
     dataset, report, images, labels, conflicted = prepare(cfg, progress, notes)
     paths = [s.path for s in dataset.samples]
     classes = list(dataset.classes)
-    dup_groups = group_ids(paths, report["duplicate_groups"])
+    together = group_ids(paths, report["duplicate_groups"], dataset.patient_groups())  # and patients, when known
+    unit = "patients and duplicate groups" if dataset.patient_groups() else "duplicate groups"  # what CIs resample
+    image_groups = [dataset.info.get(p, {}).get("group", "unknown") for p in paths] if cfg.group_column else None
     sources = np.asarray([dataset.source_of(s) for s in dataset.samples])
-    grouped = cfg.split == "grouped"
+    grouped = cfg.split != "random"
     # All folds are made (and checked) before any training, so a bad --folds fails at once.
-    plans = [kfold(labels.numpy(), dup_groups if grouped else np.arange(len(paths)), cfg.folds, cfg.seed + r, grouped,
-                   sources) for r in range(cfg.repeats)]
-    check_models(cfg, len(classes))
+    if cfg.split == "source":  # hospital-out: the same folds each repeat; repeats differ by training seed only
+        plans = [source_folds(sources, labels.numpy(), together, classes)] * cfg.repeats
+    else:
+        plans = [kfold(labels.numpy(), together if grouped else np.arange(len(paths)), cfg.folds, cfg.seed + r,
+                       grouped, sources) for r in range(cfg.repeats)]
+    check_models(cfg, classes)
     masks, status = load_masks(dataset, cfg.image_size, cfg.preprocess)
     part = training_tensors(cfg, images, labels, masks, status)
     external = load_external(cfg, classes, progress) if cfg.external else None
@@ -48,7 +55,7 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
     save_config(cfg, folder / "config.yaml", {"busi_version": __version__, "command": "cv"})
     (folder / "audit.json").write_text(json.dumps(report, indent=2))
     (folder / "folds.json").write_text(json.dumps({
-        "split": cfg.split, "folds": cfg.folds, "repeats": cfg.repeats, "seed": cfg.seed,
+        "split": cfg.split, "folds": len(plans[0]), "repeats": cfg.repeats, "seed": cfg.seed,
         "test_folds": [[[paths[i] for i in te] for _, te in plan] for plan in plans],
         "left_out_label_conflicts": conflicted}, indent=2))
 
@@ -57,15 +64,18 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
         oof_probs, oof_raw, oof_labels, oof_groups, heat, heat_index = [], [], [], [], [], []
         oof_decided, thresholds = [], []  # the operating point's decisions, each fold with its own threshold
         external_probs, oof_sources = [], []
+        # --split source: each held-out source after label-free adaptation; classes its training sources lacked
+        adapted_probs, adapted_decided, untrained = [], [], {}
+        oof_index, oof_flags = [], []  # which image each out-of-fold row is; its shift flag
         member_probs = [[] for _ in range(cfg.ensemble)] if cfg.ensemble > 1 else []
         for r, plan in enumerate(plans):
             for k, (train_idx, test_idx) in enumerate(plan):
                 val_idx = np.array([], dtype=int)
                 if cfg.val_size > 0:  # the same carve-out as `busi train`, so CV measures that recipe
-                    sub_train, sub_val = train_test(labels[train_idx].numpy(), dup_groups[train_idx], cfg.val_size,
+                    sub_train, sub_val = train_test(labels[train_idx].numpy(), together[train_idx], cfg.val_size,
                                                     cfg.seed + r, grouped, sources[train_idx])
                     train_idx, val_idx = train_idx[sub_train], train_idx[sub_val]
-                model, config, _ = train_one(arch, cfg, classes, part, train_idx, val_idx, folder / arch / f"repeat{r}-fold{k}",
+                model, config, _, extras = train_one(arch, cfg, classes, part, train_idx, val_idx, folder / arch / f"repeat{r}-fold{k}",
                                              progress=progress, checkpoints=False, seed=cfg.seed + 1000 * r + k)
                 norm = config["mean"], config["std"]
                 logits = logits_of(model, images[test_idx], *norm, tta=cfg.tta)
@@ -83,6 +93,18 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                     oof_rows.append({"model": arch, "repeat": r, "fold": k, "path": paths[i], "true": classes[labels[i]],
                                      **{f"p_{c}": round(v, 6) for c, v in zip(classes, p)}})
                 oof_probs.append(probs)
+                if config.get("shift"):  # which test images the fold model would call unlike its training images
+                    oof_flags.append(shift.distances(extras, config["shift"], shift.features(model, images[test_idx], *norm))
+                                     > config["shift"]["threshold"])
+                if cfg.split == "source":
+                    held_out = str(sources[test_idx[0]])
+                    adapted = adapt_batchnorm(model, images[test_idx], *norm)
+                    adapted_probs.append(torch.softmax(logits_of(adapted, images[test_idx], *norm, tta=cfg.tta)
+                                                       / config["temperature"], 1))
+                    if config.get("operating_point"):
+                        adapted_decided.append(decide(adapted_probs[-1], classes, config["operating_point"]))
+                    untrained[held_out] = [c for i, c in enumerate(classes) if not bool((labels[train_idx] == i).any())
+                                           and not (c == "normal" and cfg.lesion_windows > 0)]  # windows teach it
                 if external is not None:
                     external_probs.append(torch.softmax(
                         logits_of(model, external["images"], *norm, tta=cfg.tta) / config["temperature"], 1))
@@ -91,7 +113,8 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                         member_probs[k_m].append(torch.softmax(logits_of(member, images[test_idx], *norm, tta=cfg.tta), 1))
                 oof_raw.append(torch.softmax(logits, 1))
                 oof_labels.append(labels[test_idx])
-                oof_groups.append(dup_groups[test_idx])
+                oof_groups.append(together[test_idx])
+                oof_index += test_idx.tolist()
                 oof_sources.append(sources[test_idx])
                 lesion = [i for i in test_idx.tolist() if status[i] == "lesion"]
                 if lesion:
@@ -107,15 +130,13 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                                               [masks[i, 0].numpy().astype(bool) for i in heat_index],
                                               [int(labels[i]) for i in heat_index], classes, status)
         summary[arch] = {
-            "model": arch, "parameters": count_parameters(model), "folds": cfg.folds, "repeats": cfg.repeats,
+            "model": arch, "parameters": count_parameters(model), "folds": len(plans[0]), "repeats": cfg.repeats,
             "split": cfg.split, "n_images": len(paths), "n_predictions": int(len(y)),
             "mean_train_seconds": round(float(np.mean([row["train_seconds"] for row in per_fold])), 1),
-            "ci_method": "95% percentile bootstrap over duplicate groups of the pooled out-of-fold predictions "
+            "ci_method": f"95% percentile bootstrap over {unit} of the pooled out-of-fold predictions "
                          f"({n_boot} resamples; repeats pooled)",
             "metrics": bootstrap_ci(probs, y, g, classes, n_boot=n_boot, seed=cfg.seed),
-            "fold_mean_std": {key: [round(float(np.mean([row[key] for row in per_fold])), 4),
-                                    round(float(np.std([row[key] for row in per_fold])), 4)]
-                              for key in ("accuracy", "macro_f1", "auroc")},
+            "fold_mean_std": {key: _mean_std([row[key] for row in per_fold]) for key in ("accuracy", "macro_f1", "auroc")},
             "pooled": pooled,
             "calibration": {"ece_before": round(ece(raw, y), 4), "ece_after": round(ece(probs, y), 4),
                             "note": ("no validation part (val_size 0): no temperature fitted" if cfg.val_size == 0
@@ -131,6 +152,10 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                 "thresholds": thresholds,
                 **(decision_metrics(torch.cat(oof_decided), y, classes) if len(oof_decided) == len(oof_probs) else
                    {"error": "a fold had no malignant validation image to set the threshold on"})}
+        if len(oof_flags) == len(oof_probs):
+            summary[arch]["shift"] = {"note": "test images each fold model called unlike its training images (threshold: "
+                                              f"{shift.QUANTILE:.0%} of its validation images lie within it)",
+                                      **shift.verdict(torch.cat(oof_flags))}
         if member_probs:
             members = [compute_metrics(torch.cat(mp), y, classes) for mp in member_probs]
             summary[arch]["members_alone"] = {
@@ -139,7 +164,14 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                 "recall_malignant": [round(m["per_class"]["malignant"]["recall"], 4) for m in members
                                      if "malignant" in m["per_class"]]}
         if dataset.sources:
-            summary[arch]["per_source"] = per_source_cv(probs, y, g, np.concatenate(oof_sources), classes)
+            decided = torch.cat(oof_decided) if len(oof_decided) == len(oof_probs) else None
+            summary[arch]["per_source"] = per_source_cv(probs, y, g, np.concatenate(oof_sources), classes, unit,
+                                                        [image_groups[i] for i in oof_index] if image_groups else None,
+                                                        decided,
+                                                        torch.cat(adapted_probs) if adapted_probs else None, untrained,
+                                                        torch.cat(adapted_decided) if decided is not None and adapted_decided
+                                                        else None,
+                                                        torch.cat(oof_flags) if len(oof_flags) == len(oof_probs) else None)
         if external is not None:
             summary[arch]["external"], mean = fold_average(external_probs, thresholds, external, cfg, classes)
             ext_paths = [s.path for s in external["dataset"].samples]
@@ -155,17 +187,51 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
     return folder
 
 
-def per_source_cv(probs: torch.Tensor, labels: torch.Tensor, groups: np.ndarray, sources: np.ndarray, classes) -> dict:
+def per_source_cv(probs: torch.Tensor, labels: torch.Tensor, groups: np.ndarray, sources: np.ndarray, classes,
+                  unit: str = "duplicate groups", image_groups: list[str] | None = None,
+                  decided: torch.Tensor | None = None, adapted: torch.Tensor | None = None,
+                  untrained: dict | None = None, adapted_decided: torch.Tensor | None = None,
+                  flags: torch.Tensor | None = None) -> dict:
     """Each source's out-of-fold figures: every metric of its images alone, and malignant vs benign with a CI (a source
-    may lack a class, e.g. 'normal', so the binary question is the one every source can answer)."""
+    may lack a class, e.g. 'normal', so the binary question is the one every source can answer).
+
+    unit: what the confidence intervals resample (groups' kind); image_groups: each row's group (e.g. scanner), for
+    per-group figures; decided: the operating point's out-of-fold decisions; adapted (--split source): the probabilities of each held-out
+    source's fold model after label-free BatchNorm adaptation to that source; untrained: per source, the classes its
+    fold's training sources lacked (figures of those classes say nothing of the model); flags: each row's shift flag
+    (busi.shift: unlike the fold model's training images)."""
     out = {}
     for name in sorted(set(sources.tolist())):
         idx = torch.from_numpy(np.flatnonzero(sources == name))
+        clusters = groups[idx.numpy()].tolist()
         out[name] = {**compute_metrics(probs[idx], labels[idx], classes),
-                     "malignant_vs_benign": malignant_vs_benign(probs[idx], labels[idx], classes,
-                                                                clusters=groups[idx.numpy()].tolist(),
-                                                                cluster_kind="duplicate groups")}
+                     "malignant_vs_benign": malignant_vs_benign(probs[idx], labels[idx], classes, clusters=clusters,
+                                                                cluster_kind=unit)}
+        if decided is not None:
+            out[name]["operating_point"] = decision_metrics(decided[idx], labels[idx], classes)
+        if flags is not None:
+            out[name]["shift"] = shift.verdict(flags[idx])
+        if image_groups is not None:  # e.g. per scanner
+            out[name]["per_group"] = per_group(probs[idx], labels[idx], classes, [image_groups[i] for i in idx.tolist()],
+                                               clusters=clusters)
+        if untrained and untrained.get(name):
+            out[name]["untrained_classes"] = untrained[name]
+        if adapted is not None:
+            out[name]["adapted"] = {
+                "note": "the fold model after label-free BatchNorm adaptation to this source's images (busi adapt)",
+                **compute_metrics(adapted[idx], labels[idx], classes),
+                **({"untrained_classes": untrained[name]} if untrained and untrained.get(name) else {}),
+                "malignant_vs_benign": malignant_vs_benign(adapted[idx], labels[idx], classes, clusters=clusters,
+                                                           cluster_kind=unit)}
+            if adapted_decided is not None:
+                out[name]["adapted"]["operating_point"] = decision_metrics(adapted_decided[idx], labels[idx], classes)
     return out
+
+
+def _mean_std(values: list) -> list | None:
+    """[mean, std] over the folds that have the figure (a fold lacking a class has no macro AUROC), or None."""
+    values = [v for v in values if v is not None]
+    return [round(float(np.mean(values)), 4), round(float(np.std(values)), 4)] if values else None
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -187,11 +253,11 @@ def format_cv(summary: dict) -> str:
             mal = op["per_class"]["malignant"]
             lines.append(f"{arch} at the operating point (target malignant recall {op['target_recall']}): malignant recall "
                          f"{mal['recall']:.3f}, precision {mal['precision'] or 0:.3f}, accuracy {op['accuracy']:.3f}")
+        where = "held out (trained on the other sources only)" if s["split"] == "source" else "out of fold"
         for name, m in (s.get("per_source") or {}).items():
-            auc = (m.get("malignant_vs_benign") or {}).get("auroc")
-            lines.append(f"{arch} on source {name} (n={m['n']}): accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
-                         + (f", malignant-vs-benign AUROC {auc['estimate']:.3f} [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]"
-                            if auc else ""))
+            lines.append(f"{arch} on source {name}, {where}: {_source_line(m)}")
+            if "adapted" in m:
+                lines.append(f"{arch} on source {name}, after label-free adaptation to it: {_source_line(m['adapted'])}")
         mvb = (s.get("external") or {}).get("malignant_vs_benign")
         if mvb and mvb["auroc"]:
             a, sens, spec = mvb["auroc"], mvb["sensitivity_argmax"], mvb["specificity_argmax"]
@@ -199,3 +265,19 @@ def format_cv(summary: dict) -> str:
                          f"{a['estimate']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}], sensitivity {sens['estimate']:.3f}, "
                          f"specificity {spec['estimate']:.3f} (n={mvb['n']})")
     return "\n".join(lines)
+
+
+def _source_line(m: dict) -> str:
+    """One source's figures in a line: accuracy (unless a class it holds was never trained), malignant vs benign."""
+    parts = [f"n={m['n']}"]
+    if not m.get("untrained_classes"):
+        parts.append(f"accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
+    else:
+        parts.append(f"no {', '.join(m['untrained_classes'])} in training: 3-class figures not meaningful")
+    auc = (m.get("malignant_vs_benign") or {}).get("auroc")
+    if auc:
+        parts.append(f"malignant-vs-benign AUROC {auc['estimate']:.3f} [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]")
+    recall = ((m.get("operating_point") or {}).get("per_class") or {}).get("malignant", {}).get("recall")
+    if recall is not None:
+        parts.append(f"malignant recall at the operating point {recall:.3f}")
+    return ", ".join(parts)

@@ -246,6 +246,43 @@ def augment(images: torch.Tensor, masks: torch.Tensor | None = None, flip_p: flo
     return x if masks is None else (x, masks)
 
 
+def lesion_windows(images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, p: float, normal: int,
+                   sides: tuple[float, float] = (0.4, 0.6), margin: int = 8,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """With chance p per image whose lesion mask is known, a square window of 40-60% of the side, resized back to the
+    full size: half of the time one clear of the lesion (and `margin` pixels around it), labelled `normal`; else one
+    that holds the whole lesion, keeping the image's label. A normal image's window stays normal.
+
+    Why: with normal scans from one hospital only, 'normal' becomes that hospital's look; lesion-free views of every
+    source's lesion images teach 'no lesion in view' instead. The lesion windows keep zoom from being the cue.
+    uint8 or [0, 1] float NCHW images, labels, float N1HW masks (negative: unknown) -> (float images, labels, masks).
+    """
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.clone()
+    y, m = labels.clone(), masks.clone()
+    n, _, size, _ = x.shape
+    chosen = (torch.rand(n, generator=generator) < p) & (masks.amin(dim=(1, 2, 3)) >= 0).cpu()
+    if not chosen.any():
+        return x, y, m
+    lesion = F.max_pool2d(masks.clamp_min(0), 2 * margin + 1, 1, margin) > 0.5  # dilated: a margin round the lesion
+    for i in chosen.nonzero().flatten().tolist():
+        side = round(size * (sides[0] + (sides[1] - sides[0]) * float(torch.rand(1, generator=generator))))
+        grid = F.pad(lesion[i, 0].float().cumsum(0).cumsum(1), (1, 0, 1, 0))  # integral image
+        inside = grid[side:, side:] - grid[:-side, side:] - grid[side:, :-side] + grid[:-side, :-side]
+        total = grid[-1, -1]
+        free = bool(total == 0) or float(torch.rand(1, generator=generator)) < 0.5
+        fits = (inside == 0) if free else (inside >= total)
+        where = fits.nonzero()
+        if len(where) == 0:  # no such window in this image: it trains as it is
+            continue
+        top, left = where[int(torch.randint(len(where), (1,), generator=generator))].tolist()
+        window = (slice(None), slice(top, top + side), slice(left, left + side))
+        x[i] = F.interpolate(x[i][window][None], size=(size, size), mode="bilinear", align_corners=False)[0]
+        m[i] = F.interpolate(m[i][window][None], size=(size, size), mode="nearest")[0]
+        if free:
+            y[i] = normal
+    return x, y, m
+
+
 def ultrasound_like(x: torch.Tensor, p: float, draw, generator: torch.Generator | None = None) -> torch.Tensor:
     """Each with chance p per image: gain (gamma 1/1.6 to 1.6), depth attenuation (the bottom at 50-100% of the top),
     blur (Gaussian, sigma 1 px: a coarser transducer) and speckle (multiplicative, smoothed grain, 10-30%).

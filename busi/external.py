@@ -1,7 +1,6 @@
 """Another hospital's images: malignant-vs-benign figures with patient-level CIs, per-scanner metrics, a meta CSV."""
 from __future__ import annotations
 
-import csv
 import dataclasses
 import warnings
 from pathlib import Path
@@ -12,40 +11,8 @@ from torchmetrics.functional.classification import binary_auroc
 
 from .data import warn
 from .errors import BusiError
+from .meta import read_meta
 from .operating import decide
-
-
-def read_meta(path: str | Path, id_column: str, columns: list[str], image_paths: list[str]) -> tuple[dict, list[str]]:
-    """{image path: {column: value}} for the images of the folder, matched by file stem; and warnings.
-
-    Images without a row keep their place in every pooled figure (group 'unknown'); rows naming images that are
-    not in the folder are counted, never silently dropped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise BusiError(f"{path}: meta CSV does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [c for c in [id_column, *columns] if c not in header]
-        if missing:
-            raise BusiError(f"{path}: no column(s) {', '.join(missing)} (it has: {', '.join(header) or 'no header'})")
-        rows = {}
-        for row in reader:
-            key = row[id_column].strip()
-            if key in rows and any(rows[key][c] != row[c] for c in columns):
-                raise BusiError(f"{path}: '{key}' appears twice with different values")
-            rows[key] = {c: row[c].strip() for c in columns}
-    stems = {Path(p).stem: p for p in image_paths}
-    if len(stems) < len(image_paths):
-        raise BusiError(f"{path}: two images of the folder share a file name, so '{id_column}' cannot tell them apart")
-    meta = {stems[k]: v for k, v in rows.items() if k in stems}
-    notes = []
-    if len(rows) > len(meta):
-        notes.append(f"{path}: {len(rows) - len(meta)} row(s) name images that are not in the folder")
-    if len(meta) < len(image_paths):
-        notes.append(f"{path}: {len(image_paths) - len(meta)} image(s) have no row (grouped as 'unknown')")
-    return meta, notes
 
 
 def _binary(probs: torch.Tensor, labels: torch.Tensor, classes, operating_point) -> dict | None:

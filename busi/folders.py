@@ -28,6 +28,8 @@ class Dataset:
     skipped: dict[str, str] = field(default_factory=dict)  # relative path -> why it was left out
     # several folders pooled (--data A --data B): source name -> folder; every path then starts with its source name
     sources: dict[str, Path] | None = None
+    # per image, facts from meta CSVs (busi.meta): {path: {"patient": …, "group": …}}
+    info: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def file(self, sample: Sample | str) -> Path:
         path = sample.path if isinstance(sample, Sample) else sample
@@ -46,7 +48,17 @@ class Dataset:
         return self.with_samples([self.samples[i] for i in indices])
 
     def with_samples(self, samples: list[Sample], skipped: dict[str, str] | None = None) -> "Dataset":
-        return Dataset(self.root, self.classes, samples, dict(self.skipped if skipped is None else skipped), self.sources)
+        return Dataset(self.root, self.classes, samples, dict(self.skipped if skipped is None else skipped), self.sources,
+                       self.info)
+
+    def patient_groups(self) -> list[list[str]]:
+        """The images of each patient named in the meta, as lists of paths (for busi.split.group_ids)."""
+        by: dict[str, list[str]] = {}
+        for s in self.samples:
+            patient = self.info.get(s.path, {}).get("patient")
+            if patient:
+                by.setdefault(f"{self.source_of(s)}:{patient}", []).append(s.path)
+        return list(by.values())
 
 
 def source_names(roots: list[Path]) -> list[str]:

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from .errors import BusiError
+
 POSITIVE = "malignant"
+MIN_POSITIVES = 10  # fewer malignant images (or patients) than this promise no recall: refused
 
 
 def fit_threshold(probs: torch.Tensor, labels: torch.Tensor, classes, target_recall: float) -> dict | None:
@@ -41,8 +45,10 @@ def decide(probs: torch.Tensor, classes, operating_point: dict | None) -> torch.
 def describe(operating_point: dict | None) -> str:
     if not operating_point:
         return "argmax (no operating point)"
+    where = operating_point.get("fitted_where", "validation images")
     return (f"'{operating_point['class']}' whenever its probability is at least {operating_point['threshold']:.3f} "
-            f"(set for {operating_point['target_recall']:.0%} recall on {operating_point['fitted_on']} validation images)")
+            f"(set for {operating_point['target_recall']:.0%} recall on {operating_point['fitted_on']} {where}, "
+            f"{operating_point['fitted_on_positives']} of them malignant)")
 
 
 def metrics_at(probs: torch.Tensor, labels: torch.Tensor, classes, operating_point: dict) -> dict:
@@ -62,3 +68,46 @@ def decision_metrics(predicted: torch.Tensor, labels: torch.Tensor, classes) -> 
                         "precision": round(int(confusion[i, i]) / called, 6) if called else None}
     return {"accuracy": round(float((predicted == labels).float().mean()), 6) if len(labels) else None,
             "per_class": per_class, "confusion_matrix": confusion.tolist()}
+
+
+def fit_with_ci(probs: torch.Tensor, labels: torch.Tensor, classes, target_recall: float, clusters=None,
+                n_boot: int = 1000, seed: int = 0, where: str = "these images") -> dict:
+    """fit_threshold on every image, and the recall that threshold can promise on new images of the same kind: the
+    threshold refitted on bootstrap resamples of patients (or images), each judged on the malignant images its
+    resample left out; their 2.5-97.5% range is the interval, their median the expected recall.
+
+    Refuses (BusiError) with fewer than MIN_POSITIVES malignant images or patients."""
+    if POSITIVE not in classes:
+        raise BusiError(f"the model has no '{POSITIVE}' class to set a threshold for")
+    k = list(classes).index(POSITIVE)
+    clusters = np.asarray([str(c) for c in clusters] if clusters is not None else np.arange(len(labels)).astype(str))
+    positive = (labels == k).numpy()
+    n_pos, n_pos_clusters = int(positive.sum()), len(set(clusters[positive].tolist()))
+    if min(n_pos, n_pos_clusters) < MIN_POSITIVES:
+        raise BusiError(f"{where}: {n_pos} malignant image(s) of {n_pos_clusters} patient(s): at least {MIN_POSITIVES} "
+                        "are needed to set a threshold that promises a recall")
+    point = fit_threshold(probs, labels, classes, target_recall)
+    names, inverse = np.unique(clusters, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    recalls = []
+    for _ in range(n_boot):
+        picked = rng.integers(0, len(names), len(names))
+        inside = np.isin(inverse, picked)
+        left_out = ~inside & positive
+        bag = torch.from_numpy(np.concatenate([np.flatnonzero(inverse == g) for g in picked]))
+        fitted = fit_threshold(probs[bag], labels[bag], classes, target_recall)
+        if fitted is None or not left_out.any():
+            continue
+        recalls.append(float((probs[torch.from_numpy(left_out), k] >= fitted["threshold"]).float().mean()))
+    negatives = labels != k
+    point.update({
+        "fitted_on_patients": len(names) if len(names) < len(labels) else None,
+        "expected_recall": round(float(np.median(recalls)), 4) if recalls else None,
+        "recall_ci": [round(float(np.quantile(recalls, 0.025)), 4), round(float(np.quantile(recalls, 0.975)), 4)]
+        if recalls else None,
+        "ci_method": f"threshold refitted on {len(recalls)} bootstrap resamples of "
+                     f"{'patients' if len(names) < len(labels) else 'images'}, recall measured on the malignant images "
+                     "each left out; 2.5-97.5% range",
+        "others_called_malignant": round(float((probs[negatives, k] >= point["threshold"]).float().mean()), 4)
+        if negatives.any() else None})
+    return point

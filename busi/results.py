@@ -18,7 +18,6 @@ from .evaluate import compute_metrics, majority_baseline
 from .operating import decide, describe, metrics_at
 from .explain import gradcam, overlay, summarize_localization
 from .plots import confusion_matrix, gallery, reliability_diagram, roc_curves
-from .train import checkpoint_logits
 
 GALLERY_SIZE = 8  # per kind (right, wrong) in gradcam.png
 
@@ -42,15 +41,17 @@ def per_source(probs: torch.Tensor, labels: torch.Tensor, classes: list[str], so
 def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Tensor, labels: torch.Tensor,
                   paths: list[str], masks: torch.Tensor | None = None, mask_status: list[str] | None = None,
                   extra: dict | None = None, explain: bool = True, logits: torch.Tensor | None = None,
-                  sources: list[str] | None = None) -> dict:
+                  sources: list[str] | None = None, shift_distances: torch.Tensor | None = None) -> dict:
     """metrics.json, predictions.csv, confusion_matrix.png, misclassified.png, roc.png, calibration.png, gradcam.png.
 
     logits: the model's raw scores on images, when the caller has them already. sources: each image's source, when
-    several folders were pooled: every figure is given per source too."""
+    several folders were pooled: every figure is given per source too. shift_distances: each image's distance from the
+    training images (busi.shift), written beside its prediction with the flag it earns."""
     folder.mkdir(parents=True, exist_ok=True)
     classes = list(config["classes"])
     temperature = float(config.get("temperature", 1.0))
     if logits is None:
+        from .inference import checkpoint_logits  # late: inference imports this module
         logits = checkpoint_logits(model, images, config)
     raw = torch.softmax(logits, 1)
     probs = torch.softmax(logits / temperature, 1)
@@ -73,9 +74,13 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
     predicted = decide(probs, classes, operating_point)
     with open(folder / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "true", "predicted", "predicted_argmax", *[f"p_{c}" for c in classes]])
-        for p, t, y, pr in zip(paths, labels.tolist(), predicted.tolist(), probs.tolist()):
-            w.writerow([p, classes[t], classes[y], classes[max(range(len(pr)), key=pr.__getitem__)], *[f"{v:.6f}" for v in pr]])
+        shifted = [] if shift_distances is None else ["shift_distance", "outside_training"]
+        w.writerow(["path", "true", "predicted", "predicted_argmax", *[f"p_{c}" for c in classes], *shifted])
+        for n, (p, t, y, pr) in enumerate(zip(paths, labels.tolist(), predicted.tolist(), probs.tolist())):
+            flag = [] if shift_distances is None else [
+                f"{float(shift_distances[n]):.4f}", int(shift_distances[n] > config["shift"]["threshold"])]
+            w.writerow([p, classes[t], classes[y], classes[max(range(len(pr)), key=pr.__getitem__)],
+                        *[f"{v:.6f}" for v in pr], *flag])
 
     name = (extra or {}).get("model", config.get("arch", ""))
     confusion_matrix(metrics["confusion_matrix"], classes, folder / "confusion_matrix.png",

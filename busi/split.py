@@ -9,14 +9,24 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from .errors import BusiError
 
 
-def group_ids(paths: list[str], duplicate_groups: list[list[str]]) -> np.ndarray:
-    """One integer per image: shared by the members of a duplicate group, unique otherwise."""
+def group_ids(paths: list[str], *groupings: list[list[str]]) -> np.ndarray:
+    """One integer per image, shared by images that must stay on one side of a split: members of one duplicate group
+    or one patient (groupings may overlap: a patient's scan copied into another patient's group joins both)."""
     index = {p: i for i, p in enumerate(paths)}
-    ids = np.arange(len(paths))
-    for g in duplicate_groups:
-        members = [index[p] for p in g if p in index]
-        ids[members] = min(members, default=0)
-    return ids
+    parent = np.arange(len(paths))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    for groups in groupings:
+        for g in groups:
+            members = [index[p] for p in g if p in index]
+            for m in members[1:]:
+                a, b = root(members[0]), root(m)
+                parent[max(a, b)] = min(a, b)
+    return np.array([root(i) for i in range(len(paths))])
 
 
 def _max_folds(labels: np.ndarray, groups: np.ndarray) -> int:
@@ -74,3 +84,27 @@ def train_test(labels, groups, test_size: float, seed: int, grouped: bool = True
     test = np.sort(np.concatenate([te for _, te in folds[:k]]))
     train = np.setdiff1d(np.arange(len(labels)), test)
     return train, test
+
+
+def source_folds(sources, labels, groups, classes) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Hospital-out folds: each source in turn is the test part, the others train (a source never seen in training).
+
+    Images of the training sources that share a near-duplicate group with the held-out source are left out of that
+    fold's training part, so a copy of a test scan filed under another source cannot leak into training.
+    """
+    sources, labels, groups = np.asarray(sources, dtype=str), np.asarray(labels), np.asarray(groups)
+    names = sorted(set(sources.tolist()))
+    if len(names) < 2:
+        raise BusiError("--split source holds out one whole source at a time: it needs two or more --data folders "
+                        f"(got one: {names[0] if names else 'none'})")
+    folds = []
+    for name in names:
+        test = np.flatnonzero(sources == name)
+        train = np.flatnonzero((sources != name) & ~np.isin(groups, groups[test]))
+        shared = set(labels[test].tolist()) & set(labels[train].tolist())
+        if not shared:
+            held = ", ".join(classes[c] for c in sorted(set(labels[test].tolist())))
+            raise BusiError(f"--split source: source {name} holds only {held}, which no other source has: a model "
+                            "trained on the others could not be judged on it")
+        folds.append((train, test))
+    return folds

@@ -19,19 +19,29 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .config import RunConfig
-from .data import IMAGENET_MEAN, IMAGENET_STD, augment, normalize
+from .data import IMAGENET_MEAN, IMAGENET_STD, augment, lesion_windows, normalize
+from .inference import logits_of
 from . import hardware
 from .errors import BusiError
 from .models import last_conv_block
+
+
+DISTILL_T = 2.0  # softened probabilities carry what the parent knows of every class, not only its top answer
 
 
 class Classifier(L.LightningModule):
     """Batches arrive as uint8 images (and masks); augmentation and normalisation run wherever the model runs."""
 
     def __init__(self, model: nn.Module, cfg: RunConfig, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 class_weights: torch.Tensor | None = None):
+                 class_weights: torch.Tensor | None = None, normal_index: int | None = None,
+                 present: list[int] | None = None, teacher: nn.Module | None = None):
         super().__init__()
-        self.model, self.cfg, self.mean, self.std = model, cfg, mean, std
+        self.model, self.cfg, self.mean, self.std, self.normal_index = model, cfg, mean, std, normal_index
+        # Fine-tuning on some of the model's classes (a benign/malignant-only folder): the loss is taken over the
+        # classes present, so the others are not pushed towards zero, and the parent (teacher, frozen, kept out of
+        # the optimiser) holds every probability near its own (Learning without Forgetting, Li & Hoiem 2016).
+        self.present = present
+        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
         self.register_buffer("class_weights", class_weights, persistent=False)
         self.lesion_head = None
         if cfg.mask_weight > 0:
@@ -52,6 +62,8 @@ class Classifier(L.LightningModule):
             masks = torch.where(batch[3].view(-1, 1, 1, 1), batch[2].float(), torch.full_like(batch[2], -1, dtype=torch.float))
         if self.trainer is not None and self.trainer.training:
             c = self.cfg
+            if c.lesion_windows > 0 and masks is not None and self.normal_index is not None:
+                x, y, masks = lesion_windows(x, y, masks, c.lesion_windows, self.normal_index)
             out = augment(x, masks, c.flip_p, c.max_rotation, c.autocontrast_p,
                           c.min_scale, c.brightness, c.contrast, c.ultrasound_p)
             x, masks = out if masks is not None else (out, None)
@@ -62,9 +74,20 @@ class Classifier(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return (x, y) if masks is None else (x, y, masks)
 
+    def on_fit_start(self):
+        for teacher in self._teacher:
+            teacher.to(self.device)
+
     def training_step(self, batch, batch_idx):
         x, y = batch[:2]
-        loss = F.cross_entropy(self(x), y, weight=self.class_weights, label_smoothing=self.cfg.label_smoothing)
+        logits = self(x)
+        loss = self.classification_loss(logits, y)
+        if self._teacher and self.cfg.distill_weight > 0:
+            with torch.no_grad():
+                target = F.softmax(self._teacher[0](x).float() / DISTILL_T, 1)
+            distill = F.kl_div(F.log_softmax(logits.float() / DISTILL_T, 1), target, reduction="batchmean") * DISTILL_T ** 2
+            self.log("distill_loss", distill, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
+            loss = loss + self.cfg.distill_weight * distill
         if self.lesion_head is not None and len(batch) == 3:
             masks = batch[2]  # N1HW in [0, 1]; negative marks images without a mask file
             known = masks.amin(dim=(1, 2, 3)) >= 0
@@ -76,6 +99,21 @@ class Classifier(L.LightningModule):
                 loss = loss + self.cfg.mask_weight * mask_loss
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         return loss
+
+    def classification_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy, over the classes present in the training data when that is a subset of the model's."""
+        weight = self.class_weights
+        if self.present is not None:
+            keep = torch.tensor(self.present, device=logits.device)
+            logits = logits[:, keep]
+            weight = None if weight is None else weight[keep]
+            if y.dim() == 2:  # MixUp/CutMix: class probabilities
+                y = y[:, keep]
+            else:
+                lookup = torch.full((int(keep.max()) + 1,), -1, dtype=torch.long, device=y.device)
+                lookup[keep] = torch.arange(len(keep), device=y.device)
+                y = lookup[y]
+        return F.cross_entropy(logits, y, weight=weight, label_smoothing=self.cfg.label_smoothing)
 
     def validation_step(self, batch, batch_idx):
         x, y = batch[:2]
@@ -108,30 +146,6 @@ def mixer(cfg: RunConfig, num_classes: int):
     if not kinds:
         return None
     return kinds[0] if len(kinds) == 1 else v2.RandomChoice(kinds)
-
-
-@torch.no_grad()
-def logits_of(model: nn.Module, images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch_size: int = 64,
-              device: torch.device | str | None = None, tta: bool = False) -> torch.Tensor:
-    """Raw scores for uint8 NCHW images, in batches, on the model's device; returned on the CPU.
-
-    With tta, the scores of each image and of its mirror image are averaged.
-    """
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-
-    def score(x):
-        x = normalize(x.to(device), mean, std)
-        return (model(x) + model(x.flip(-1))) / 2 if tta else model(x)
-    out = [score(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)]
-    model.train(was_training)
-    return torch.cat(out)
-
-
-def checkpoint_logits(model: nn.Module, images: torch.Tensor, config: dict) -> torch.Tensor:
-    """logits_of with a checkpoint config's normalisation and test-time augmentation (before its temperature)."""
-    return logits_of(model, images, config["mean"], config["std"], tta=bool(config.get("tta", False)))
 
 
 class History(Callback):
@@ -225,7 +239,8 @@ def train_loader(tensors, batch_size, shuffle):
 def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, ...], out_dir: Path,
         val: tuple[torch.Tensor, torch.Tensor] | None = None, test: tuple[torch.Tensor, torch.Tensor] | None = None,
         resume: bool = False, progress: bool = True, checkpoints: bool = True,
-        normalization: tuple = (IMAGENET_MEAN, IMAGENET_STD)) -> tuple[nn.Module, list[dict]]:
+        normalization: tuple = (IMAGENET_MEAN, IMAGENET_STD), normal_index: int | None = None,
+        present: list[int] | None = None, teacher: nn.Module | None = None) -> tuple[nn.Module, list[dict]]:
     """Train with Lightning; returns the last epoch's model and the per-epoch history.
 
     With a validation part, Lightning also keeps the epoch of lowest validation loss as lightning/best.ckpt;
@@ -258,7 +273,8 @@ def fit(model: nn.Module, cfg: RunConfig, train: tuple[torch.Tensor, ...], out_d
         weights = counts.sum() / (len(counts) * counts.clamp_min(1))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    module = Classifier(model, cfg, *normalization, class_weights=weights)
+    module = Classifier(model, cfg, *normalization, class_weights=weights, normal_index=normal_index, present=present,
+                        teacher=teacher)
     resume_from = None
     if resume:
         candidates = [ckpt_dir / "last.ckpt"]

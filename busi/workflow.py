@@ -13,61 +13,29 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
-from PIL import Image
-from tqdm.auto import tqdm
 
-from . import __version__, checkpoint, hardware, preprocess
-from .audit import audit, near_duplicates_across
-from .config import RunConfig, save_config
-from .data import (IMAGE_SUFFIXES, MASK_NAME, MASK_USABLE, Dataset, load, load_masks,
-                   model_input, read_image, scan, warn)
+from . import __version__, checkpoint, hardware, shift
+from .audit import audit
+from .audit import fingerprints as audit_fingerprints
+from .config import SPLIT_SOURCE_TRAIN, RunConfig, save_config
+from .data import MASK_USABLE, Dataset, load, load_masks, scan, warn
 from .folders import scan_sources
+from .meta import source_meta
 from .calibrate import fit_temperature
-from .evaluate import compute_metrics
-from .operating import decide, fit_threshold
+from .operating import MIN_POSITIVES, fit_threshold
 from .errors import BusiError
-from .export import ExportedModel, is_exported
 from .models import IMAGENET_WEIGHTS, Ensemble, build, count_parameters, normalization
 from .plots import loss_curves
 from .report import render
 from .results import write_results
 from .split import group_ids, train_test
-from .train import check_hardware, checkpoint_logits, fit, logits_of
-
-
-def is_main_process() -> bool:
-    """False in the extra processes of a distributed run (Lightning DDP, torchrun, SLURM): they train but never write."""
-    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
-
-
-def run_dir(out: str | Path | None, name: str, overwrite: bool = False, resume: bool = False) -> Path:
-    """The run folder: --out, or runs/<timestamp>-<name>; a folder already holding files is refused."""
-    if not is_main_process():  # rank 0 checks and writes the folder; the others only need its name
-        if os.environ.get("BUSI_RUN_DIR"):
-            return Path(os.environ["BUSI_RUN_DIR"])
-        if out:
-            return Path(out)
-        raise BusiError("a run started by torchrun or srun needs --out, so that every process agrees on the run folder")
-    path = Path(out) if out else Path("runs") / f"{datetime.now():%Y-%m-%dT%H%M%S}-{name}"
-    if path.exists() and not path.is_dir():
-        raise BusiError(f"{path}: --out exists and is not a folder")
-    if path.exists() and any(path.iterdir()) and not (overwrite or resume):
-        raise BusiError(f"{path}: already holds a run; pass --overwrite to write over it, or choose another --out")
-    return path
+from .inference import logits_of
+from .runs import is_main_process, run_dir
+from .train import check_hardware, fit
 
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2))
-
-
-def run_audit(data: str | Path, out: str | Path | None = None, classes=None, overwrite: bool = False,
-              progress: bool = True) -> tuple[dict, Path]:
-    dataset = scan(data, classes)
-    folder = run_dir(out, "audit", overwrite)
-    result = audit(dataset, progress=progress)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / "audit.json", result)
-    return result, folder
 
 
 def prepare(cfg: RunConfig, progress: bool = True, notes: list[str] = ()) -> tuple[Dataset, dict, torch.Tensor, torch.Tensor, list[str]]:
@@ -76,6 +44,10 @@ def prepare(cfg: RunConfig, progress: bool = True, notes: list[str] = ()) -> tup
     notes (the hardware choice) are printed once the folder is known to be there, so a bad --data stays one line.
     """
     dataset = scan_sources(cfg.data, cfg.classes)
+    absent = []  # fine-tuning: the parent's classes this data lacks (they are kept, not trained)
+    if cfg.init_checkpoint:
+        from .external import relabel
+        dataset, absent = relabel(dataset, checkpoint.read(cfg.init_checkpoint)["config"]["classes"], cfg.init_checkpoint)
     hardware.announce(notes)
     report = audit(dataset, progress=progress)
     if dataset.sources:
@@ -93,9 +65,23 @@ def prepare(cfg: RunConfig, progress: bool = True, notes: list[str] = ()) -> tup
             warn(f"skipping {report['skipped'][s.path]}")
     images, labels, kept = load(dataset.with_samples(usable, report["skipped"]), cfg.image_size, progress,
                                  cfg.preprocess)
-    for c, n in kept.counts().items():
-        if n == 0:
+    if cfg.meta:
+        columns = {"patient": cfg.patient_column, "group": cfg.group_column}
+        wanted = [c for c in columns.values() if c]
+        rows, lines = source_meta([s.path for s in kept.samples], [kept.source_of(s) for s in kept.samples], cfg.meta,
+                                  cfg.id_column, wanted)
+        for line in lines:
+            warn(line)
+        kept.info = {path: {key: row[col] for key, col in columns.items() if col and row.get(col)}
+                     for path, row in rows.items()}
+    counts = kept.counts()
+    for c, n in counts.items():
+        if n == 0 and c not in absent:
             raise BusiError(f"{dataset.root / c}: no usable images left in this class")
+    if sum(n > 0 for n in counts.values()) < 2:
+        held = ", ".join(c for c, n in counts.items() if n) or "no usable images"
+        raise BusiError(f"{', '.join(map(str, cfg.data))}: holds only {held}; a classifier needs images of at least "
+                        "two classes")
     if kept.sources:
         counts = ", ".join(f"{name} {sum(kept.source_of(s) == name for s in kept.samples)}" for name in kept.sources)
         print(f"busi: pooling {len(kept.sources)} sources: {counts} images", file=sys.stderr, flush=True)
@@ -103,31 +89,43 @@ def prepare(cfg: RunConfig, progress: bool = True, notes: list[str] = ()) -> tup
 
 
 def training_tensors(cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, status: list[str]):
-    """index -> the tensors fit() trains on: images and labels, plus lesion masks when the recipe learns them."""
-    if cfg.mask_weight <= 0:
+    """index -> the tensors fit() trains on: images and labels, plus lesion masks when the recipe learns them or cuts
+    windows by them."""
+    if cfg.mask_weight <= 0 and cfg.lesion_windows <= 0:
         return lambda idx: (images[idx], labels[idx])
     known = torch.tensor([st in MASK_USABLE for st in status])
     return lambda idx: (images[idx], labels[idx], masks[idx], known[idx])
 
 
 def build_for(arch: str, cfg: RunConfig, n_classes: int):
-    """A fresh model as cfg wants it: ImageNet weights (downloaded or --weights) for the models that have them."""
+    """A fresh model as cfg wants it: the weights of cfg.init_checkpoint (fine-tuning), or ImageNet weights
+    (downloaded or --weights) for the models that have them."""
+    if cfg.init_checkpoint:
+        return checkpoint.load(cfg.init_checkpoint)[0].train()
     return build(arch, n_classes, pretrained=cfg.pretrained and arch in IMAGENET_WEIGHTS,
                  weights=cfg.weights if arch in IMAGENET_WEIGHTS else None)
 
 
 def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_dir: Path, test_idx=None,
               resume: bool = False, progress: bool = True, checkpoints: bool = True, seed: int | None = None):
-    """Build, seed and train one model; calibrate it on the validation part. -> (model, config, history)."""
+    """Build, seed and train one model; calibrate it on the validation part and summarise its training images there
+    (busi.shift). -> (model, config, history, extra tensors for the checkpoint)."""
     start = time.perf_counter()
     val = part(val_idx)[:2] if len(val_idx) else None
     test = part(test_idx)[:2] if test_idx is not None else None
+    trained = sorted(set(part(train_idx)[1].tolist()) | ({list(classes).index("normal")} if "normal" in classes
+                                                           and cfg.lesion_windows > 0 else set()))
+    # fine-tuning on some of the parent's classes: the loss over those, the parent keeping the rest (busi.train)
+    present = trained if cfg.init_checkpoint and len(trained) < len(classes) else None
+    teacher = checkpoint.load(cfg.init_checkpoint)[0] if cfg.init_checkpoint and cfg.distill_weight > 0 else None
     members, histories = [], []
     for k in range(cfg.ensemble):  # an ensemble's members differ only by seed: initial weights, order, augmentation
         L.seed_everything((cfg.seed if seed is None else seed) + 7919 * k, verbose=False)
         member, history = fit(build_for(arch, cfg, len(classes)), cfg, part(train_idx),
                               out_dir / f"member{k}" if cfg.ensemble > 1 else out_dir, val=val, test=test, resume=resume,
-                              progress=progress, checkpoints=checkpoints, normalization=normalization(arch))
+                              progress=progress, checkpoints=checkpoints, normalization=normalization(arch),
+                              normal_index=list(classes).index("normal") if "normal" in classes else None,
+                              present=present, teacher=teacher)
         members.append(member)
         histories.append(history)
     model, history = members[0], histories[0]
@@ -141,10 +139,17 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
                 writer.writerows(history)
     config = _checkpoint_config(arch, cfg, classes)
     config["members"] = cfg.ensemble
+    if cfg.init_checkpoint:
+        from .adapt import parent_of
+        config["parent"] = parent_of(cfg.init_checkpoint, checkpoint.read(cfg.init_checkpoint)["config"])
     config["train_seconds"] = round(time.perf_counter() - start, 1)
+    extras = {}
     if val is not None:
         calibrate(model, config, cfg, val)
-    return model, config, history
+        if len(val[1]) >= 20:  # enough held-out images to say where 'like the training images' ends
+            extras, config["shift"] = shift.summarize(shift.features(model, part(train_idx)[0], config["mean"], config["std"]),
+                                                      shift.features(model, val[0], config["mean"], config["std"]))
+    return model, config, history, extras
 
 
 def calibrate(model, config: dict, cfg: RunConfig, val) -> None:
@@ -153,8 +158,13 @@ def calibrate(model, config: dict, cfg: RunConfig, val) -> None:
     config["temperature"] = fit_temperature(val_logits, val[1]) if cfg.fit_temperature else 1.0
     config["temperature_fitted_on"] = len(val[1]) if cfg.fit_temperature else 0
     if cfg.malignant_recall is not None:
-        config["operating_point"] = fit_threshold(torch.softmax(val_logits / config["temperature"], 1), val[1],
-                                                  list(config["classes"]), cfg.malignant_recall)
+        point = fit_threshold(torch.softmax(val_logits / config["temperature"], 1), val[1], list(config["classes"]),
+                              cfg.malignant_recall)
+        parent = checkpoint.read(cfg.init_checkpoint)["config"].get("operating_point") if cfg.init_checkpoint else None
+        if parent and (point is None or point["fitted_on_positives"] < MIN_POSITIVES):  # too few to re-set it
+            point = {**parent, "kept_from_parent": f"the validation part held {0 if point is None else point['fitted_on_positives']}"
+                                                   f" malignant images, fewer than {MIN_POSITIVES}"}
+        config["operating_point"] = point
 
 
 def _checkpoint_config(arch: str, cfg: RunConfig, classes) -> dict:
@@ -166,8 +176,11 @@ def _checkpoint_config(arch: str, cfg: RunConfig, classes) -> dict:
             "seed": cfg.seed, "epochs": cfg.epochs, "tta": cfg.tta, "temperature": 1.0, "version": __version__}
 
 
-def check_models(cfg: RunConfig, n_classes: int) -> None:
+def check_models(cfg: RunConfig, classes) -> None:
     """Build every model once before training any, so a missing weight file fails in seconds, not after an hour."""
+    if cfg.lesion_windows > 0 and "normal" not in classes:
+        raise BusiError(f"'lesion_windows' labels lesion-free views 'normal', but the classes are {', '.join(classes)}")
+    n_classes = len(classes)
     for arch in cfg.models:
         build_for(arch, cfg, n_classes)
 
@@ -187,6 +200,8 @@ def run_finished(out: str | Path | None, cfg: RunConfig) -> bool:
 def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = False, resume: bool = False,
               progress: bool = True) -> Path:
     """Audit, split (grouped, stratified, seeded), train every model in cfg.models, evaluate on the test part."""
+    if cfg.split == "source":
+        raise BusiError(SPLIT_SOURCE_TRAIN)
     folder = run_dir(out, "-".join(cfg.models), overwrite, resume)
     main = is_main_process()
     cfg, notes = hardware.resolve(cfg)
@@ -194,10 +209,10 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
     os.environ["BUSI_RUN_DIR"] = str(folder.resolve())  # inherited by DDP worker processes Lightning starts
     progress = progress and main
     dataset, report, images, labels, conflicted = prepare(cfg, progress, notes if main else [])
-    check_models(cfg, len(dataset.classes))
+    check_models(cfg, dataset.classes)
     paths = [s.path for s in dataset.samples]
     grouped = cfg.split == "grouped"
-    groups = group_ids(paths, report["duplicate_groups"]) if grouped else np.arange(len(paths))
+    groups = group_ids(paths, report["duplicate_groups"], dataset.patient_groups()) if grouped else np.arange(len(paths))
     sources = [dataset.source_of(s) for s in dataset.samples]
     source_arr = np.asarray(sources)
     if cfg.test_size > 0:
@@ -219,8 +234,9 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
     masks, status = load_masks(dataset, cfg.image_size, cfg.preprocess)
     part = training_tensors(cfg, images, labels, masks, status)
     histories, rows = {}, []
+    fingerprints = None
     for arch in cfg.models:
-        model, config, history = train_one(arch, cfg, dataset.classes, part, train_idx, val_idx, folder / arch,
+        model, config, history, extras = train_one(arch, cfg, dataset.classes, part, train_idx, val_idx, folder / arch,
                                            test_idx=test_idx if len(test_idx) else None, resume=resume, progress=progress)
         if not main:
             continue
@@ -228,7 +244,17 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
             histories.update({f"{arch} member {k}": [r for r in history if r["member"] == k] for k in range(cfg.ensemble)})
         else:
             histories[arch] = history
-        checkpoint.save(folder / arch / "checkpoint.pth", model, config)
+        if fingerprints is None:  # the images that shaped the model (training and validation part), once for all models
+            shaped = np.concatenate([train_idx, val_idx])
+            fingerprints = audit_fingerprints(dataset.subset(shaped), progress)
+            config_paths = [paths[i] for i in shaped]
+            if cfg.init_checkpoint:  # and those that shaped its parent
+                _, parent, inherited = checkpoint.load(cfg.init_checkpoint, extras=True)
+                if "fingerprints.phash" in inherited and parent.get("fingerprint_paths"):
+                    fingerprints = {k: torch.cat([inherited[k], v]) for k, v in fingerprints.items()}
+                    config_paths = [f"parent:{p}" for p in parent["fingerprint_paths"]] + config_paths
+        config["fingerprint_paths"] = config_paths
+        checkpoint.save(folder / arch / "checkpoint.pth", model, config, extras={**extras, **fingerprints})
         if len(test_idx) == 0:
             continue
         rows.append(write_results(folder / arch, model, config, images[test_idx], labels[test_idx],
@@ -274,130 +300,3 @@ def write_summary(folder: Path, rows: list[dict], classes: list[str]) -> None:
     (folder / "summary.md").write_text("\n".join(lines) + "\n")
 
 
-def training_overlap(checkpoint_path: str | Path, config: dict, dataset: Dataset, train_data: str | Path | None = None,
-                     progress: bool = True) -> dict:
-    """Which images of dataset have a near-duplicate among the images the checkpoint's model trained on."""
-    if train_data is not None and not Path(train_data).is_dir():
-        raise BusiError(f"{train_data}: --train-data folder does not exist")
-    given = train_data or config.get("trained_on")
-    roots = given if isinstance(given, list) else [given] if given else []  # a list: several sources pooled
-    if not roots or not all(Path(r).is_dir() for r in roots):
-        return {"checked": False, "note": f"training data '{given}' is not here: pass --train-data DIR to check"}
-    reference = scan_sources(roots, config["classes"])
-    split = Path(checkpoint_path).parent.parent / "split.json"
-    if split.is_file():  # only what trained the model (training and validation part), not its own test part
-        parts = json.loads(split.read_text())
-        used = set(parts["train"]) | set(parts["val"])
-        if used <= {s.path for s in reference.samples}:
-            reference = reference.with_samples([s for s in reference.samples if s.path in used])
-    seen = near_duplicates_across(reference, dataset, progress)
-    return {"checked": True, "training_data": [str(Path(r).resolve()) for r in roots] if len(roots) > 1 else
-            str(Path(roots[0]).resolve()), "n_training_images": len(reference.samples),
-            "n_with_near_duplicate_in_training": len(seen), "near_duplicates": seen}
-
-
-def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path | None = None, overwrite: bool = False,
-                 progress: bool = True, train_data: str | Path | None = None, meta: str | Path | None = None,
-                 id_column: str = "ID", group_column: str | None = None, patient_column: str | None = None
-                 ) -> tuple[dict, Path]:
-    """Evaluate a saved model on every readable image of a folder, and again without the images it has seen copies of.
-
-    The folder may hold a subset of the model's classes (another hospital's benign/malignant set); a meta CSV adds
-    per-group figures (e.g. per scanner) and a bootstrap over patients instead of images.
-    """
-    if (group_column or patient_column) and not meta:
-        raise BusiError("--group-column and --patient-column need --meta FILE.csv")
-    model, config = checkpoint.load(checkpoint_path)
-    from .external import figures, relabel
-    # labels re-numbered in the model's class order, so every figure speaks of the model's classes
-    dataset, absent = relabel(scan(data), config["classes"], str(checkpoint_path))
-    folder = run_dir(out, f"evaluate-{config['arch']}", overwrite)
-    steps = config.get("preprocess", ())
-    images, labels, dataset = load(dataset, config["image_size"], progress, steps)
-    masks, status = load_masks(dataset, config["image_size"], steps)
-    overlap = training_overlap(checkpoint_path, config, dataset, train_data, progress)
-    logits = checkpoint_logits(model, images, config)  # once, for the overlap, the external figures and write_results
-    probs = torch.softmax(logits / float(config.get("temperature", 1.0)), 1)
-    if overlap["checked"] and overlap["near_duplicates"]:
-        unseen = [i for i, s in enumerate(dataset.samples) if s.path not in overlap["near_duplicates"]]
-        if unseen:
-            m = compute_metrics(probs[unseen], labels[unseen], config["classes"])
-            overlap["metrics_without_them"] = {"n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-                                               "auroc": m["auroc"],
-                                               "recall": {c: v["recall"] for c, v in m["per_class"].items()}}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump({"command": "evaluate", "checkpoint": str(checkpoint_path),
-                                                     "data": str(data), "busi_version": __version__}, sort_keys=False))
-    extra = {"model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped,
-             "training_overlap": overlap, **figures(probs, config, labels, dataset, meta, id_column, group_column,
-                                                    patient_column)}
-    metrics = write_results(folder, model, config, images, labels, [s.path for s in dataset.samples], masks, status, extra,
-                            logits=logits)
-    render(folder)
-    return metrics, folder
-
-
-def operating_point_of(model_path: str | Path) -> dict | None:
-    """The decision threshold stored with a checkpoint or an exported model (None: argmax)."""
-    config = ExportedModel(model_path).config if is_exported(model_path) else checkpoint.read(model_path)["config"]
-    return config.get("operating_point")
-
-
-def predict_probs(model, config: dict, images: torch.Tensor) -> torch.Tensor:
-    logits = checkpoint_logits(model, images, config)
-    return torch.softmax(logits / float(config.get("temperature", 1.0)), 1)
-
-
-def image_files(inputs: list[str | Path]) -> list[Path]:
-    """Files as given; folders searched recursively for images, masks left out."""
-    files = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                            and not MASK_NAME.match(p.stem) and not p.name.startswith("."))
-        else:
-            files.append(item)
-    return files
-
-
-def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_dir: str | Path | None = None,
-                progress: bool = False) -> list[dict]:
-    """One row per image: path, predicted class, probability of each class, or the error that stopped it.
-
-    With explain_dir, a Grad-CAM overlay of the predicted class is written there for each image.
-    """
-    if is_exported(checkpoint_path):
-        if explain_dir is not None:
-            raise BusiError(f"{checkpoint_path}: Grad-CAM needs the checkpoint.pth, not an exported model")
-        exported = ExportedModel(checkpoint_path)
-        model, config = None, exported.config
-    else:
-        model, config = checkpoint.load(checkpoint_path)
-    if explain_dir is not None:
-        from .explain import gradcam, overlay
-        explain_dir = Path(explain_dir)
-        explain_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    files = image_files(inputs)
-    bar = tqdm(files, desc="predicting", unit="image", disable=not progress or len(files) < 8, leave=False)
-    for n, path in enumerate(bar):
-        try:
-            original = preprocess.apply(read_image(path), config.get("preprocess", ()))  # what the model sees
-        except BusiError as e:
-            rows.append({"path": str(path), "error": str(e)})
-            continue
-        image = model_input(original, config["image_size"])
-        probs = predict_probs(model, config, image) if model is not None else exported.probabilities(image)
-        predicted = int(decide(probs, config["classes"], config.get("operating_point"))[0])
-        probs = probs[0]
-        row = {"path": str(path), "predicted": config["classes"][predicted],
-               "probabilities": {c: round(float(p), 6) for c, p in zip(config["classes"], probs)}}
-        if config.get("operating_point"):
-            row["predicted_argmax"] = config["classes"][int(probs.argmax())]
-        if explain_dir is not None:
-            heat = gradcam(model, image, [predicted], config["mean"], config["std"])[0]
-            target = explain_dir / f"{n:04d}-{Path(path).stem}-gradcam.png"
-            Image.fromarray(overlay(original, heat)).save(target)
-            row["explanation"] = str(target)
-        rows.append(row)
-    return rows

@@ -12,7 +12,7 @@ import pytest
 
 from browser import CHROMIUM_ARGS, chromium_path
 from busi.cli import main
-from busi.workflow import run_predict
+from busi.inference import run_predict
 from conftest import BUSI_DEV
 from test_cli import TINY
 

@@ -8,7 +8,7 @@ import yaml
 
 from busi import bundled
 from busi.cli import main
-from busi.workflow import run_predict
+from busi.inference import run_predict
 
 ROOT = Path(__file__).resolve().parents[1]
 

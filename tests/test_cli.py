@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from busi.cli import main
+from busi.errors import BusiError
 
 TINY = ["--epochs", "1", "--image-size", "32", "--batch-size", "8", "--no-progress"]
 
@@ -384,3 +385,29 @@ def test_cv_pools_sources_and_scores_each(kaggle_folder, tmp_path, capsys):
     folds = json.loads((out / "folds.json").read_text())["test_folds"][0]
     assert all({p.split("/")[0] for p in fold} == {"Dataset_BUSI_with_GT", "hospital"} for fold in folds)
     assert "on source hospital (n=12)" in capsys.readouterr().out
+
+
+def test_the_seed_experiment_says_what_it_trains_and_offline_trains_what_it_can(kaggle_folder, tmp_path, capsys,
+                                                                               monkeypatch):
+    from busi import weights
+
+    def offline(arch, source):
+        raise BusiError(f"{arch}: could not download ImageNet weights (URLError: no network); pass --weights FILE")
+    monkeypatch.setattr(weights, "_download", offline)
+    assert main(["train", "--data", str(kaggle_folder), "--epochs", "1", "--image-size", "32",
+                 "--out", str(tmp_path / "seed"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "the seed experiment, custom-cnn and resnet50 for 1 epochs" in err
+    assert "ResNet-50 left out: could not download ImageNet weights" in err and "--weights resnet50.pth" in err
+    assert (tmp_path / "seed" / "custom-cnn" / "checkpoint.pth").exists() and not (tmp_path / "seed" / "resnet50").exists()
+
+
+def test_a_one_class_folder_is_one_line_at_once(tmp_path, capsys):
+    from conftest import make_kaggle_folder
+    import shutil
+    data = make_kaggle_folder(tmp_path / "one", per_class=4)
+    shutil.rmtree(data / "benign")
+    shutil.rmtree(data / "normal")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "x")]) == 2
+    assert "holds one class folder (malignant); a classifier needs images of at least two classes" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -92,3 +92,14 @@ def test_fit_temperature_is_the_recipes_unless_a_flag_says_otherwise():
         return make_config(_overrides(args), args.config).fit_temperature
     assert make_config().fit_temperature  # the default fits one
     assert not fitted() and fitted("--fit-temperature") and not fitted("--no-fit-temperature")
+
+
+def test_a_run_that_is_all_warm_up_is_cautioned(kaggle_folder, tmp_path, capsys):
+    from busi.config import cautions
+    assert cautions(make_config({"scheduler": "cosine", "warmup_epochs": 2, "epochs": 2}))
+    assert not cautions(make_config({"scheduler": "cosine", "warmup_epochs": 2, "epochs": 30}))
+    from busi.cli import main
+    (tmp_path / "r.yaml").write_text("scheduler: cosine\nwarmup_epochs: 2\n")
+    main(["train", "--data", str(kaggle_folder), "--config", str(tmp_path / "r.yaml"), "--epochs", "1", "--model",
+          "custom-cnn", "--image-size", "32", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert "warmup_epochs 2 >= epochs 1: the whole run is the warm-up" in capsys.readouterr().err

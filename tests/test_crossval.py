@@ -95,3 +95,52 @@ def test_cv_external_folder_sharing_no_class_is_one_line(kaggle_folder, tmp_path
                  str(tmp_path / "cv"), "--external", str(tmp_path / "other"), *TINY]) == 2
     err = capsys.readouterr().err
     assert "but the data has cats" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cv_split_source_holds_out_each_hospital_and_judges_it_with_its_patients(tmp_path, capsys):
+    from conftest import make_kaggle_folder
+    import shutil
+    home = make_kaggle_folder(tmp_path / "home", per_class=12, size=64)
+    other = tmp_path / "other"  # another hospital: benign and malignant only, two views per patient, a meta CSV
+    rows = ["ID,Case,Device"]
+    for label, name in enumerate(("benign", "malignant")):
+        (other / name).mkdir(parents=True)
+        for i in range(10):
+            stem = f"bus_{label}{i:02d}-{'lr'[i % 2]}"
+            synthetic_scan(label, seed=9000 + 50 * label + i, size=72).save(other / name / f"{stem}.png")
+            rows.append(f"{stem},{label * 100 + i // 2},{'GE' if i < 5 else 'Toshiba'}")
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "recipe.yaml").write_text("malignant_recall: 0.9\nlesion_windows: 0.5\n")
+    out = tmp_path / "cv"
+    assert main(["cv", "--data", str(home), "--data", str(other), "--split", "source", "--meta", str(tmp_path / "meta.csv"),
+                 "--patient-column", "Case", "--group-column", "Device", "--config", str(tmp_path / "recipe.yaml"),
+                 "--model", "custom-cnn", "--val-size", "0.3", "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "on source other, held out (trained on the other sources only)" in printed
+    assert "on source other, after label-free adaptation to it" in printed
+    folds = json.loads((out / "folds.json").read_text())
+    assert folds["split"] == "source" and folds["folds"] == 2
+    assert [sorted({p.split("/")[0] for p in fold}) for fold in folds["test_folds"][0]] == [["home"], ["other"]]
+    summary = json.loads((out / "cv_metrics.json").read_text())["custom-cnn"]
+    assert "patients and duplicate groups" in summary["ci_method"]
+    held = summary["per_source"]["other"]
+    assert held["n"] == 20 and held["malignant_vs_benign"]["n_clusters"] == 10  # two views per patient
+    assert set(held["per_group"]) == {"GE", "Toshiba"} and "adapted" in held
+    assert "operating_point" in held and held["operating_point"]["per_class"]["malignant"]["recall"] is not None
+    # the other hospital trains no 'normal', but lesion windows teach it: home's normal scans are judged fairly
+    assert "untrained_classes" not in summary["per_source"]["home"]
+    shutil.rmtree(out)
+    (tmp_path / "recipe.yaml").write_text("malignant_recall: 0.9\n")
+    assert main(["cv", "--data", str(home), "--data", str(other), "--split", "source", "--model", "custom-cnn",
+                 "--config", str(tmp_path / "recipe.yaml"), "--out", str(out), *TINY]) == 0
+    summary = json.loads((out / "cv_metrics.json").read_text())["custom-cnn"]
+    assert summary["per_source"]["home"]["untrained_classes"] == ["normal"]
+    assert "no normal in training: 3-class figures not meaningful" in capsys.readouterr().out
+
+
+def test_split_source_needs_several_sources_and_is_for_cv_only(kaggle_folder, tmp_path, capsys):
+    assert main(["cv", "--data", str(kaggle_folder), "--split", "source", "--out", str(tmp_path / "a"), *TINY]) == 2
+    assert "needs two or more --data folders" in capsys.readouterr().err
+    assert main(["train", "--data", str(kaggle_folder), "--split", "source", "--out", str(tmp_path / "b"), *TINY]) == 2
+    assert "--split source is for `busi cv`" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

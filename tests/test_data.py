@@ -167,3 +167,25 @@ def test_scan_sources_bad_input_is_one_line(tmp_path):
         scan_sources([busi, tmp_path / "other"])
     with pytest.raises(BusiError, match="given twice"):
         scan_sources([busi, busi])
+
+
+def test_lesion_windows_label_lesion_free_views_normal_and_keep_lesion_views():
+    from busi.data import lesion_windows
+    images = torch.zeros(4, 3, 64, 64, dtype=torch.uint8)
+    images[:, :, 10:20, 10:20] = 255  # the lesion, bright
+    masks = torch.zeros(4, 1, 64, 64)
+    masks[:, :, 10:20, 10:20] = 1
+    masks[3] = -1  # no mask file: never windowed
+    labels = torch.tensor([0, 1, 2, 0])
+    seen = set()
+    for seed in range(40):
+        x, y, m = lesion_windows(images, labels, masks, 1.0, normal=2, margin=2,
+                                 generator=torch.Generator().manual_seed(seed))
+        for i in range(3):
+            seen.add((int(labels[i]), int(y[i])))
+            if y[i] == 2 and labels[i] != 2:  # called normal: no lesion pixel in view, and its mask says so
+                assert x[i].max() == 0 and m[i].max() == 0
+            elif labels[i] != 2:  # a lesion view keeps its label and shows the lesion
+                assert y[i] == labels[i] and x[i].max() > 0.5 and m[i].max() == 1
+        assert torch.equal(x[3], images[3].float() / 255) and y[3] == 0
+    assert seen == {(0, 0), (0, 2), (1, 1), (1, 2), (2, 2)}  # both kinds, for both lesion classes

@@ -5,7 +5,7 @@ import pytest
 from busi.cli import main
 from busi.export import export
 from busi.errors import BusiError
-from busi.workflow import run_predict
+from busi.inference import run_predict
 from test_cli import TINY
 
 

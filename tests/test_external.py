@@ -9,7 +9,8 @@ import torch
 from busi import checkpoint
 from busi.cli import main
 from busi.errors import BusiError
-from busi.external import malignant_vs_benign, per_group, read_meta
+from busi.external import malignant_vs_benign, per_group
+from busi.meta import read_meta
 from busi.models import build
 
 CLASSES = ["benign", "malignant", "normal"]

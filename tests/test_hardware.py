@@ -71,3 +71,23 @@ def test_channels_last_takes_true_false_or_auto():
     with pytest.raises(BusiError, match="true, false or auto"):
         make_config({"channels_last": "sometimes"})
 
+
+
+def test_a_torchvision_of_another_build_is_one_line_with_the_fix(monkeypatch):
+    import builtins
+    import sys
+    from busi.compat import check_torch
+    from busi.errors import BusiError
+    real = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "torchvision":
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real(name, *args, **kwargs)
+    monkeypatch.delitem(sys.modules, "torchvision", raising=False)
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(BusiError) as e:
+        check_torch()
+    message = str(e.value)
+    assert "do not work together (operator torchvision::nms does not exist)" in message
+    assert "pip install --force-reinstall --no-deps \"torchvision==0." in message and "\n" not in message

@@ -109,7 +109,7 @@ def test_ultrasound_augmentation_keeps_range_and_grey(p):
 
 def test_the_checkpoint_carries_its_preprocessing_into_predict(tmp_path):
     from busi.cli import main
-    from busi.workflow import run_predict
+    from busi.inference import run_predict
     from test_cli import TINY
     root = make_kaggle_folder(tmp_path / "d", per_class=4, size=64)
     assert main(["train", "--data", str(root), "--model", "custom-cnn", "--preprocess", "crop", "overlays",

@@ -71,3 +71,29 @@ def test_several_sources_each_land_on_both_sides(small):
         for _, te in folds:
             n = ((sources[te] == "hospital") & (labels[te] == 1)).sum()
             assert abs(n - (labels_b == 1).sum() / 3) <= 2
+
+
+def test_group_ids_merge_overlapping_groupings():
+    # duplicates b~d, patient P holds d and e: b, d and e must stay together
+    ids = group_ids(["a", "b", "c", "d", "e"], [["b", "d"]], [["d", "e"], ["a"]])
+    assert ids[1] == ids[3] == ids[4] and len(set(ids.tolist())) == 3
+
+
+def test_source_folds_hold_out_each_source_and_keep_cross_source_copies_out_of_training():
+    from busi.split import source_folds
+    sources = np.array(["a"] * 6 + ["b"] * 4)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 0, 1])
+    groups = np.arange(10)
+    groups[7] = groups[1]  # b's image 7 is a copy of a's image 1
+    folds = source_folds(sources, labels, groups, ["benign", "malignant", "normal"])
+    (train_a, test_a), (train_b, test_b) = folds
+    assert set(test_a) == set(range(6)) and set(train_a) == {6, 8, 9}  # the copy of a test image does not train
+    assert set(test_b) == set(range(6, 10)) and 1 not in train_b and set(train_b) == {0, 2, 3, 4, 5}
+
+
+def test_source_folds_refuse_one_source_and_a_source_nobody_can_judge():
+    from busi.split import source_folds
+    with pytest.raises(BusiError, match="needs two or more --data folders"):
+        source_folds(["a"] * 4, [0, 1, 0, 1], np.arange(4), ["benign", "malignant"])
+    with pytest.raises(BusiError, match="source a holds only benign, malignant, which no other source has"):
+        source_folds(["a"] * 4 + ["b"] * 2, [0, 1, 0, 1, 2, 2], np.arange(6), ["benign", "malignant", "normal"])

@@ -1,0 +1,147 @@
+"""A trained model made local without training: BatchNorm statistics of a new scanner's images (label-free), and the
+malignant threshold re-set on a hospital's own labelled images."""
+from __future__ import annotations
+
+import copy
+import json
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__, checkpoint, preprocess
+from .data import model_input, normalize, read_image, warn
+from .errors import BusiError
+from .runs import run_dir
+
+MIN_IMAGES = 16  # fewer images than this measure no scanner's statistics
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 64) -> nn.Module:
+    """A copy of model whose BatchNorm running means and variances are those of images (uint8 NCHW), no labels used.
+
+    Every other weight is kept. A scanner's gain, speckle and contrast shift the statistics each BatchNorm layer
+    normalises with (AdaBN, Li et al. 2016); measuring them on the new hospital's own images undoes that shift.
+    Each image is seen as it is and mirrored, as test-time augmentation sees it.
+    """
+    if len(images) < 2:
+        raise BusiError(f"adapting needs at least two images to measure their statistics (got {len(images)})")
+    adapted = copy.deepcopy(model).eval()
+    norms = [m for m in adapted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return adapted
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over every batch, not an exponential one
+        m.train()
+    device = next(adapted.parameters()).device
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))  # batches that mix classes
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[order[i:i + batch_size]].to(device), mean, std)
+        if len(x) > 1:  # a one-image batch has no variance to measure
+            adapted(torch.cat([x, x.flip(-1)]))
+    return adapted.eval()
+
+
+def read_folder(inputs, config: dict) -> tuple[torch.Tensor, list[str]]:
+    """Every readable image under inputs (folders searched, masks left out) as the model sees it; unreadable files
+    are named and skipped. -> (uint8 NCHW images, their paths)."""
+    from .inference import image_files
+    files = image_files(inputs)
+    images, paths = [], []
+    for path in files:
+        try:
+            image = preprocess.apply(read_image(path), config.get("preprocess", ()))
+        except BusiError as e:
+            warn(f"skipping {e}")
+            continue
+        images.append(model_input(image, config["image_size"]))
+        paths.append(str(path))
+    where = ", ".join(map(str, inputs))
+    if not files:
+        raise BusiError(f"{where}: no image files found (PNG, JPEG, BMP or TIFF; masks are left out)")
+    if not paths:
+        raise BusiError(f"{where}: none of the {len(files)} image files could be read")
+    return torch.cat(images), paths
+
+
+def save_derived(out: Path, model: nn.Module, config: dict, extras: dict, record: dict, overwrite: bool) -> Path:
+    """A new run folder holding the derived checkpoint and a JSON record of how it was made from its parent."""
+    folder = run_dir(out, record["command"], overwrite)
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(folder / "checkpoint.pth", model, config, extras=extras)
+    (folder / f"{record['command']}.json").write_text(json.dumps(record, indent=2))
+    return folder
+
+
+def parent_of(path: str | Path, config: dict) -> dict:
+    """What a derived checkpoint records of the one it was made from."""
+    return {"checkpoint": str(path), "arch": config["arch"], "trained_at": config.get("trained_at"),
+            "parent": config.get("parent")}
+
+
+def run_adapt(checkpoint_path: str | Path, data, out: str | Path | None = None, overwrite: bool = False) -> tuple[dict, Path]:
+    """busi adapt: the checkpoint with its BatchNorm statistics measured on the images of data (labels, if any, unused).
+
+    The shift summary is left out of the new checkpoint: it describes the parent's features, which adapting changes.
+    The operating point is kept (re-set it with run_calibrate on labelled images of the same hospital)."""
+    model, config, extras = checkpoint.load(checkpoint_path, extras=True)
+    inputs = data if isinstance(data, (list, tuple)) else [data]
+    images, paths = read_folder(inputs, config)
+    if len(paths) < MIN_IMAGES:
+        raise BusiError(f"{', '.join(map(str, inputs))}: {len(paths)} readable image(s); adapting needs at least "
+                        f"{MIN_IMAGES} of the new scanner's images")
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise BusiError(f"{checkpoint_path}: a {config['arch']} has no BatchNorm layers to adapt")
+    adapted = adapt_batchnorm(model, images, config["mean"], config["std"])
+    record = {"command": "adapt", "method": "BatchNorm running statistics re-estimated on the images (AdaBN); no "
+                                            "labels used, every weight kept", "data": [str(d) for d in inputs],
+              "n_images": len(paths), "at": datetime.now().isoformat(timespec="seconds"), "busi_version": __version__,
+              "parent": parent_of(checkpoint_path, config)}
+    config = {k: v for k, v in config.items() if k != "shift"}
+    config["parent"] = record["parent"]
+    config["adapted"] = {k: record[k] for k in ("method", "data", "n_images", "at")}
+    extras = {k: v for k, v in extras.items() if not k.startswith("shift.")}
+    return record, save_derived(out, adapted, config, extras, record, overwrite)
+
+
+def run_calibrate(checkpoint_path: str | Path, data, target_recall: float, out: str | Path | None = None,
+                  overwrite: bool = False, meta: str | None = None, id_column: str = "ID",
+                  patient_column: str | None = None, progress: bool = True) -> tuple[dict, Path]:
+    """busi calibrate: the checkpoint with its malignant threshold re-set on labelled images of data (a folder with one
+    sub-folder per class, some of the model's classes or all), with the recall it can promise new patients."""
+    from .data import load, scan
+    from .external import relabel
+    from .inference import predict_probs
+    from .meta import read_meta
+    from .operating import decide, fit_with_ci
+    if not 0 < target_recall <= 1:
+        raise BusiError(f"--malignant-recall must be in (0, 1], got {target_recall}")
+    if patient_column and not meta:
+        raise BusiError("--patient-column needs --meta FILE.csv")
+    model, config, extras = checkpoint.load(checkpoint_path, extras=True)
+    dataset, _ = relabel(scan(data), config["classes"], str(checkpoint_path))
+    images, labels, dataset = load(dataset, config["image_size"], progress, config.get("preprocess", ()))
+    paths = [s.path for s in dataset.samples]
+    patients = None
+    if patient_column:
+        rows, notes = read_meta(meta, id_column, [patient_column], paths)
+        for line in notes:
+            warn(line)
+        patients = [rows.get(p, {}).get(patient_column) or f"image:{p}" for p in paths]
+    probs = predict_probs(model, config, images)
+    point = fit_with_ci(probs, labels, config["classes"], target_recall, patients, where=str(data))
+    point["fitted_where"] = f"images of {data}"
+    before = config.get("operating_point")
+    k = list(config["classes"]).index(point["class"])
+    malignant = labels == k
+    record = {"command": "calibrate", "data": str(data), "n_images": len(paths), "operating_point": point,
+              "previous_operating_point": before,
+              "previous_recall_here": round(float((decide(probs, config["classes"], before)[malignant] == k)
+                                                  .float().mean()), 4) if before else None,
+              "at": datetime.now().isoformat(timespec="seconds"), "busi_version": __version__,
+              "parent": parent_of(checkpoint_path, config)}
+    config = {**config, "operating_point": point, "parent": record["parent"]}
+    return record, save_derived(out, model, config, extras, record, overwrite)

@@ -1,0 +1,230 @@
+"""Using a trained model: predictions in batches, its shift flag, evaluation on a folder (no Lightning imported)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__, checkpoint, preprocess, shift
+from .data import (IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MASK_NAME, Dataset, load, load_masks, model_input,
+                   normalize, read_image, scan)
+from .errors import BusiError
+from .export import ExportedModel, is_exported
+from .folders import scan_sources
+from .operating import decide
+from .runs import run_dir
+
+# Metrics (torchmetrics), figures (matplotlib) and the audit (OpenCV) are imported where they are used: predicting
+# one image needs none of them, and they take seconds to import.
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch_size: int = 64,
+              device: torch.device | str | None = None, tta: bool = False) -> torch.Tensor:
+    """Raw scores for uint8 NCHW images, in batches, on the model's device; returned on the CPU.
+
+    With tta, the scores of each image and of its mirror image are averaged.
+    """
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+
+    def score(x):
+        x = normalize(x.to(device), mean, std)
+        return (model(x) + model(x.flip(-1))) / 2 if tta else model(x)
+    out = [score(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def checkpoint_logits(model: nn.Module, images: torch.Tensor, config: dict) -> torch.Tensor:
+    """logits_of with a checkpoint config's normalisation and test-time augmentation (before its temperature)."""
+    return logits_of(model, images, config["mean"], config["std"], tta=bool(config.get("tta", False)))
+
+
+def training_overlap(checkpoint_path: str | Path, config: dict, dataset: Dataset, train_data: str | Path | None = None,
+                     progress: bool = True, extras: dict | None = None) -> dict:
+    """Which images of dataset have a near-duplicate among the images the checkpoint's model trained on: against the
+    training folder when it is here (copies, resizes, crops and zooms), and against the fingerprints the checkpoint
+    carries of every image that shaped it, its parent's too (copies and resizes)."""
+    from .audit import copies_of_fingerprints, near_duplicates_across
+    from .external import relabel
+    if train_data is not None and not Path(train_data).is_dir():
+        raise BusiError(f"{train_data}: --train-data folder does not exist")
+    given = train_data or config.get("trained_on")
+    roots = given if isinstance(given, list) else [given] if given else []  # a list: several sources pooled
+    here = bool(roots) and all(Path(r).is_dir() for r in roots)
+    fingerprinted = bool(extras and "fingerprints.phash" in extras and config.get("fingerprint_paths"))
+    if not here and not fingerprinted:
+        return {"checked": False, "note": f"training data '{given}' is not here: pass --train-data DIR to check"}
+    seen, methods, counted = {}, [], 0
+    if fingerprinted:
+        seen = copies_of_fingerprints(extras, config["fingerprint_paths"], dataset, progress)
+        counted = len(config["fingerprint_paths"])
+        methods.append("the fingerprints the model carries of the images that shaped it: copies and resizes")
+    if here:
+        reference, _ = relabel(scan_sources(roots), config["classes"], str(checkpoint_path))  # may hold some classes
+        split = Path(checkpoint_path).parent.parent / "split.json"
+        if split.is_file():  # only what trained the model (training and validation part), not its own test part
+            parts = json.loads(split.read_text())
+            used = set(parts["train"]) | set(parts["val"])
+            if used <= {s.path for s in reference.samples}:
+                reference = reference.with_samples([s for s in reference.samples if s.path in used])
+        for path, refs in near_duplicates_across(reference, dataset, progress).items():
+            seen[path] = sorted(set(seen.get(path, [])) | set(refs))
+        counted = max(counted, len(reference.samples))
+        methods.append("its training folder: copies, resizes, crops and zooms")
+    elif fingerprinted:
+        methods.append("crops and zooms need the training folder: --train-data DIR")
+    return {"checked": True, "method": "; ".join(methods),
+            "training_data": ([str(Path(r).resolve()) for r in roots] if len(roots) > 1 else str(Path(roots[0]).resolve()))
+            if here else "fingerprints", "n_training_images": counted,
+            "n_with_near_duplicate_in_training": len(seen), "near_duplicates": seen}
+
+
+def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path | None = None, overwrite: bool = False,
+                 progress: bool = True, train_data: str | Path | None = None, meta: str | Path | None = None,
+                 id_column: str = "ID", group_column: str | None = None, patient_column: str | None = None
+                 ) -> tuple[dict, Path]:
+    """Evaluate a saved model on every readable image of a folder, and again without the images it has seen copies of.
+
+    The folder may hold a subset of the model's classes (another hospital's benign/malignant set); a meta CSV adds
+    per-group figures (e.g. per scanner) and a bootstrap over patients instead of images.
+    """
+    import yaml
+    from .evaluate import compute_metrics
+    from .report import render
+    from .results import write_results
+    if (group_column or patient_column) and not meta:
+        raise BusiError("--group-column and --patient-column need --meta FILE.csv")
+    model, config, extras = checkpoint.load(checkpoint_path, extras=True)
+    from .external import figures, relabel
+    # labels re-numbered in the model's class order, so every figure speaks of the model's classes
+    dataset, absent = relabel(scan(data), config["classes"], str(checkpoint_path))
+    folder = run_dir(out, f"evaluate-{config['arch']}", overwrite)
+    steps = config.get("preprocess", ())
+    images, labels, dataset = load(dataset, config["image_size"], progress, steps)
+    masks, status = load_masks(dataset, config["image_size"], steps)
+    overlap = training_overlap(checkpoint_path, config, dataset, train_data, progress, extras)
+    logits = checkpoint_logits(model, images, config)  # once, for the overlap, the external figures and write_results
+    distances = shift_distances(model, config, extras, images)
+    probs = torch.softmax(logits / float(config.get("temperature", 1.0)), 1)
+    if overlap["checked"] and overlap["near_duplicates"]:
+        unseen = [i for i, s in enumerate(dataset.samples) if s.path not in overlap["near_duplicates"]]
+        if unseen:
+            m = compute_metrics(probs[unseen], labels[unseen], config["classes"])
+            overlap["metrics_without_them"] = {"n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                                               "auroc": m["auroc"],
+                                               "recall": {c: v["recall"] for c, v in m["per_class"].items()}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"command": "evaluate", "checkpoint": str(checkpoint_path),
+                                                     "data": str(data), "busi_version": __version__}, sort_keys=False))
+    if distances is not None:
+        extra_shift = {"shift": {**shift.verdict(distances > config["shift"]["threshold"]),
+                                 "threshold": config["shift"]["threshold"],
+                                 "method": f"distance to the {config['shift']['k']}th nearest training image in the "
+                                           f"model's feature space; {config['shift']['quantile']:.0%} of "
+                                           f"{config['shift']['n_heldout']} held-out images of its training sources "
+                                           "lie within the threshold"}}
+    else:
+        extra_shift = {"shift": {"note": "this checkpoint carries no summary of its training images (trained "
+                                         "without a validation part, or by busi before 0.2)"}}
+    extra = {**extra_shift, "model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped,
+             "training_overlap": overlap, **figures(probs, config, labels, dataset, meta, id_column, group_column,
+                                                    patient_column)}
+    metrics = write_results(folder, model, config, images, labels, [s.path for s in dataset.samples], masks, status, extra,
+                            logits=logits, shift_distances=distances)
+    render(folder)
+    return metrics, folder
+
+
+def shift_distances(model, config: dict, extras: dict, images: torch.Tensor) -> torch.Tensor | None:
+    """Each image's distance from the model's training images (busi.shift), or None when the checkpoint has no summary."""
+    if not config.get("shift") or not all(k in extras for k in shift.KEYS):
+        return None
+    return shift.distances(extras, config["shift"], shift.features(model, images, config["mean"], config["std"]))
+
+
+def operating_point_of(model_path: str | Path) -> dict | None:
+    """The decision threshold stored with a checkpoint or an exported model (None: argmax)."""
+    config = ExportedModel(model_path).config if is_exported(model_path) else checkpoint.read(model_path)["config"]
+    return config.get("operating_point")
+
+
+def predict_probs(model, config: dict, images: torch.Tensor) -> torch.Tensor:
+    logits = checkpoint_logits(model, images, config)
+    return torch.softmax(logits / float(config.get("temperature", 1.0)), 1)
+
+
+def image_files(inputs: list[str | Path]) -> list[Path]:
+    """Files as given; folders searched recursively for images, masks left out."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                            and not MASK_NAME.match(p.stem) and not p.name.startswith("."))
+        else:
+            files.append(item)
+    return files
+
+
+def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_dir: str | Path | None = None,
+                progress: bool = False, batch_size: int = 32) -> list[dict]:
+    """One row per image: path, predicted class, probability of each class (and, when the checkpoint summarises its
+    training images, whether this one lies outside them), or the error that stopped it. Images go through the model
+    in batches.
+
+    With explain_dir, a Grad-CAM overlay of the predicted class is written there for each image.
+    """
+    extras = {}
+    if is_exported(checkpoint_path):
+        if explain_dir is not None:
+            raise BusiError(f"{checkpoint_path}: Grad-CAM needs the checkpoint.pth, not an exported model")
+        exported = ExportedModel(checkpoint_path)
+        model, config = None, exported.config
+    else:
+        model, config, extras = checkpoint.load(checkpoint_path, extras=True)
+    if explain_dir is not None:
+        from .explain import gradcam, overlay
+        explain_dir = Path(explain_dir)
+        explain_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    files = image_files(inputs)
+    bar = tqdm(total=len(files), desc="predicting", unit="image", disable=not progress or len(files) < 8, leave=False)
+    for start in range(0, len(files), batch_size):
+        batch, originals, ok = [], [], []
+        for n, path in enumerate(files[start:start + batch_size], start):
+            try:
+                originals.append(preprocess.apply(read_image(path), config.get("preprocess", ())))  # what the model sees
+            except BusiError as e:
+                rows.append({"path": str(path), "error": str(e)})
+                continue
+            batch.append(model_input(originals[-1], config["image_size"]))
+            ok.append((n, path, len(rows)))
+            rows.append({})
+        bar.update(len(files[start:start + batch_size]))
+        if not batch:
+            continue
+        images = torch.cat(batch)
+        probs = predict_probs(model, config, images) if model is not None else exported.probabilities(images)
+        predicted = decide(probs, config["classes"], config.get("operating_point"))
+        distances = shift_distances(model, config, extras, images) if model is not None else None
+        for j, (n, path, slot) in enumerate(ok):
+            row = {"path": str(path), "predicted": config["classes"][int(predicted[j])],
+                   "probabilities": {c: round(float(p), 6) for c, p in zip(config["classes"], probs[j])}}
+            if config.get("operating_point"):
+                row["predicted_argmax"] = config["classes"][int(probs[j].argmax())]
+            if distances is not None:
+                row["outside_training"] = bool(distances[j] > config["shift"]["threshold"])
+            if explain_dir is not None:
+                heat = gradcam(model, images[j:j + 1], [int(predicted[j])], config["mean"], config["std"])[0]
+                target = explain_dir / f"{n:04d}-{Path(path).stem}-gradcam.png"
+                Image.fromarray(overlay(originals[j], heat)).save(target)
+                row["explanation"] = str(target)
+            rows[slot] = row
+    bar.close()
+    return rows

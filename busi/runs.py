@@ -1,0 +1,29 @@
+"""Run folders: where a command writes, and which process of a distributed run may write."""
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+
+from .errors import BusiError
+
+
+def is_main_process() -> bool:
+    """False in the extra processes of a distributed run (Lightning DDP, torchrun, SLURM): they train but never write."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def run_dir(out: str | Path | None, name: str, overwrite: bool = False, resume: bool = False) -> Path:
+    """The run folder: --out, or runs/<timestamp>-<name>; a folder already holding files is refused."""
+    if not is_main_process():  # rank 0 checks and writes the folder; the others only need its name
+        if os.environ.get("BUSI_RUN_DIR"):
+            return Path(os.environ["BUSI_RUN_DIR"])
+        if out:
+            return Path(out)
+        raise BusiError("a run started by torchrun or srun needs --out, so that every process agrees on the run folder")
+    path = Path(out) if out else Path("runs") / f"{datetime.now():%Y-%m-%dT%H%M%S}-{name}"
+    if path.exists() and not path.is_dir():
+        raise BusiError(f"{path}: --out exists and is not a folder")
+    if path.exists() and any(path.iterdir()) and not (overwrite or resume):
+        raise BusiError(f"{path}: already holds a run; pass --overwrite to write over it, or choose another --out")
+    return path
