@@ -86,7 +86,9 @@ def run_adapt(checkpoint_path: str | Path, data, out: str | Path | None = None, 
     """busi adapt: the checkpoint with its BatchNorm statistics measured on the images of data (labels, if any, unused).
 
     The shift summary is left out of the new checkpoint: it describes the parent's features, which adapting changes.
-    The operating point is kept (re-set it with run_calibrate on labelled images of the same hospital)."""
+    The operating point is the parent's threshold for adapted models where it has one (the bundled model: fitted on
+    hospital-out predictions after adaptation), else the parent's own; re-set it with run_calibrate on labelled images
+    of the same hospital."""
     model, config, extras = checkpoint.load(checkpoint_path, extras=True)
     inputs = data if isinstance(data, (list, tuple)) else [data]
     images, paths = read_folder(inputs, config)
@@ -100,7 +102,11 @@ def run_adapt(checkpoint_path: str | Path, data, out: str | Path | None = None, 
                                             "labels used, every weight kept", "data": [str(d) for d in inputs],
               "n_images": len(paths), "at": datetime.now().isoformat(timespec="seconds"), "busi_version": __version__,
               "parent": parent_of(checkpoint_path, config)}
-    config = {k: v for k, v in config.items() if k != "shift"}
+    after = config.get("operating_point_after_adapt")
+    config = {k: v for k, v in config.items() if k not in ("shift", "operating_point_after_adapt")}
+    if after:
+        config["operating_point"] = after  # fitted on adapted models' predictions at hospitals they never saw
+        record["operating_point"] = "the parent's threshold for adapted models (operating_point_after_adapt)"
     config["parent"] = record["parent"]
     config["adapted"] = {k: record[k] for k in ("method", "data", "n_images", "at")}
     extras = {k: v for k, v in extras.items() if not k.startswith("shift.")}

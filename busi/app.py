@@ -12,12 +12,14 @@ from .data import model_input, read_image
 from .errors import BusiError
 from .explain import gradcam, overlay
 from .operating import decide, describe
-from .inference import image_files, predict_probs
+from .inference import image_files, predict_probs, shift_distances
 
 MAX_IMAGES = 12  # per request
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # in a source checkout; an installed wheel has none
 MAX_FILE_SIZE = "20mb"
 DISCLAIMER = "Research tool, not a diagnosis. Do not use it to make clinical decisions."
+OUTSIDE = ("Unlike the images this model trained on (another scanner or setting?): its answer is less reliable here "
+           "than its figures say.")
 
 
 class Predictor:
@@ -25,7 +27,7 @@ class Predictor:
 
     def __init__(self, checkpoint_path: str | Path):
         self.path = Path(checkpoint_path)
-        self.model, self.config = checkpoint.load(self.path)
+        self.model, self.config, self.extras = checkpoint.load(self.path, extras=True)
         self.classes = list(self.config["classes"])
         self.lock = threading.Lock()
         self.card = model_card(self.path, self.config)
@@ -38,14 +40,17 @@ class Predictor:
                 raise BusiError(f"{name}: empty file")
             original = preprocess.apply(read_image(path), self.config.get("preprocess", ()))  # what the model sees
             image = model_input(original, self.config["image_size"])
-        except BusiError as e:
-            return {"file": name, "error": str(e).replace(str(Path(path).parent) + "/", "")}
+        except BusiError as e:  # the file is named once, beside the message, not inside it too
+            return {"file": name, "error": str(e).removeprefix(f"{path}: ").removeprefix(f"{name}: ")}
         with self.lock:
             probs = predict_probs(self.model, self.config, image)
             predicted = int(decide(probs, self.classes, self.config.get("operating_point"))[0])
             probs = probs[0]
             result = {"file": name, "predicted": self.classes[predicted],
                       "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)}}
+            distances = shift_distances(self.model, self.config, self.extras, image)
+            if distances is not None:
+                result["outside_training"] = bool(distances[0] > self.config["shift"]["threshold"])
             if explain:
                 heat = gradcam(self.model, image, [predicted], self.config["mean"], self.config["std"])[0]
                 result["overlay"] = overlay(original, heat)  # on the scan at its own size, not the resized input
@@ -63,8 +68,11 @@ def model_card(path: Path, config: dict) -> dict:
         card["evaluation"] = (f"held-out test part of {m['n']} images: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
                               f"malignant recall {m['per_class'].get('malignant', {}).get('recall', float('nan')):.3f}")
     bundled = path.parent / "card.json"
-    if bundled.is_file() and json.loads(bundled.read_text()).get("cross_validation"):
-        card["cross_validation"] = json.loads(bundled.read_text())["cross_validation"]
+    if bundled.is_file():  # the home figure never alone: the hospital-out one comes first
+        found = json.loads(bundled.read_text())
+        for key in ("hospitals_never_seen", "cross_validation"):
+            if found.get(key):
+                card[key] = found[key]
     cv = path.parent.parent / "cv_metrics.json"
     if cv.is_file():
         s = json.loads(cv.read_text()).get(config["arch"])
@@ -80,8 +88,9 @@ def _bars(result: dict) -> str:
     rows = "".join(
         f'<div class="busi-bar"><span>{html.escape(c)}</span><div><i style="width:{100 * p:.1f}%"></i></div><b>{p:.1%}</b></div>'
         for c, p in sorted(result["probabilities"].items(), key=lambda kv: -kv[1]))
+    shifted = (f'<div class="busi-note">{OUTSIDE}</div>' if result.get("outside_training") else "")
     return (f'<div class="busi-card"><div><b>{html.escape(result["file"])}</b> → '
-            f'<span class="busi-class">{html.escape(result["predicted"])}</span></div>{rows}'
+            f'<span class="busi-class">{html.escape(result["predicted"])}</span></div>{rows}{shifted}'
             f'<div class="busi-note">{DISCLAIMER}</div></div>')
 
 
@@ -102,7 +111,8 @@ def build_app(predictor: Predictor, examples: Path = EXAMPLES):
     card = predictor.card
     about = [f"**Model** {card['model']} · trained {card['trained_at']} · classes {', '.join(card['classes'])} · "
              f"input {card['image_size']}×{card['image_size']}"]
-    for key, label in (("cross_validation", "Cross-validation"), ("evaluation", "Test")):
+    for key, label in (("hospitals_never_seen", "At a hospital it never saw"), ("cross_validation", "Cross-validation"),
+                       ("evaluation", "Test")):
         if key in card:
             about.append(f"**{label}:** {card[key]}")
     about.append(f"**Decision:** {card['decision']}")
@@ -117,7 +127,7 @@ def build_app(predictor: Predictor, examples: Path = EXAMPLES):
             return (f'<div class="busi-card busi-error">Too many images ({len(files)}): at most {MAX_IMAGES} per request.</div>',
                     [])
         results = [predictor.classify(f) for f in files]
-        gallery = [(r["overlay"], f"{r['file']}: {r['predicted']} {max(r['probabilities'].values()):.0%}")
+        gallery = [(r["overlay"], f"{r['file']}: {r['predicted']} (p = {r['probabilities'][r['predicted']]:.0%})")
                    for r in results if "overlay" in r]
         return "".join(_bars(r) for r in results), gallery
 
@@ -126,7 +136,7 @@ def build_app(predictor: Predictor, examples: Path = EXAMPLES):
         if not file:
             return {"error": "no file"}
         result = predictor.classify(file, explain=False)
-        return {**result, "note": DISCLAIMER}
+        return {**result, "note": DISCLAIMER + (" " + OUTSIDE if result.get("outside_training") else "")}
 
     theme = gr.themes.Base(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # no web fonts
     with gr.Blocks(analytics_enabled=False, title="busi — breast ultrasound classifier") as app:
@@ -157,6 +167,9 @@ def build_app(predictor: Predictor, examples: Path = EXAMPLES):
 def serve(checkpoint_path: str | Path, host: str = "127.0.0.1", port: int = 7860) -> None:
     predictor = Predictor(checkpoint_path)
     app, theme = build_app(predictor)
+    print(f"busi: serving {predictor.path} on http://{host}:{port} (this machine only unless --host says otherwise; "
+          "Ctrl+C stops it)", flush=True)
+    # quiet: Gradio's own banner offers share=True (a public tunnel), which busi never opens
     app.queue(default_concurrency_limit=4).launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE,
                                                    share=False, inbrowser=False, show_error=True, theme=theme, css=CSS,
-                                                   footer_links=["api"], pwa=False, ssr_mode=False)
+                                                   footer_links=["api"], pwa=False, ssr_mode=False, quiet=True)

@@ -30,12 +30,13 @@ def default_checkpoint(say=None) -> Path:
         raise BusiError(f"{MODEL}: no bundled model in this installation; pass --checkpoint FILE, or rebuild it "
                         f"from a source checkout: {REBUILD}")
     try:
-        checkpoint.read(MODEL)
+        checkpoint.peek(MODEL)  # the full read comes with the command's own load
     except BusiError as e:
         raise BusiError(f"{e}; the bundled model is damaged: reinstall busi, rebuild it ({REBUILD}) "
                         f"or pass --checkpoint FILE") from None
     (say or (lambda line: print(line, file=sys.stderr)))(
-        f"busi: using the bundled model ({MODEL.name}: EfficientNet-Lite0 trained on BUSI; `busi model` shows its card)")
+        f"busi: using the bundled model ({MODEL.name}; `busi model` shows its card: data, figures at home and at "
+        "hospitals it never saw, limits)")
     return MODEL
 
 
@@ -50,9 +51,58 @@ def recipe_of(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RUN_ONLY_KEYS}
 
 
-def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path = MODEL) -> dict:
+def operating_point_from_cv(runs: list[Path], classes: list[str], target_recall: float, patients: dict[str, str],
+                            prefix: str = "p_") -> dict:
+    """The malignant threshold fitted on the out-of-fold predictions of `busi cv --split source` runs (each image
+    scored by a model that never saw its hospital), with the recall it can promise and its recall per held-out source.
+    patients: image path -> patient, for the bootstrap (images elsewhere); prefix "adapted_p_": the predictions of the
+    fold models after label-free adaptation to the held-out hospital (the threshold `busi adapt` switches to)."""
+    import csv
+    from .operating import fit_with_ci
+    rows = []
+    for run in runs:
+        with open(run / "oof_predictions.csv", newline="") as f:
+            rows += list(csv.DictReader(f))
+    probs = torch.tensor([[float(r[f"{prefix}{c}"]) for c in classes] for r in rows])
+    labels = torch.tensor([classes.index(r["true"]) for r in rows])
+    point = fit_with_ci(probs, labels, classes, target_recall, [patients.get(r["path"], r["path"]) for r in rows],
+                        where="the out-of-fold predictions")
+    k = classes.index(point["class"])
+    point["fitted_where"] = ("out-of-fold predictions of hospital-out cross-validation (each image scored by a model "
+                             "that never saw its hospital)")
+    point["fitted_on_runs"] = [run.name for run in runs]
+    point["recall_per_held_out_source"] = {}
+    for source in sorted({r["path"].split("/", 1)[0] for r in rows}):
+        mine = torch.tensor([r["path"].startswith(source + "/") for r in rows]) & (labels == k)
+        point["recall_per_held_out_source"][source] = round(float((probs[mine, k] >= point["threshold"]).float().mean()), 4)
+    return point
+
+
+def data_summary(run: Path, meta: dict[str, dict[str, str]] | None = None) -> dict:
+    """What trained the model (training and validation part of the run): images per source and class, per scanner."""
+    parts = json.loads((run / "split.json").read_text())
+    used = parts["train"] + parts["val"]
+    out: dict = {}
+    for path in used:
+        source, cls = path.split("/")[:2] if path.count("/") >= 2 else ("data", path.split("/")[0])
+        entry = out.setdefault(source, {"images": 0, "classes": {}, "scanners": {}})
+        entry["images"] += 1
+        entry["classes"][cls] = entry["classes"].get(cls, 0) + 1
+        scanner = (meta or {}).get(path, {}).get("group")
+        if scanner:
+            entry["scanners"][scanner] = entry["scanners"].get(scanner, 0) + 1
+    return {"sources": out, "left_out_label_conflicts": len(parts.get("left_out_label_conflicts", [])),
+            "skipped": len(parts.get("skipped", {}))}
+
+
+def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path = MODEL,
+           threshold_runs: list[Path] = (), patients: dict[str, str] | None = None) -> dict:
     """Turn a finished `busi train` run of the recommended recipe into the bundled model: fp16 tensors where they move
-    no probability of the example images by more than 1e-3, else fp32, with the card's data (card.json) beside it."""
+    no probability of the example images by more than 1e-3, else fp32, with the card's data (card.json) beside it.
+
+    threshold_runs: `busi cv --split source` folders of the same recipe; the stored operating point is then fitted on
+    their out-of-fold predictions (hundreds of malignant images of hospitals the models never saw) instead of the
+    run's validation part. Folder paths of the machine it was built on are replaced by source names."""
     from .inference import run_predict
     run_config = yaml.safe_load((run / "config.yaml").read_text())
     recipe = yaml.safe_load(recipe_file.read_text())
@@ -61,12 +111,20 @@ def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path
         raise BusiError(f"{run}: was not trained with {recipe_file} (differs in {', '.join(differ)})")
     arch = run_config["models"][0]
     source = run / arch / "checkpoint.pth"
-    model, config = checkpoint.load(source)
+    model, config, extras = checkpoint.load(source, extras=True)
+    trained_on = config["trained_on"] if isinstance(config["trained_on"], list) else [config["trained_on"]]
+    config["trained_on"] = [Path(p).name for p in trained_on]  # names travel; this machine's folders do not
+    if threshold_runs:
+        config["operating_point"] = operating_point_from_cv(list(threshold_runs), list(config["classes"]),
+                                                            recipe["malignant_recall"], patients or {})
+        if all("adapted_p_malignant" in (run / "oof_predictions.csv").open().readline() for run in threshold_runs):
+            config["operating_point_after_adapt"] = operating_point_from_cv(
+                list(threshold_runs), list(config["classes"]), recipe["malignant_recall"], patients or {}, "adapted_p_")
     out.parent.mkdir(parents=True, exist_ok=True)
     full = run_predict(source, [examples])
 
     def saved_as(dtype):  # -> (rows predicted by the saved file, largest change of a probability against the run's)
-        checkpoint.save(out, model, config, dtype=dtype)
+        checkpoint.save(out, model, config, dtype=dtype, extras=extras)
         rows = run_predict(out, [examples])
         return rows, max(abs(a["probabilities"][c] - b["probabilities"][c]) for a, b in zip(full, rows) for c in a["probabilities"])
     stored = "float16"
@@ -78,6 +136,8 @@ def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path
     data = {
         "model": arch, "classes": config["classes"], "image_size": config["image_size"],
         "temperature": config.get("temperature"), "operating_point": config.get("operating_point"),
+        "operating_point_after_adapt": config.get("operating_point_after_adapt"), "trained_on": config["trained_on"], "shift": config.get("shift"),
+        "fingerprints": len(config.get("fingerprint_paths", [])),
         "recipe": recipe_of(run_config), "trained_with": {k: run_config.get(k) for k in ("precision", "channels_last")},
         "command": command, "commit": commit or "unknown", "bundled_at": datetime.now().isoformat(timespec="seconds"),
         "trained_at": config.get("trained_at"), "train_seconds": config.get("train_seconds"),

@@ -68,7 +68,7 @@ def read(path: str | Path) -> dict:
         raise BusiError(f"{path}: is a folder; pass the checkpoint.pth inside it")
     import torch
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors read when used
     except Exception as e:
         raise BusiError(f"{path}: not a readable checkpoint (truncated, corrupt or not a PyTorch file: {type(e).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:

@@ -95,6 +95,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--external-id-column", help="its column of file names without extension (default: ID)")
     p.add_argument("--external-patient-column", help="its patient column (e.g. Case): CIs resample patients")
     p.add_argument("--external-group-column", help="its column to break figures down by (e.g. Device)")
+    p.add_argument("--keep-fold-models", action="store_true", help="save each fold's model as "
+                   "<model>/repeatR-foldK/checkpoint.pth (with --split source: a model of the other hospitals)")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on every image of a folder")
     p.add_argument("--checkpoint", help="checkpoint.pth (default: the bundled model, see `busi model`)")
@@ -277,6 +279,12 @@ def _check_before_imports(args):
                 raise BusiError(f"{meta}: meta CSV does not exist")
     if args.command in ("evaluate", "calibrate"):
         scan(args.data)
+    if args.command == "audit":
+        scan(args.data, args.classes)
+    if args.command == "predict":
+        for item in args.inputs:
+            if not Path(item).exists():
+                raise BusiError(f"{item}: no such image or folder")
     if args.command == "adapt":
         for item in args.data:
             if not Path(item).exists():
@@ -361,7 +369,7 @@ def _dispatch(args) -> int:
         print(f"results in {folder}/ (summary.md, loss.png, <model>/metrics.json, checkpoint.pth); report: {folder / 'report.html'}")
     elif args.command == "cv":
         from .crossval import format_cv, run_cv
-        folder = run_cv(cfg, args.out, args.overwrite, args.progress)
+        folder = run_cv(cfg, args.out, args.overwrite, args.progress, keep_models=args.keep_fold_models)
         print(format_cv(json.loads((folder / "cv_metrics.json").read_text())))
         print(f"results in {folder}/ (cv_metrics.json, fold_metrics.csv, oof_predictions.csv); report: {folder / 'report.html'}")
     elif args.command == "evaluate":
@@ -378,7 +386,8 @@ def _dispatch(args) -> int:
         mvb = metrics.get("malignant_vs_benign")
         if mvb and mvb.get("auroc"):
             a = mvb["auroc"]
-            line = f"malignant vs benign: AUROC {a['estimate']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
+            from .report import interval_text
+            line = f"malignant vs benign: AUROC {a['estimate']:.3f} {interval_text(a, mvb)}"
             for at in ("argmax", "operating_point"):
                 if mvb.get(f"sensitivity_{at}"):
                     line += (f"; at {at.replace('_', ' ')}: sensitivity {mvb[f'sensitivity_{at}']['estimate']:.3f}, "

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, hardware, shift
+from . import __version__, checkpoint, hardware, shift
 from .config import RunConfig, save_config
 from .calibrate import ece
 from .data import load_masks
@@ -19,7 +19,7 @@ from .explain import gradcam, summarize_localization
 from .external import fold_average, load_external, malignant_vs_benign, per_group
 from .models import Ensemble, count_parameters
 from .plots import confusion_matrix
-from .report import render
+from .report import interval_text, render
 from .split import group_ids, kfold, source_folds, train_test
 from .inference import logits_of
 from .train import check_hardware
@@ -27,8 +27,11 @@ from .workflow import check_models, prepare, run_dir, train_one, training_tensor
 
 
 def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-           n_boot: int = 1000) -> Path:
-    """Train and test every model on every fold (of every repeat); each image is scored by models that never saw it."""
+           n_boot: int = 1000, keep_models: bool = False) -> Path:
+    """Train and test every model on every fold (of every repeat); each image is scored by models that never saw it.
+
+    keep_models: each fold's model is saved as <arch>/repeatR-foldK/checkpoint.pth (with --split source: a model of
+    the other hospitals, e.g. to fine-tune on the held-out one)."""
     folder = run_dir(out, "cv-" + "-".join(cfg.models), overwrite)
     cfg, notes = hardware.resolve(cfg)
     check_hardware(cfg)
@@ -78,6 +81,9 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                 model, config, _, extras = train_one(arch, cfg, classes, part, train_idx, val_idx, folder / arch / f"repeat{r}-fold{k}",
                                              progress=progress, checkpoints=False, seed=cfg.seed + 1000 * r + k)
                 norm = config["mean"], config["std"]
+                if keep_models:
+                    config["trained_on"] = sorted({str(sources[i]) for i in train_idx})  # source names, not folders
+                    checkpoint.save(folder / arch / f"repeat{r}-fold{k}" / "checkpoint.pth", model, config, extras=extras)
                 logits = logits_of(model, images[test_idx], *norm, tta=cfg.tta)
                 probs = torch.softmax(logits / config["temperature"], 1)
                 m = compute_metrics(probs, labels[test_idx], classes)
@@ -96,6 +102,11 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                 if config.get("shift"):  # which test images the fold model would call unlike its training images
                     oof_flags.append(shift.distances(extras, config["shift"], shift.features(model, images[test_idx], *norm))
                                      > config["shift"]["threshold"])
+                    for row, flag in zip(oof_rows[-len(test_idx):], oof_flags[-1].tolist()):
+                        row["outside_training"] = int(flag)
+                if config.get("operating_point"):
+                    for row in oof_rows[-len(test_idx):]:
+                        row["threshold"] = config["operating_point"]["threshold"]
                 if cfg.split == "source":
                     held_out = str(sources[test_idx[0]])
                     adapted = adapt_batchnorm(model, images[test_idx], *norm)
@@ -103,6 +114,8 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                                                        / config["temperature"], 1))
                     if config.get("operating_point"):
                         adapted_decided.append(decide(adapted_probs[-1], classes, config["operating_point"]))
+                    for row, p in zip(oof_rows[-len(test_idx):], adapted_probs[-1].tolist()):
+                        row.update({f"adapted_p_{c}": round(v, 6) for c, v in zip(classes, p)})
                     untrained[held_out] = [c for i, c in enumerate(classes) if not bool((labels[train_idx] == i).any())
                                            and not (c == "normal" and cfg.lesion_windows > 0)]  # windows teach it
                 if external is not None:
@@ -235,9 +248,10 @@ def _mean_std(values: list) -> list | None:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    """rows (dicts with the same keys) as a CSV with a header line."""
+    """rows (dicts) as a CSV with a header line of every key any row has."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))  # a column some rows lack is left empty there
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
 
@@ -262,7 +276,7 @@ def format_cv(summary: dict) -> str:
         if mvb and mvb["auroc"]:
             a, sens, spec = mvb["auroc"], mvb["sensitivity_argmax"], mvb["specificity_argmax"]
             lines.append(f"{arch} on {s['external']['data']} (the fold models averaged): malignant-vs-benign AUROC "
-                         f"{a['estimate']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}], sensitivity {sens['estimate']:.3f}, "
+                         f"{a['estimate']:.3f} {interval_text(a, mvb)}, sensitivity {sens['estimate']:.3f}, "
                          f"specificity {spec['estimate']:.3f} (n={mvb['n']})")
     return "\n".join(lines)
 
@@ -276,7 +290,7 @@ def _source_line(m: dict) -> str:
         parts.append(f"no {', '.join(m['untrained_classes'])} in training: 3-class figures not meaningful")
     auc = (m.get("malignant_vs_benign") or {}).get("auroc")
     if auc:
-        parts.append(f"malignant-vs-benign AUROC {auc['estimate']:.3f} [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]")
+        parts.append(f"malignant-vs-benign AUROC {auc['estimate']:.3f} {interval_text(auc, m['malignant_vs_benign'])}")
     recall = ((m.get("operating_point") or {}).get("per_class") or {}).get("malignant", {}).get("recall")
     if recall is not None:
         parts.append(f"malignant recall at the operating point {recall:.3f}")

@@ -15,6 +15,9 @@ from .meta import read_meta
 from .operating import decide
 
 
+TOO_FEW_IMAGES, TOO_FEW_CLUSTERS = 20, 10  # below either, an interval would be fiction: the report says "too few"
+
+
 def _binary(probs: torch.Tensor, labels: torch.Tensor, classes, operating_point) -> dict | None:
     """Score, truth and decisions of the malignant-vs-benign question, on the images that are one or the other."""
     if "malignant" not in classes or "benign" not in classes:
@@ -63,17 +66,22 @@ def malignant_vs_benign(probs: torch.Tensor, labels: torch.Tensor, classes, oper
         for k, v in boot.items():
             if v is not None and not k.startswith("n"):
                 samples.setdefault(k, []).append(v)
+    too_few = point["n"] < TOO_FEW_IMAGES or len(unique) < TOO_FEW_CLUSTERS
     result = {"n": point["n"], "n_malignant": point["n_malignant"], "n_clusters": len(unique),
               "ci_method": f"95% percentile bootstrap over {cluster_kind if clusters is not None else 'images'} "
                            f"({n_boot} resamples)",
-              "score": "p(malignant) / (p(malignant) + p(benign))"}
+              "score": "p(malignant) / (p(malignant) + p(benign))", "too_few": too_few}
+    if too_few:
+        result["note"] = (f"too few to estimate: {point['n']} images of {len(unique)} clusters (an interval needs at least "
+                          f"{TOO_FEW_IMAGES} images and {TOO_FEW_CLUSTERS} patients or groups); the figures are given "
+                          "without one")
     for k, v in point.items():
         if k.startswith("n"):
             continue
-        s = samples.get(k, [])
-        result[k] = None if v is None else {"estimate": round(v, 4),
-                                            "ci_low": round(float(np.quantile(s, 0.025)), 4) if s else None,
-                                            "ci_high": round(float(np.quantile(s, 0.975)), 4) if s else None}
+        s = [] if too_few else samples.get(k, [])  # rounded once, here: every printed figure is this one
+        result[k] = None if v is None else {"estimate": round(v, 6),
+                                            "ci_low": round(float(np.quantile(s, 0.025)), 6) if s else None,
+                                            "ci_high": round(float(np.quantile(s, 0.975)), 6) if s else None}
     return result
 
 

@@ -47,8 +47,9 @@ def describe(operating_point: dict | None) -> str:
         return "argmax (no operating point)"
     where = operating_point.get("fitted_where", "validation images")
     return (f"'{operating_point['class']}' whenever its probability is at least {operating_point['threshold']:.3f} "
-            f"(set for {operating_point['target_recall']:.0%} recall on {operating_point['fitted_on']} {where}, "
-            f"{operating_point['fitted_on_positives']} of them malignant)")
+            f"(set for {operating_point['target_recall']:.0%} recall on {operating_point['fitted_on']} {where}"
+            + (f", {operating_point['fitted_on_positives']} of them malignant)" if "fitted_on_positives" in operating_point
+               else ")"))
 
 
 def metrics_at(probs: torch.Tensor, labels: torch.Tensor, classes, operating_point: dict) -> dict:

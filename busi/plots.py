@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; works on servers with no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -38,6 +39,7 @@ def loss_curves(histories: dict[str, list[dict]], path: Path) -> str:
         scale = "log"
         ax.set_yscale("log")
     ax.set(xlabel="epoch", ylabel="cross-entropy loss" + (" (log scale)" if scale == "log" else ""), title="Loss per epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)

@@ -23,6 +23,11 @@ img{max-width:100%;border:1px solid #eee;margin:.3em 0}.note{background:#fff6d6;
 """
 
 
+CV_ONLY = ("folds", "repeats", "external", "external_meta", "external_id_column", "external_patient_column",
+           "external_group_column")
+NOT_USED_BY = {"train": CV_ONLY, "cv": ("test_size",)}
+
+
 def _img(path: Path, alt: str) -> str:
     if not path.is_file():
         return ""
@@ -30,11 +35,16 @@ def _img(path: Path, alt: str) -> str:
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption class="muted">{html.escape(alt)}</figcaption></figure>'
 
 
+def _fmt(v) -> str:
+    """Three decimals for a figure, a dash for a missing one: never a raw None or six digits."""
+    if v is None:
+        return "–"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
 def _table(header: list[str], rows: list[list], cls: str = "") -> str:
     def cell(v):
-        if v is None:
-            return "–"
-        return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+        return html.escape(_fmt(v))
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
     return f'<div class="wide"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
@@ -65,8 +75,8 @@ def _model_section(folder: Path, name: str) -> str:
         op = m["operating_point"]
         parts.append(_table(["at the operating point", "value"],
                             [["rule", op["rule"]], ["accuracy", op["accuracy"]]]
-                            + [[f"{c} recall / precision", f"{v['recall']} / {v['precision']}"] for c, v in op["per_class"].items()],
-                            "metrics"))
+                            + [[f"{c} recall / precision", f"{_fmt(v['recall'])} / {_fmt(v['precision'])}"]
+                               for c, v in op["per_class"].items()], "metrics"))
     mvb = m.get("malignant_vs_benign")
     if mvb:
         parts.append(_binary_table("Malignant vs benign", mvb))
@@ -98,22 +108,51 @@ def _model_section(folder: Path, name: str) -> str:
 
 def _binary_table(title: str, mvb: dict) -> str:
     def ci(v):
-        return "–" if v is None else f"{v['estimate']:.3f} [{v['ci_low']}, {v['ci_high']}]"
+        return "–" if v is None else f"{v['estimate']:.3f} " + interval_text(v, mvb)
     rows = [[k.replace("_", " "), ci(v)] for k, v in mvb.items() if isinstance(v, dict) or (k.startswith(("auroc", "sens", "spec")))]
     return (f"<h3>{html.escape(title)}</h3>" + _table(["figure (95% CI)", "value"], rows, "metrics")
             + f'<p class="muted">{mvb["n"]} images ({mvb["n_malignant"]} malignant) of {mvb["n_clusters"]} clusters; '
               f'score {html.escape(mvb["score"])}; {html.escape(mvb["ci_method"])}</p>')
 
 
-def _per_source(per_source: dict) -> str:
-    """One row per pooled source: how the model does on each hospital's images, not only on all of them together."""
+def interval_text(v: dict, mvb: dict) -> str:
+    """[low, high], or 'too few' where the interval rests on fewer than 20 images or 10 patients."""
+    if mvb.get("too_few") or v.get("ci_low") is None:
+        return f"(too few: {mvb['n']} images, {mvb['n_clusters']} {'patients' if 'patients' in mvb['ci_method'] else 'groups'})"
+    return f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+
+
+def _per_source(per_source: dict, held_out: bool = False) -> str:
+    """One row per pooled source: how the model does on each hospital's images, not only on all of them together.
+    held_out (cv --split source): each row is a hospital its fold model never saw, also after label-free adaptation."""
     def auc(m):
-        a = (m.get("malignant_vs_benign") or {}).get("auroc")
-        return "–" if not a else f"{a['estimate']:.3f} [{a['ci_low']}, {a['ci_high']}]"
-    rows = [[name, m["n"], m["accuracy"], m["macro_f1"], m.get("auroc"), auc(m),
-             ", ".join(m.get("absent_classes", [])) or "–"] for name, m in per_source.items()]
-    return ("<h3>Per source</h3>" + _table(["source", "images", "accuracy", "macro-F1", "AUROC",
-                                            "malignant vs benign AUROC (95% CI)", "classes absent"], rows, "metrics"))
+        mvb = m.get("malignant_vs_benign") or {}
+        a = mvb.get("auroc")
+        return "–" if not a else f"{a['estimate']:.3f} " + interval_text(a, mvb)
+
+    def recall(m, c):
+        return ((m.get("operating_point") or {}).get("per_class") or {}).get(c, {}).get("recall")
+
+    def flagged(m):
+        v = m.get("shift")
+        return "–" if not v else f"{v['flagged']} of {v['n']}" + (" (outside)" if v["outside"] else "")
+    header = ["source", "images", "accuracy", "macro-F1", "malignant vs benign AUROC (95% CI)",
+              "malignant recall at the operating point", "normal recall", "flagged as unlike training", "classes absent"]
+    rows = []
+    for name, m in per_source.items():
+        untrained = m.get("untrained_classes")
+        three = ["(not trained: " + ", ".join(untrained) + ")"] * 2 if untrained else [m["accuracy"], m["macro_f1"]]
+        normal = (m.get("per_class") or {}).get("normal", {}).get("recall")
+        rows.append([name, m["n"], *three, auc(m), recall(m, "malignant"), normal, flagged(m),
+                     ", ".join(m.get("absent_classes", [])) or "–"])
+        if held_out and "adapted" in m:
+            a = m["adapted"]
+            rows.append([f"{name}, adapted (busi adapt)", a["n"], *(three if untrained else [a["accuracy"], a["macro_f1"]]),
+                         auc(a), recall(a, "malignant"), (a.get("per_class") or {}).get("normal", {}).get("recall"),
+                         "–", ", ".join(a.get("absent_classes", [])) or "–"])
+    title = ("<h3>At a hospital it never saw: each source held out, its model trained on the others</h3>" if held_out
+             else "<h3>Per source</h3>")
+    return title + _table(header, rows, "metrics")
 
 
 def _localization(loc: dict) -> str:
@@ -169,7 +208,7 @@ def render(run: str | Path) -> Path:
                         f'ECE {s["calibration"]["ece_before"]} → {s["calibration"]["ece_after"]} '
                         f'({html.escape(s["calibration"]["note"])}).</p>')
             if s.get("per_source"):
-                body.append(_per_source(s["per_source"]))
+                body.append(_per_source(s["per_source"], held_out=s.get("split") == "source"))
             ext = s.get("external") or {}
             if ext.get("malignant_vs_benign"):
                 body.append(_binary_table(f"{arch} on another hospital's images ({ext['data']}; {ext['method']})",
@@ -182,13 +221,18 @@ def render(run: str | Path) -> Path:
     if summary.is_file():
         rows = list(csv.reader(summary.open()))
         body.append("<h2>Summary</h2>" + _table(rows[0], [[_num(v) for v in r] for r in rows[1:]], "metrics"))
-    body.append(_img(run / "loss.png", "training loss per epoch"))
+    body.append(_img(run / "loss.png", "loss per epoch: training (solid), validation part (dotted) and test part "
+                                       "(dashed) where the run has them"))
     if (run / "metrics.json").is_file():
         body.append(_model_section(run, (_json(run / "metrics.json") or {}).get("model", "model")))
     for sub in sorted(p for p in run.iterdir() if p.is_dir() and (p / "metrics.json").is_file()):
         body.append(_model_section(sub, sub.name))
     if config:
-        body.append("<h2>Configuration</h2><pre>" + html.escape(yaml.safe_dump(config, sort_keys=False)) + "</pre>")
+        unused = NOT_USED_BY.get(kind, ())  # config.yaml keeps every key; the page shows those that shaped this run
+        shown = {k: v for k, v in config.items() if k not in unused}
+        body.append("<h2>Configuration</h2><pre>" + html.escape(yaml.safe_dump(shown, sort_keys=False)) + "</pre>"
+                    + (f'<p class="muted">config.yaml also holds the keys this command does not use: '
+                       f'{", ".join(k for k in config if k in unused)}.</p>' if len(shown) < len(config) else ""))
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>busi {html.escape(kind)} report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
     out = run / "report.html"

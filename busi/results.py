@@ -22,8 +22,10 @@ from .plots import confusion_matrix, gallery, reliability_diagram, roc_curves
 GALLERY_SIZE = 8  # per kind (right, wrong) in gradcam.png
 
 
-def _caption(path: str, classes, true: int, predicted: int, confidence: float) -> str:
-    return f"{Path(path).name}\ntrue {classes[true]}, said {classes[predicted]} {confidence:.0%}"
+def _caption(path: str, classes, true: int, predicted: int, probability: float) -> str:
+    """The image, its truth, the answer and the probability of that answer (not of the most probable class: at an
+    operating point the two can differ)."""
+    return f"{Path(path).name}\ntrue {classes[true]}, said {classes[predicted]} (p = {probability:.0%})"
 
 
 def per_source(probs: torch.Tensor, labels: torch.Tensor, classes: list[str], sources: list[str],
@@ -83,8 +85,11 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
                         *[f"{v:.6f}" for v in pr], *flag])
 
     name = (extra or {}).get("model", config.get("arch", ""))
-    confusion_matrix(metrics["confusion_matrix"], classes, folder / "confusion_matrix.png",
-                     f"{name} (n={len(labels)}, accuracy {metrics['accuracy']:.1%})")
+    # Every picture uses the decision rule users get (the operating point when there is one) and says which it is
+    rule = "decisions at the operating point" if operating_point else "decisions by argmax"
+    shown_metrics = metrics["operating_point"] if operating_point else metrics
+    confusion_matrix(shown_metrics["confusion_matrix"], classes, folder / "confusion_matrix.png",
+                     f"{name} (n={len(labels)}, accuracy {shown_metrics['accuracy']:.1%}; {rule})")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fpr, tpr, _ = multiclass_roc(probs, labels, len(classes))
@@ -93,17 +98,19 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
     reliability_diagram({"before temperature scaling": (reliability_bins(raw, labels), metrics["calibration"]["ece_before"]),
                          f"after (T = {temperature:.2f})": (metrics["calibration"]["reliability"], metrics["calibration"]["ece_after"])},
                         folder / "calibration.png")
-    confidence = probs.max(1).values
+    confidence = probs.gather(1, predicted[:, None])[:, 0]  # the probability of the answer given
     wrong = (predicted != labels).nonzero().flatten().tolist()
     wrong.sort(key=lambda i: -float(confidence[i]))  # most confident mistakes first: the worrying ones
     shown = wrong[:20]
     gallery([images[i].permute(1, 2, 0).numpy() for i in shown],
             [_caption(paths[i], classes, labels[i], predicted[i], float(confidence[i])) for i in shown],
-            folder / "misclassified.png", f"Misclassified ({len(shown)} most confident of {len(wrong)})")
+            folder / "misclassified.png", f"Misclassified, {rule}: the {len(shown)} most confident of {len(wrong)}")
+    metrics["pictures"] = {"rule": rule, "misclassified": len(wrong), "misclassified_shown": len(shown)}
 
     if explain:
         try:
-            _explain(folder, model, config, images, labels, predicted, confidence, paths, masks, mask_status, metrics)
+            _explain(folder, model, config, images, labels, predicted, confidence, paths, masks, mask_status, metrics,
+                     rule)
         except BusiError as e:
             metrics["localization"] = {"error": str(e)}
     metrics.update(extra or {})
@@ -111,7 +118,7 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
     return metrics
 
 
-def _explain(folder, model, config, images, labels, predicted, confidence, paths, masks, mask_status, metrics):
+def _explain(folder, model, config, images, labels, predicted, confidence, paths, masks, mask_status, metrics, rule):
     classes = list(config["classes"])
     right = (predicted == labels).nonzero().flatten().tolist()
     by_class = [[i for i in right if labels[i] == c] for c in range(len(classes))]
@@ -124,7 +131,8 @@ def _explain(folder, model, config, images, labels, predicted, confidence, paths
     heat = dict(zip(needed, gradcam(model, images[needed], predicted[needed].tolist(), config["mean"], config["std"]))) if needed else {}
     gallery([overlay(images[i].permute(1, 2, 0).numpy(), heat[i]) for i in chosen],
             [_caption(paths[i], classes, labels[i], predicted[i], float(confidence[i])) for i in chosen],
-            folder / "gradcam.png", f"Grad-CAM of the predicted class: {len(right[:GALLERY_SIZE])} right, {len(wrong[:GALLERY_SIZE])} wrong",
+            folder / "gradcam.png", f"Grad-CAM of the class said ({rule}): {len(right[:GALLERY_SIZE])} right, "
+                                    f"{len(wrong[:GALLERY_SIZE])} wrong",
             colors=["darkgreen"] * len(right[:GALLERY_SIZE]) + ["darkred"] * len(wrong[:GALLERY_SIZE]))
     if masks is not None and mask_status is not None:
         metrics["localization"] = summarize_localization(

@@ -1,16 +1,19 @@
-"""Rebuild the bundled model (busi/assets/): train configs/recommended.yaml on BUSI, store it in fp16, write its card.
+"""Rebuild the bundled model (busi/assets/): train configs/recommended.yaml on every source we may ship, write its card.
 
-    python scripts/bundle_model.py --data Dataset_BUSI_with_GT            # trains (about 20-30 min on a 2-core CPU)
-    python scripts/bundle_model.py --data ../shared/data/busi_dev --from-run runs/recommended   # a finished run
+    python scripts/bundle_model.py --data ../shared/data/busi_dev --data ../shared/data/busbra_dev \
+        --meta ../shared/data/busbra_dev/bus_data.csv --patient-column Case --group-column Device \
+        --hospital-cv benchmarks/results/hospitals-recommended --within-cv benchmarks/results/pooled-recommended
+    (add --from-run RUN to bundle a finished `busi train` run of the same recipe and data instead of training)
 
-The card (busi/assets/MODEL_CARD.md, card.json) records the command, commit, date and machine, the
-cross-validated figures of the recipe (--cv, a `busi cv` folder) and, with --external, a `busi evaluate`
-metrics.json on another hospital's images.
+--hospital-cv: `busi cv --split source` runs of the recipe (each source held out in turn): the stored threshold is
+fitted on their out-of-fold predictions, and the card leads with their figures: what to expect at a hospital the
+model never saw. --within-cv: a `busi cv` run of the recipe on the same pooled sources: the figure at home.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from datetime import datetime
@@ -20,99 +23,213 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from busi import bundled  # noqa: E402
+from busi.meta import source_meta  # noqa: E402
+
+CITATIONS = {  # what the card repeats of each source we may ship (../shared/data/*/README.md, LICENSE.txt)
+    "busi_dev": ("BUSI: W. Al-Dhabyani, M. Gomaa, H. Khaled, A. Fahmy, \"Dataset of breast ultrasound images\", Data in "
+                 "Brief 28 (2020) 104863. Baheya Hospital, Cairo, 2018; released for research use.", "BUSI"),
+    "busbra_dev": ("BUS-BRA: W. Gómez-Flores, M. J. Gregorio-Calas, W. C. de Albuquerque Pereira, \"BUS-BRA: A Breast "
+                   "Ultrasound Dataset for Assessing Computer-aided Diagnosis Systems\", Medical Physics 51(4):3110–3123, "
+                   "2024. National Institute of Cancer, Rio de Janeiro; free use and redistribution with its copyright "
+                   "notice kept (busi/assets/LICENSE-BUS-BRA.txt), citation required.", "BUS-BRA"),
+}
 
 
 def _ci(v) -> str:
+    if not v:
+        return "–"
+    if v.get("ci_low") is None:
+        return f"{v['estimate']:.3f}"
     return f"{v['estimate']:.3f} (95% CI {v['ci_low']:.3f}–{v['ci_high']:.3f})"
 
 
-def card(data: dict, cv_dir: Path | None, external: Path | None) -> str:
-    r = data["recipe"]
-    op = data["operating_point"] or {}
-    lines = [
-        "# Model card: busi's bundled breast-ultrasound classifier", "",
-        "**Research tool, not a medical device. It does not diagnose; do not use it to make clinical decisions.**", "",
-        "## What it is",
-        f"- {data['model']} (timm `tf_efficientnet_lite0`), fine-tuned from ImageNet weights, classes "
-        f"{', '.join(data['classes'])}; input {data['image_size']}×{data['image_size']} RGB.",
-        f"- Recipe: `configs/recommended.yaml` — {r['epochs']} epochs, AdamW lr {r['lr']}, weight decay {r['weight_decay']}, "
-        f"cosine schedule, label smoothing {r['label_smoothing']}, flip / rotation / zoom / brightness / contrast / "
-        f"autocontrast augmentation, mirror test-time augmentation"
-        + (f"; every image first through busi.preprocess: {', '.join(r['preprocess'])} (applied by predict, evaluate "
-           "and serve too)." if r.get("preprocess") else "."),
-        (f"- Confidence: temperature {data['temperature']:.3f}, fitted on the 10% of the training images kept aside."
-         if data["temperature"] != 1.0 else "- Confidence: the network's own softmax probabilities (no temperature: "
-         "fitted on so few images it made the recipe's cross-validated calibration worse)."),
-        (f"- Decision rule: 'malignant' whenever p(malignant) ≥ {op['threshold']:.3f} (set for "
-         f"{op['target_recall']:.0%} malignant recall on {op['fitted_on']} validation images; it found "
-         f"{op['recall_where_fitted']:.0%} there), else the most probable other class. `busi predict --json` gives "
-         "the probabilities and the argmax answer too." if op else "- Decision rule: argmax."),
-        f"- Stored as {data['stored_as']} ({data['size_bytes'] / 1e6:.1f} MB; fp16 is used only when it moves no "
-        f"probability of the example images by more than 1e-3): at most {data['max_probability_change']:.1e} here.", "",
-        "## Data",
-        "Trained on `busi_dev`: 624 of the 780 images of BUSI (W. Al-Dhabyani, M. Gomaa, H. Khaled, A. Fahmy, "
-        "\"Dataset of breast ultrasound images\", Data in Brief 28 (2020) 104863; Baheya Hospital, Cairo, 2018, "
-        "one scanner family; released for research use), minus the 19 images of 8 label-conflict groups. The other "
-        "156 BUSI images were kept back by the team for an independent check.", "",
-        "## How well it does"]
-    if cv_dir and (cv_dir / "cv_metrics.json").is_file():
-        s = next(iter(json.loads((cv_dir / "cv_metrics.json").read_text()).values()))
-        m = s["metrics"]
-        lines += [f"Grouped {s['folds']}-fold cross-validation of the same recipe on busi_dev (near-duplicates never "
-                  f"split; `busi cv --config configs/recommended.yaml --data ../shared/data/busi_dev --folds 3`): "
-                  f"accuracy {_ci(m['accuracy'])}, macro-F1 {_ci(m['macro_f1'])}, macro-AUROC {_ci(m['auroc'])}, "
-                  f"malignant recall {_ci(m['recall_malignant'])}. Each fold's model trained on two thirds of the data, "
-                  "this one on all of it."]
-        op_cv = s.get("operating_point")
-        if op_cv and "accuracy" in op_cv:
-            mal = op_cv["per_class"]["malignant"]
-            lines += ["", f"At the operating point, out of fold: malignant recall {mal['recall']:.3f}, precision "
-                          f"{mal['precision']:.3f}, accuracy {op_cv['accuracy']:.3f}."]
-    if external and external.is_file():
-        e = json.loads(external.read_text())["malignant_vs_benign"]
-        lines += ["", f"**At another hospital** (BUS-BRA, Brazil, four other scanners, images cropped to the scan, no "
-                      f"calipers; {e['n']} images): malignant-vs-benign AUROC {_ci(e['auroc'])}, sensitivity "
-                      f"{_ci(e['sensitivity_argmax'])} and specificity {_ci(e['specificity_argmax'])} at argmax "
-                      f"({e['ci_method']}). Expect it to do worse on your scanners than on BUSI."]
-    lines += ["", "## Intended use and limits",
-              "- For research and teaching: trying the tool, comparing methods, a starting point to fine-tune on your own "
-              "data (`busi train --data YOUR_DATA`). Not for screening or diagnosis.",
-              "- BUSI images carry burned-in calipers and text on many lesion images; a model can learn them as a "
-              "shortcut. Images from other scanners, of other populations, or without such marks may be scored worse.",
+def _pct(v) -> str:
+    return "–" if v is None else f"{v:.0%}"
+
+
+def hospital_out(runs: list[Path]) -> dict:
+    """Per held-out source, from each run's cv_metrics.json: the figures of models that never saw that hospital."""
+    out = {}
+    for run in runs:
+        s = next(iter(json.loads((run / "cv_metrics.json").read_text()).values()))
+        for source, m in s["per_source"].items():
+            entry = out.setdefault(source, [])
+            mvb = m.get("malignant_vs_benign") or {}
+            adapted = (m.get("adapted") or {}).get("malignant_vs_benign") or {}
+            entry.append({"run": run.name, "n": m["n"], "auroc": mvb.get("auroc"), "ci_method": mvb.get("ci_method"),
+                          "untrained": m.get("untrained_classes", []), "accuracy": m["accuracy"],
+                          "normal_recall": (m["per_class"].get("normal") or {}).get("recall"),
+                          "malignant_recall_at_fold_threshold": ((m.get("operating_point") or {}).get("per_class") or {})
+                          .get("malignant", {}).get("recall"),
+                          "adapted_auroc": adapted.get("auroc"),
+                          "shift_flagged": (m.get("shift") or {}).get("share")})
+    return out
+
+
+def within(run: Path | None) -> dict | None:
+    if not run:
+        return None
+    s = next(iter(json.loads((run / "cv_metrics.json").read_text()).values()))
+    return {"run": run.name, "folds": s["folds"], "metrics": s["metrics"], "ci_method": s["ci_method"],
+            "per_source": {k: {"n": v["n"], "accuracy": v["accuracy"], "macro_f1": v["macro_f1"],
+                               "auroc": (v.get("malignant_vs_benign") or {}).get("auroc"),
+                               "malignant_recall": (v["per_class"].get("malignant") or {}).get("recall")}
+                           for k, v in (s.get("per_source") or {}).items()},
+            "shift_flagged": (s.get("shift") or {}).get("share")}
+
+
+def card(data: dict) -> str:
+    r, op = data["recipe"], data["operating_point"] or {}
+    name = {k: v[1] for k, v in CITATIONS.items()}
+    lines = ["# Model card: busi's bundled breast-ultrasound classifier", "",
+             "**Research tool, not a medical device. It does not diagnose; do not use it to make clinical decisions.**", ""]
+    ho = data.get("hospital_out") or {}
+    if ho:
+        lines += ["## What to expect at a hospital it never saw",
+                  "Hospital-out cross-validation of the same recipe (`busi cv --split source`): a model trained on one "
+                  "source, tested on the other, which it never saw. This model trains on both, so at a third hospital "
+                  "expect figures of this kind, not the home figures below:", ""]
+        for source, runs in ho.items():
+            first = runs[0]
+            seeds = f" (other training seeds: {', '.join(f'{x['auroc']['estimate']:.3f}' for x in runs[1:])})" if len(runs) > 1 else ""
+            three = ("" if first["untrained"] or first["normal_recall"] is None else
+                     f"; 3-class accuracy {first['accuracy']:.3f}, normal recall {first['normal_recall']:.3f}")
+            adapted = f"; after `busi adapt` {first['adapted_auroc']['estimate']:.3f}" if first.get("adapted_auroc") else ""
+            lines.append(f"- **{name.get(source, source)} held out** ({first['n']} images): malignant-vs-benign AUROC "
+                         f"{_ci(first['auroc'])}{seeds}{adapted}; malignant recall at the fold model's own threshold "
+                         f"{_pct(first['malignant_recall_at_fold_threshold'])}{three}; "
+                         f"{_pct(first['shift_flagged'])} of its images flagged as unlike the training images.")
+        lines.append("")
+    if op:
+        per = ", ".join(f"{name.get(s, s)} {v:.0%}" for s, v in (op.get("recall_per_held_out_source") or {}).items())
+        lines += [f"**The stored decision rule**: 'malignant' whenever p(malignant) ≥ {op['threshold']:.3f}, else the most "
+                  f"probable other class. It was set for {op['target_recall']:.0%} malignant recall on "
+                  f"{op['fitted_on']} {op.get('fitted_where', 'validation images')}, {op['fitted_on_positives']} of them "
+                  f"malignant" + (f" (recall per held-out source: {per})" if per else "") + "."
+                  + (f" The recall it can promise a new hospital like these: {op['expected_recall']:.3f} (95% interval "
+                     f"{op['recall_ci'][0]:.3f}–{op['recall_ci'][1]:.3f}; {op['ci_method']})." if op.get("recall_ci") else "")
+                  + (f" It also calls {op['others_called_malignant']:.0%} of the benign and normal images there "
+                     "malignant." if op.get("others_called_malignant") is not None else ""), "",
+                  "At your hospital: `busi evaluate --data YOUR_LABELLED_FOLDER` first (it says when your images lie "
+                  "outside what the model trained on); re-set the threshold on your own labelled images with "
+                  "`busi calibrate --data YOUR_LABELLED_FOLDER --malignant-recall 0.9` (it needs 10 malignant images "
+                  "or more, and says what recall it can promise), or adapt the model: `busi adapt` (no labels) or "
+                  "`busi finetune` (labelled images; README, \"At your hospital\").", ""]
+    w = data.get("within_source")
+    if w:
+        m = w["metrics"]
+        lines += ["## At home: cross-validated on the sources it trained on",
+                  f"Grouped {w['folds']}-fold cross-validation of the recipe on the pooled sources (patients and "
+                  f"near-duplicates never split): accuracy {_ci(m['accuracy'])}, macro-F1 {_ci(m['macro_f1'])}, "
+                  f"macro-AUROC {_ci(m['auroc'])}, malignant recall {_ci(m['recall_malignant'])} (argmax; "
+                  f"{w['ci_method']})."]
+        for source, v in w["per_source"].items():
+            lines.append(f"- {name.get(source, source)} ({v['n']} images): accuracy {v['accuracy']:.3f}, macro-F1 "
+                         f"{v['macro_f1']:.3f}, malignant-vs-benign AUROC {_ci(v['auroc'])}, malignant recall "
+                         f"{v['malignant_recall']:.3f}.")
+        lines.append("")
+    steps = r.get("preprocess") or []
+    lines += ["## What it is",
+              f"- {data['model']} (timm `tf_efficientnet_lite0`), fine-tuned from ImageNet weights, classes "
+              f"{', '.join(data['classes'])}; input {data['image_size']}×{data['image_size']} RGB.",
+              f"- Recipe: `configs/recommended.yaml` — {r['epochs']} epochs, AdamW lr {r['lr']}, weight decay "
+              f"{r['weight_decay']}, cosine schedule, label smoothing {r['label_smoothing']}, flip / rotation / zoom / "
+              "brightness / contrast / autocontrast augmentation"
+              + (f", lesion windows (p {r['lesion_windows']}: views clear of the lesion taught as normal)"
+                 if r.get("lesion_windows") else "") + ", mirror test-time augmentation"
+              + (f"; every image first through busi.preprocess: {', '.join(steps)} (predict, evaluate and serve "
+                 "apply it too)." if steps else "."),
+              ("- Confidence: the network's own softmax probabilities (no temperature)." if data["temperature"] == 1.0
+               else f"- Confidence: temperature {data['temperature']:.3f}."),
+              (f"- Shift warning: it carries a summary of its {data['shift']['n_reference']} training images in its own "
+               f"feature space; an image farther from them than {data['shift']['quantile']:.0%} of "
+               f"{data['shift']['n_heldout']} held-out images of its sources is flagged, and a folder where too many "
+               "are (evaluate, predict, serve)." if data.get("shift") else "- No shift summary."),
+              f"- It carries fingerprints of its {data['fingerprints']} training images, so `busi evaluate` finds copies "
+              "of them in your test folder on any machine.",
+              f"- Stored as {data['stored_as']} ({data['size_bytes'] / 1e6:.1f} MB): "
+              + ("float16 moved no probability of the example images by more than "
+                 f"{data['max_probability_change']:.1e}." if data["stored_as"] == "float16" else
+                 "float16 would have moved a probability of the example images by more than 0.001."), "",
+              "## Data"]
+    summary = data.get("data") or {}
+    for source, s in (summary.get("sources") or {}).items():
+        classes = ", ".join(f"{c} {n}" for c, n in sorted(s["classes"].items()))
+        scanners = ("; scanners: " + ", ".join(f"{k} {n}" for k, n in sorted(s["scanners"].items(), key=lambda kv: -kv[1]))
+                    if s.get("scanners") else "")
+        cite = CITATIONS.get(source, (source, source))[0]
+        lines.append(f"- `{source}`: {s['images']} images ({classes}){scanners}. {cite}")
+    if summary:
+        lines += [f"- Left out: {summary['left_out_label_conflicts']} images of BUSI's label-conflict groups (one scan "
+                  "filed under two classes); about 10% of the images (grouped by patient) were kept aside to set the "
+                  "shift threshold. The rest of both datasets, and two more hospitals, are kept back by the team for "
+                  "checks nobody tunes to.", ""]
+    lines += ["## Intended use and limits",
+              "- For research and teaching: trying the tool, comparing methods, a starting point to adapt to your own "
+              "data. Not for screening or diagnosis.",
+              "- Two hospitals, five scanner models. BUSI images carry calipers and text; BUS-BRA's are cropped to the "
+              "scan. Other scanners, settings and populations may be scored worse — the hospital-out figures above are "
+              "the honest guide, and the shift warning says when your images differ.",
+              "- Normal scans come from BUSI only; lesion-free views of both sources' lesion images teach 'normal' too."
+              if r.get("lesion_windows") else "- Normal scans come from BUSI only.",
               "- Three classes only (normal, benign, malignant); anything else (other organs, Doppler, elastography) "
               "still gets one of the three answers.", "",
               "## Provenance",
               f"- Built by `{data['command']}` at commit {data['commit']} on {data['bundled_at'][:10]}; trained in "
               f"{data['trained_with']['precision']} with channels-last {data['trained_with']['channels_last']} "
-              f"({data['train_seconds']:.0f} s of training), bundled on {data['machine']}.",
-              "- What it says about `examples/` (images it trained on, so no test of it):", ""]
-    lines += [f"  - `{x['image']}`: {x['predicted']} (" + ", ".join(f"{c} {p:.2f}" for c, p in x["probabilities"].items()) + ")"
-              for x in data["examples"]]
+              f"({data['train_seconds'] / 60:.0f} min of training), bundled on {data['machine']}.",
+              "- What it says about `examples/` (BUSI images it trained on, so no test of it):", ""]
+    lines += [f"  - `{x['image']}`: {x['predicted']} (" + ", ".join(f"{c} {p:.2f}" for c, p in x["probabilities"].items())
+              + ")" for x in data["examples"]]
     return "\n".join(lines) + "\n"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="BUSI in the Kaggle layout (Dataset_BUSI_with_GT)")
+    parser.add_argument("--data", action="append", required=True, help="a source folder (repeat): BUSI, BUS-BRA")
+    parser.add_argument("--meta", action="append", default=[], help="meta CSV (e.g. BUS-BRA's bus_data.csv)")
+    parser.add_argument("--patient-column", default="Case")
+    parser.add_argument("--group-column", default="Device")
     parser.add_argument("--from-run", type=Path, help="a finished `busi train --config configs/recommended.yaml` run")
-    parser.add_argument("--cv", type=Path, default=ROOT / "benchmarks" / "results" / "recommended")
-    parser.add_argument("--external", type=Path, help="metrics.json of `busi evaluate` of this model on another hospital")
+    parser.add_argument("--hospital-cv", type=Path, action="append", default=[],
+                        help="a `busi cv --split source` run of the recipe (repeat for other seeds)")
+    parser.add_argument("--within-cv", type=Path, help="a `busi cv` run of the recipe on the pooled sources")
     args = parser.parse_args()
     recipe = ROOT / "configs" / "recommended.yaml"
+    data_flags = [x for d in args.data for x in ("--data", d)] + [x for m in args.meta for x in ("--meta", m)]
+    meta_flags = ["--patient-column", args.patient_column, "--group-column", args.group_column] if args.meta else []
+    train = ["busi", "train", "--config", "configs/recommended.yaml", *data_flags, *meta_flags]
+    command = "python scripts/bundle_model.py " + " ".join(sys.argv[1:])
     run = args.from_run
-    command = f"python scripts/bundle_model.py --data {args.data}"
     if run is None:
         run = ROOT / "runs" / f"bundle-{datetime.now():%Y-%m-%dT%H%M%S}"
-        subprocess.run([sys.executable, "-m", "busi.cli", "train", "--config", str(recipe), "--data", args.data,
-                        "--out", str(run)], check=True)
-    else:
-        command += f" --from-run {run}  (run made by: busi train --config configs/recommended.yaml --data {args.data})"
-    data = bundled.bundle(run, recipe, ROOT / "examples", command)
-    if args.cv and (args.cv / "cv_metrics.json").is_file():  # one line for the web page's model card
-        s = next(iter(json.loads((args.cv / "cv_metrics.json").read_text()).values()))
-        data["cross_validation"] = f"grouped {s['folds']}-fold CV of the recipe: accuracy {_ci(s['metrics']['accuracy'])}"
-        bundled.CARD_DATA.write_text(json.dumps(data, indent=2) + "\n")
-    bundled.CARD.write_text(card(data, args.cv, args.external))
+        subprocess.run([sys.executable, "-m", "busi.cli", *train[1:], "--out", str(run)], check=True)
+    command = command.replace(str(run), "RUN") + f"  (RUN made by: {' '.join(train)})"
+    info = {}
+    if args.meta:
+        split = json.loads((run / "split.json").read_text())
+        paths = split["train"] + split["val"]
+        rows, _ = source_meta(paths, [p.split("/", 1)[0] for p in paths], args.meta, "ID",
+                              [args.patient_column, args.group_column])
+        info = {p: {"patient": f"{p.split('/', 1)[0]}:{v[args.patient_column]}", "group": v[args.group_column]}
+                for p, v in rows.items()}
+    patients = {p: v["patient"] for p, v in info.items()}
+    data = bundled.bundle(run, recipe, ROOT / "examples", command, threshold_runs=args.hospital_cv, patients=patients)
+    data["data"] = bundled.data_summary(run, info)
+    data["hospital_out"] = hospital_out(args.hospital_cv)
+    data["within_source"] = within(args.within_cv)
+    if data["within_source"]:
+        a = data["within_source"]["metrics"]["accuracy"]
+        data["cross_validation"] = f"at home (grouped CV, both sources): accuracy {_ci(a)}"
+    if data["hospital_out"]:
+        data["hospitals_never_seen"] = "; ".join(
+            f"{CITATIONS.get(s, (s, s))[1]} held out: AUROC {v[0]['auroc']['estimate']:.3f}"
+            for s, v in data["hospital_out"].items())
+    bundled.CARD_DATA.write_text(json.dumps(data, indent=2) + "\n")
+    bundled.CARD.write_text(card(data))
+    for d in args.data:
+        if (Path(d) / "LICENSE.txt").is_file() and Path(d).name == "busbra_dev":
+            shutil.copy(Path(d) / "LICENSE.txt", bundled.ASSETS / "LICENSE-BUS-BRA.txt")
     print(f"wrote {bundled.MODEL} ({data['size_bytes'] / 1e6:.1f} MB), {bundled.CARD_DATA.name} and {bundled.CARD.name}")
 
 

@@ -88,3 +88,19 @@ def test_calibrate_replaces_the_operating_point_and_keeps_the_weights(trained, t
     assert main(["calibrate", "--checkpoint", str(trained), "--data", str(few), "--out", str(tmp_path / "no"),
                  "--no-progress"]) == 2
     assert "5 malignant image(s)" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_adapt_switches_to_the_threshold_fitted_for_adapted_models(tmp_path):
+    from busi.adapt import run_adapt
+    from busi.models import build
+    parent = tmp_path / "p.pth"
+    plain = {"class": "malignant", "threshold": 0.4, "target_recall": 0.9, "fitted_on": 100, "fitted_on_positives": 30}
+    after = {**plain, "threshold": 0.25}
+    checkpoint.save(parent, build("resnet18", 3), {"arch": "resnet18", "classes": CLASSES, "image_size": 32,
+                                                   "mean": [0.5] * 3, "std": [0.5] * 3, "operating_point": plain,
+                                                   "operating_point_after_adapt": after})
+    images = make_kaggle_folder(tmp_path / "scanner", per_class=6, size=48)
+    record, folder = run_adapt(parent, images, tmp_path / "ad")
+    _, config = checkpoint.load(folder / "checkpoint.pth")
+    assert config["operating_point"] == after and "operating_point_after_adapt" not in config
+    assert "adapted models" in record["operating_point"]

@@ -102,6 +102,7 @@ def test_page_shows_class_probabilities_overlay_and_bad_file_message(server):
             error = page.locator(".busi-error").first
             error.wait_for(timeout=60000)
             assert "broken.png" in error.inner_text() and "not a readable image" in error.inner_text()
+            assert error.inner_text().count("broken.png") == 1  # named once, not "broken.png: broken.png: …"
             assert page.locator(".busi-error").count() == 2 and "notes.txt" in page.locator(".busi-error").nth(1).inner_text()
             page.reload()  # the server keeps serving after a bad file
             page.get_by_text("Research tool, not a diagnosis").first.wait_for(timeout=30000)
@@ -124,6 +125,12 @@ def test_http_api_gives_the_same_answer_and_survives_20_concurrent_requests(serv
     results = [job.result(timeout=120) for job in jobs]
     assert len(results) == 20 and all(r["predicted"] == expected["predicted"] for r in results)
     assert all(abs(r["probabilities"][c] - p) < 1e-4 for r in results for c, p in expected["probabilities"].items())
+
+
+def test_serve_log_has_busis_own_address_line_and_no_share_tip(server):
+    _, _, root = server
+    log = (root / "serve.log").read_text()
+    assert "busi: serving" in log and "share=True" not in log
 
 
 def test_too_many_images_in_one_request_get_a_message(server):

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import make_kaggle_folder
 
@@ -168,3 +169,65 @@ def test_ensemble_script_averages_members_that_share_their_folds(tmp_path):
     _fake_cv(tmp_path / "c", "custom-cnn", paths, [1 - k for k in folds], b)  # the same images, other folds
     done = run(tmp_path / "a", tmp_path / "c")
     assert done.returncode != 0 and "in another fold" in done.stderr and str(tmp_path / "c") in done.stderr
+
+
+def _two_hospitals(tmp_path, n_other=30):
+    """A home folder of three classes, and another hospital's benign/malignant folder with a patient CSV."""
+    from conftest import synthetic_scan
+    home = make_kaggle_folder(tmp_path / "home", per_class=12, size=64)
+    other, rows = tmp_path / "other", ["ID,Case,Device"]
+    for label, name in enumerate(("benign", "malignant")):
+        (other / name).mkdir(parents=True)
+        for i in range(n_other):
+            stem = f"bus_{label}{i:03d}-{'lr'[i % 2]}"
+            synthetic_scan(label, seed=7000 + 200 * label + i, size=72).save(other / name / f"{stem}.png")
+            rows.append(f"{stem},{label * 100 + i // 2},GE")
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    return home, other, tmp_path / "meta.csv"
+
+
+def test_hospital_and_adaptation_scripts_run_on_fold_models(tmp_path):
+    from busi.cli import main
+    home, other, meta = _two_hospitals(tmp_path)
+    (tmp_path / "r.yaml").write_text("malignant_recall: 0.9\nval_size: 0.3\n")
+    cv = tmp_path / "cv"
+    assert main(["cv", "--data", str(home), "--data", str(other), "--split", "source", "--config", str(tmp_path / "r.yaml"),
+                 "--model", "resnet18", "--no-pretrained", "--epochs", "1", "--image-size", "32", "--meta", str(meta),
+                 "--patient-column", "Case", "--keep-fold-models", "--out", str(cv), "--no-progress"]) == 0
+    md = tmp_path / "hospitals.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hospitals.py"), "--run", f"tiny={cv}", "--meta",
+                           str(meta), "--md", str(md)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 2 and "| other | 60 (30) |" in rows[1] and "not trained on normal" in rows[0]
+    # the fold model that never saw 'other' (folds in source-name order: home held out first), adapted to it
+    parent = cv / "resnet18" / "repeat0-fold1" / "checkpoint.pth"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adaptation.py"), "--direction",
+                           f"home-to-other={parent}:{other}", "--meta", str(meta), "--draws", "1", "--epochs", "1",
+                           "--out", str(tmp_path / "adapt"), "--md", str(tmp_path / "a.md"), "--png", str(tmp_path / "a.png")],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "adapt" / "results.json").read_text())
+    kinds = {(r["kind"], r["patients"]) for r in results}
+    assert ("as shipped", 0) in kinds and ("label-free (adapt)", 0) in kinds
+    assert ("fine-tuned (finetune)", 10) in kinds and ("fine-tuned (finetune)", 15) in kinds  # the pool: 15 patients
+    assert ("threshold re-set (calibrate)", 15) in kinds  # 15 patients hold 15 malignant images: enough to re-set
+    assert all(0 <= r["auroc"]["estimate"] <= 1 for r in results) and (tmp_path / "a.png").is_file()
+
+
+def test_operating_point_from_hospital_out_predictions_on_a_known_case(tmp_path):
+    import csv
+    from busi.bundled import operating_point_from_cv
+    run = tmp_path / "cv"
+    run.mkdir()
+    rows = [[f"a/malignant/{i}.png", "malignant", 0.1, 0.1 + 0.04 * i, 0.0] for i in range(20)]  # p_mal 0.10 .. 0.86
+    rows += [[f"b/malignant/{i}.png", "malignant", 0.1, 0.5, 0.0] for i in range(10)]
+    rows += [[f"b/benign/{i}.png", "benign", 0.9, 0.05, 0.05] for i in range(10)]
+    with open(run / "oof_predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true", "p_benign", "p_malignant", "p_normal"])
+        w.writerows(rows)
+    op = operating_point_from_cv([run], ["benign", "malignant", "normal"], 0.9, {})
+    # 30 malignant, 27 to find: from the top, a's 9 above 0.5, the 11 at 0.5, then a's 0.46 … 0.22 (i = 3)
+    assert op["threshold"] == pytest.approx(0.22) and op["fitted_on_positives"] == 30
+    assert op["recall_per_held_out_source"] == {"a": 0.85, "b": 1.0} and op["others_called_malignant"] == 0.0

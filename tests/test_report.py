@@ -52,3 +52,46 @@ def test_report_renders_in_chromium_with_metrics_and_images(run_folder):
 def test_report_of_a_non_run_folder(tmp_path):
     with pytest.raises(BusiError, match="not a busi run folder"):
         render(tmp_path)
+
+
+def test_pictures_follow_one_decision_rule_and_small_groups_are_too_few(tmp_path):
+    """At an operating point that overrides argmax: captions give the probability of the class they name, the gallery
+    counts the errors the confusion matrix shows, and an interval over 8 images is replaced by 'too few'."""
+    import csv
+    import torch
+    from conftest import make_kaggle_folder
+    from busi import checkpoint
+    from busi.models import build
+    from busi.results import _caption
+    classes = ["benign", "malignant", "normal"]
+    assert _caption("a.png", classes, 0, 1, 0.3) == "a.png\ntrue benign, said malignant (p = 30%)"
+    data = make_kaggle_folder(tmp_path / "data", per_class=15, size=64)
+    ckpt = tmp_path / "op.pth"
+    torch.manual_seed(0)
+    checkpoint.save(ckpt, build("custom-cnn", 3), {
+        "arch": "custom-cnn", "classes": classes, "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
+        "operating_point": {"class": "malignant", "threshold": 0.2, "target_recall": 0.9, "fitted_on": 10,
+                            "fitted_on_positives": 5}})
+    rows = ["ID,Case,Device"] + [f"{c} ({i}),{c}{i},{'small' if i <= 3 and c != 'normal' else 'big'}"
+                                 for c in classes for i in range(1, 16)]
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--meta", str(tmp_path / "meta.csv"),
+                 "--patient-column", "Case", "--group-column", "Device", "--out", str(tmp_path / "ev"),
+                 "--no-progress"]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    matrix = torch.tensor(m["operating_point"]["confusion_matrix"])
+    assert m["pictures"]["rule"] == "decisions at the operating point"
+    assert m["pictures"]["misclassified"] == int(matrix.sum() - matrix.trace())
+    predictions = list(csv.DictReader(open(tmp_path / "ev" / "predictions.csv")))
+    assert sum(r["predicted"] != r["true"] for r in predictions) == m["pictures"]["misclassified"]
+    small = m["per_group"]["small"]["malignant_vs_benign"]
+    assert small["n"] == 6 and small["too_few"] and small["auroc"]["ci_low"] is None
+    assert not m["per_group"]["big"]["malignant_vs_benign"]["too_few"]
+    page = (tmp_path / "ev" / "report.html").read_text()
+    assert "too few: 6 images, 6 patients" in page and "None" not in page
+
+
+def test_train_report_shows_the_keys_that_shaped_the_run(run_folder):
+    page = (run_folder / "report.html").read_text()
+    config = page[page.index("<h2>Configuration</h2>"):]
+    assert "epochs:" in config and "\nfolds:" not in config and "external_meta:" not in config.split("</pre>")[0]
