@@ -124,7 +124,8 @@ def main():
             f"{m['accuracy']['ci_high']:.3f}], macro-F1 {m['macro_f1']['estimate']:.3f}")
     auroc = (summary.get("external") or {}).get("malignant_vs_benign", {}).get("auroc")
     if auroc:
-        line += f"; external AUROC {auroc['estimate']:.3f} [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}]"
+        line += f"; external AUROC {auroc['estimate']:.3f}" + (
+            f" [{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}]" if auroc["ci_low"] is not None else " (too few for an interval)")
     print(line)
 
 

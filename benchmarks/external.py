@@ -54,7 +54,11 @@ def evaluate(name: str, ckpt: str, data: str, meta: str | None, out_root: Path) 
 
 
 def _ci(v) -> str:
-    return "–" if not v else f"{v['estimate']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+    if not v:
+        return "–"
+    if v.get("ci_low") is None:  # fewer than 20 images or 10 patients: busi gives no interval
+        return f"{v['estimate']:.3f} (too few for an interval)"
+    return f"{v['estimate']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
 
 
 def cv_external(cv_run: Path) -> dict:

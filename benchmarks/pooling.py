@@ -117,7 +117,11 @@ def main():
         rows.append(("BUSI alone (the CV's fold models averaged)", reference_on(args.reference_cv, out / "half_b", patient)))
 
     def ci(v):
-        return "–" if not v else f"{v['estimate']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+        if not v:
+            return "–"
+        if v.get("ci_low") is None:  # fewer than 20 images or 10 patients: busi gives no interval
+            return f"{v['estimate']:.3f} (too few for an interval)"
+        return f"{v['estimate']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
     lines = ["| trained on | half B: AUROC, malignant vs benign | sensitivity / specificity (argmax) | "
              "sensitivity / specificity (operating point) | accuracy | AUROC per scanner |", "|---|---|---|---|---|---|"]
     for name, m in rows:

@@ -281,10 +281,6 @@ def _check_before_imports(args):
         scan(args.data)
     if args.command == "audit":
         scan(args.data, args.classes)
-    if args.command == "predict":
-        for item in args.inputs:
-            if not Path(item).exists():
-                raise BusiError(f"{item}: no such image or folder")
     if args.command == "adapt":
         for item in args.data:
             if not Path(item).exists():
@@ -297,6 +293,9 @@ def _check_before_imports(args):
         value = getattr(args, name, None)
         if isinstance(value, str) and not Path(value).exists():  # train and cv's --meta, a list, was checked above
             raise BusiError(f"{value}: {what} does not exist")
+    for item in getattr(args, "inputs", None) or []:  # predict
+        if not Path(item).exists():
+            raise BusiError(f"{item}: no such image or folder")
     return cfg
 
 
@@ -352,6 +351,7 @@ def _dispatch(args) -> int:
     elif args.command == "train":
         from . import workflow
         if args.config is None and not args.models:
+            workflow.run_dir(args.out, "seed", args.overwrite, args.resume)  # a folder it may not write: said first
             _seed_experiment(cfg)
         if args.resume and workflow.run_finished(args.out, cfg):
             print(f"{args.out}: this run already finished; nothing to resume (its files are unchanged)")

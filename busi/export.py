@@ -49,7 +49,8 @@ def export(checkpoint_path: str | Path, fmt: str, out: str | Path | None = None,
     steps = config.get("preprocess") or []
     before = (f"; each image first through busi.preprocess.apply(image, {steps}) (OpenCV: outside the graph), then "
               "resized" if steps else "")
-    metadata = json.dumps({**config, "format": fmt, "input": f"uint8 N x 3 x {side} x {side} RGB{before}",
+    kept = {k: v for k, v in config.items() if k != "fingerprint_paths"}  # the names of its training images stay home
+    metadata = json.dumps({**kept, "format": fmt, "input": f"uint8 N x 3 x {side} x {side} RGB{before}",
                            "output": "probabilities"})
     tmp = out.with_name(out.name + ".partial")
     try:

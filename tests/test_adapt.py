@@ -99,7 +99,7 @@ def test_adapt_switches_to_the_threshold_fitted_for_adapted_models(tmp_path):
     checkpoint.save(parent, build("resnet18", 3), {"arch": "resnet18", "classes": CLASSES, "image_size": 32,
                                                    "mean": [0.5] * 3, "std": [0.5] * 3, "operating_point": plain,
                                                    "operating_point_after_adapt": after})
-    images = make_kaggle_folder(tmp_path / "scanner", per_class=6, size=48)
+    images = make_kaggle_folder(tmp_path / "scanner", per_class=6, size=64)
     record, folder = run_adapt(parent, images, tmp_path / "ad")
     _, config = checkpoint.load(folder / "checkpoint.pth")
     assert config["operating_point"] == after and "operating_point_after_adapt" not in config

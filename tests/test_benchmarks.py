@@ -199,7 +199,8 @@ def test_hospital_and_adaptation_scripts_run_on_fold_models(tmp_path):
                            str(meta), "--md", str(md)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in md.read_text().splitlines() if line.startswith("| tiny")]
-    assert len(rows) == 2 and "| other | 60 (30) |" in rows[1] and "not trained on normal" in rows[0]
+    # 60 images of 30 patients (fewer clusters where the audit also finds the synthetic scans near-duplicates)
+    assert len(rows) == 2 and "| other | 60 (" in rows[1] and "not trained on normal" in rows[0]
     # the fold model that never saw 'other' (folds in source-name order: home held out first), adapted to it
     parent = cv / "resnet18" / "repeat0-fold1" / "checkpoint.pth"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adaptation.py"), "--direction",

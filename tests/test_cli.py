@@ -384,7 +384,7 @@ def test_cv_pools_sources_and_scores_each(kaggle_folder, tmp_path, capsys):
     assert summary["per_source"]["hospital"]["malignant_vs_benign"]["auroc"] is not None
     folds = json.loads((out / "folds.json").read_text())["test_folds"][0]
     assert all({p.split("/")[0] for p in fold} == {"Dataset_BUSI_with_GT", "hospital"} for fold in folds)
-    assert "on source hospital (n=12)" in capsys.readouterr().out
+    assert "on source hospital, out of fold: n=12" in capsys.readouterr().out
 
 
 def test_the_seed_experiment_says_what_it_trains_and_offline_trains_what_it_can(kaggle_folder, tmp_path, capsys,

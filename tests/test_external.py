@@ -31,23 +31,27 @@ def test_auroc_sensitivity_specificity_on_a_known_case():
     op = {"class": "malignant", "threshold": 0.25, "target_recall": 1.0, "fitted_on": 6}
     m = malignant_vs_benign(probs, labels, CLASSES, op, n_boot=200)
     assert m["sensitivity_operating_point"]["estimate"] == 1.0 and m["specificity_operating_point"]["estimate"] == pytest.approx(2 / 3, abs=1e-4)
+    assert m["too_few"] and m["auroc"]["ci_low"] is None  # six images: figures, but no interval
+    m = malignant_vs_benign(probs.repeat(4, 1), labels.repeat(4), CLASSES, op, n_boot=200)  # 24 images
+    assert not m["too_few"] and m["auroc"]["estimate"] == pytest.approx(8 / 9, abs=1e-4)
     for k in ("auroc", "sensitivity_argmax", "specificity_operating_point"):
         assert m[k]["ci_low"] <= m[k]["estimate"] <= m[k]["ci_high"]
     assert malignant_vs_benign(probs, labels, ["a", "b", "c"]) is None  # no such question for other classes
 
 
 def test_bootstrap_over_patients_keeps_each_patients_images_together():
-    """Ten images each of eight patients: resampling images pretends there are 80 independent cases, and its CI is
+    """Ten images each of twelve patients: resampling images pretends there are 120 independent cases, and its CI is
     far too narrow; resampling patients gives the honest, wider one."""
     scores, labels, patients = [], [], []
-    for patient, (p, y) in enumerate([(0.9, 1), (0.7, 1), (0.4, 1), (0.2, 1), (0.8, 0), (0.3, 0), (0.1, 0), (0.05, 0)]):
+    for patient, (p, y) in enumerate([(0.9, 1), (0.7, 1), (0.4, 1), (0.2, 1), (0.8, 0), (0.3, 0), (0.1, 0), (0.05, 0),
+                                      (0.6, 1), (0.95, 1), (0.5, 0), (0.15, 0)]):
         scores += [p] * 10
         labels += [y] * 10
         patients += [f"case {patient}"] * 10
     probs, labels = _probs(scores), torch.tensor(labels)
     by_image = malignant_vs_benign(probs, labels, CLASSES, n_boot=300)
     by_patient = malignant_vs_benign(probs, labels, CLASSES, clusters=patients, n_boot=300)
-    assert by_patient["n_clusters"] == 8 and by_image["n_clusters"] == 80
+    assert by_patient["n_clusters"] == 12 and by_image["n_clusters"] == 120
     assert by_patient["auroc"]["estimate"] == by_image["auroc"]["estimate"]
     width = lambda m: m["auroc"]["ci_high"] - m["auroc"]["ci_low"]  # noqa: E731
     assert width(by_patient) > 1.5 * width(by_image)
