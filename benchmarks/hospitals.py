@@ -73,7 +73,10 @@ def figures(run: Path, patients: dict) -> dict:
                        "adapted": held_out_figures(mine, patients, "adapted_p_") if "adapted_p_benign" in mine[0] else None,
                        "untrained": saved.get("untrained_classes", []), "train_seconds": seconds[fold]}
         if out[source]["plain"]["sensitivity"] is None and saved.get("operating_point"):  # runs before the CSV had them
-            out[source]["plain"]["sensitivity"] = saved["operating_point"]["per_class"]["malignant"]["recall"]
+            op = saved["operating_point"]
+            benign = op["confusion_matrix"][CLASSES.index("benign")]
+            out[source]["plain"]["sensitivity"] = op["per_class"]["malignant"]["recall"]
+            out[source]["plain"]["specificity"] = 1 - benign[CLASSES.index("malignant")] / max(1, sum(benign))
         if out[source]["adapted"] is None and saved.get("adapted"):
             a = saved["adapted"]
             out[source]["adapted"] = {"auroc": a["malignant_vs_benign"]["auroc"],

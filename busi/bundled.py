@@ -51,30 +51,55 @@ def recipe_of(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RUN_ONLY_KEYS}
 
 
-def operating_point_from_cv(runs: list[Path], classes: list[str], target_recall: float, patients: dict[str, str],
-                            prefix: str = "p_") -> dict:
-    """The malignant threshold fitted on the out-of-fold predictions of `busi cv --split source` runs (each image
-    scored by a model that never saw its hospital), with the recall it can promise and its recall per held-out source.
-    patients: image path -> patient, for the bootstrap (images elsewhere); prefix "adapted_p_": the predictions of the
-    fold models after label-free adaptation to the held-out hospital (the threshold `busi adapt` switches to)."""
+def _oof_rows(runs: list[Path]) -> list[dict]:
     import csv
-    from .operating import fit_with_ci
     rows = []
     for run in runs:
         with open(run / "oof_predictions.csv", newline="") as f:
             rows += list(csv.DictReader(f))
+    return rows
+
+
+def operating_point_from_cv(runs: list[Path], classes: list[str], target_recall: float, patients: dict[str, str],
+                            prefix: str = "p_", held_out_runs: list[Path] = ()) -> dict:
+    """The malignant threshold fitted on the out-of-fold predictions of `busi cv` runs of the recipe (hundreds of
+    malignant images, each scored by a model that never saw it), with the recall it can promise; and, from
+    `busi cv --split source` runs (held_out_runs), its recall and specificity at each hospital a model never saw,
+    plain and after label-free adaptation. patients: image path -> patient, for the bootstrap (images elsewhere);
+    prefix "adapted_p_" fits on adapted predictions instead."""
+    import yaml
+    from .operating import fit_with_ci
+    rows = _oof_rows(runs)
     probs = torch.tensor([[float(r[f"{prefix}{c}"]) for c in classes] for r in rows])
     labels = torch.tensor([classes.index(r["true"]) for r in rows])
     point = fit_with_ci(probs, labels, classes, target_recall, [patients.get(r["path"], r["path"]) for r in rows],
                         where="the out-of-fold predictions")
-    k = classes.index(point["class"])
+    k, b = classes.index(point["class"]), classes.index("benign")
+    hospital_out = all(yaml.safe_load((run / "config.yaml").read_text()).get("split") == "source" for run in runs)
     point["fitted_where"] = ("out-of-fold predictions of hospital-out cross-validation (each image scored by a model "
-                             "that never saw its hospital)")
+                             "that never saw its hospital)" if hospital_out else
+                             "out-of-fold predictions of cross-validation on every source it trains on")
     point["fitted_on_runs"] = [run.name for run in runs]
-    point["recall_per_held_out_source"] = {}
-    for source in sorted({r["path"].split("/", 1)[0] for r in rows}):
-        mine = torch.tensor([r["path"].startswith(source + "/") for r in rows]) & (labels == k)
-        point["recall_per_held_out_source"][source] = round(float((probs[mine, k] >= point["threshold"]).float().mean()), 4)
+
+    def at(probs, labels, mine) -> dict:
+        malignant, benign = mine & (labels == k), mine & (labels == b)
+        return {"recall": round(float((probs[malignant, k] >= point["threshold"]).float().mean()), 4),
+                "specificity": round(float((probs[benign, k] < point["threshold"]).float().mean()), 4)
+                if benign.any() else None}
+    point["per_source"] = {source: at(probs, labels, torch.tensor([r["path"].startswith(source + "/") for r in rows]))
+                           for source in sorted({r["path"].split("/", 1)[0] for r in rows})}
+    if held_out_runs:
+        rows = _oof_rows(list(held_out_runs))
+        labels = torch.tensor([classes.index(r["true"]) for r in rows])
+        point["at_hospitals_never_seen"] = {"runs": [run.name for run in held_out_runs]}
+        for source in sorted({r["path"].split("/", 1)[0] for r in rows}):
+            mine = torch.tensor([r["path"].startswith(source + "/") for r in rows])
+            entry = {}
+            for kind, pre in (("plain", "p_"), ("adapted", "adapted_p_")):
+                if f"{pre}malignant" in rows[0]:
+                    p = torch.tensor([[float(r[f"{pre}{c}"]) for c in classes] for r in rows])
+                    entry[kind] = at(p, labels, mine)
+            point["at_hospitals_never_seen"][source] = entry
     return point
 
 
@@ -96,13 +121,16 @@ def data_summary(run: Path, meta: dict[str, dict[str, str]] | None = None) -> di
 
 
 def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path = MODEL,
-           threshold_runs: list[Path] = (), patients: dict[str, str] | None = None) -> dict:
+           threshold_runs: list[Path] = (), patients: dict[str, str] | None = None, hospital_runs: list[Path] = (),
+           adapted_threshold_runs: list[Path] = ()) -> dict:
     """Turn a finished `busi train` run of the recommended recipe into the bundled model: fp16 tensors where they move
     no probability of the example images by more than 1e-3, else fp32, with the card's data (card.json) beside it.
 
-    threshold_runs: `busi cv --split source` folders of the same recipe; the stored operating point is then fitted on
-    their out-of-fold predictions (hundreds of malignant images of hospitals the models never saw) instead of the
-    run's validation part. Folder paths of the machine it was built on are replaced by source names."""
+    threshold_runs: `busi cv` folders of the same recipe on the same sources; the stored operating point is then fitted
+    on their out-of-fold predictions (hundreds of malignant images) instead of the run's validation part, and
+    hospital_runs (`busi cv --split source`) say what recall it keeps at hospitals a model never saw.
+    adapted_threshold_runs: hospital-out runs whose adapted predictions set the threshold `busi adapt` switches to.
+    Folder paths of the machine it was built on are replaced by source names."""
     from .inference import run_predict
     run_config = yaml.safe_load((run / "config.yaml").read_text())
     recipe = yaml.safe_load(recipe_file.read_text())
@@ -116,10 +144,12 @@ def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path
     config["trained_on"] = [Path(p).name for p in trained_on]  # names travel; this machine's folders do not
     if threshold_runs:
         config["operating_point"] = operating_point_from_cv(list(threshold_runs), list(config["classes"]),
-                                                            recipe["malignant_recall"], patients or {})
-        if all("adapted_p_malignant" in (run / "oof_predictions.csv").open().readline() for run in threshold_runs):
-            config["operating_point_after_adapt"] = operating_point_from_cv(
-                list(threshold_runs), list(config["classes"]), recipe["malignant_recall"], patients or {}, "adapted_p_")
+                                                            recipe["malignant_recall"], patients or {},
+                                                            held_out_runs=list(hospital_runs))
+    if adapted_threshold_runs:  # hospital-out runs with adapted predictions: the threshold `busi adapt` switches to
+        config["operating_point_after_adapt"] = operating_point_from_cv(
+            list(adapted_threshold_runs), list(config["classes"]), recipe["malignant_recall"], patients or {},
+            "adapted_p_")
     out.parent.mkdir(parents=True, exist_ok=True)
     full = run_predict(source, [examples])
 

@@ -67,7 +67,8 @@ def open_image(path: str | Path, notes: list[str] | None = None) -> Image.Image:
     except IsADirectoryError:
         raise BusiError(f"{path}: is a folder, not an image") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BusiError(f"{path}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        detail = str(e).splitlines()[0].replace(f" '{path}'", "").replace(str(path), "this file") if str(e) else ""
+        raise BusiError(f"{path}: not a readable image ({detail or type(e).__name__})") from None
 
 
 def read_image(path: str | Path, size: int | None = None, notes: list[str] | None = None, steps=()) -> np.ndarray:

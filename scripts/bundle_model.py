@@ -5,9 +5,10 @@
         --hospital-cv benchmarks/results/hospitals-recommended --within-cv benchmarks/results/pooled-recommended
     (add --from-run RUN to bundle a finished `busi train` run of the same recipe and data instead of training)
 
---hospital-cv: `busi cv --split source` runs of the recipe (each source held out in turn): the stored threshold is
-fitted on their out-of-fold predictions, and the card leads with their figures: what to expect at a hospital the
-model never saw. --within-cv: a `busi cv` run of the recipe on the same pooled sources: the figure at home.
+--hospital-cv: `busi cv --split source` runs of the recipe (each source held out in turn): the card leads with their
+figures, what to expect at a hospital the model never saw, and the stored threshold's recall there. --within-cv: a
+`busi cv` run of the recipe on the same pooled sources: the figure at home, and the out-of-fold predictions the
+stored threshold is fitted on (hundreds of malignant images, not the run's few validation ones).
 """
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def card(data: dict) -> str:
                   "expect figures of this kind, not the home figures below:", ""]
         for source, runs in ho.items():
             first = runs[0]
-            seeds = f" (other training seeds: {', '.join(f'{x['auroc']['estimate']:.3f}' for x in runs[1:])})" if len(runs) > 1 else ""
+            others = ", ".join(f"{x['auroc']['estimate']:.3f}" for x in runs[1:])
+            seeds = f" (another training seed: {others})" if others else ""
             three = ("" if first["untrained"] or first["normal_recall"] is None else
                      f"; 3-class accuracy {first['accuracy']:.3f}, normal recall {first['normal_recall']:.3f}")
             adapted = f"; after `busi adapt` {first['adapted_auroc']['estimate']:.3f}" if first.get("adapted_auroc") else ""
@@ -101,15 +103,24 @@ def card(data: dict) -> str:
                          f"{_pct(first['shift_flagged'])} of its images flagged as unlike the training images.")
         lines.append("")
     if op:
-        per = ", ".join(f"{name.get(s, s)} {v:.0%}" for s, v in (op.get("recall_per_held_out_source") or {}).items())
+        home = ", ".join(f"{name.get(k, k)} {v['recall']:.0%}" + (f" (specificity {v['specificity']:.0%})"
+                                                               if v.get("specificity") is not None else "")
+                         for k, v in (op.get("per_source") or {}).items())
+        never = {k: v for k, v in (op.get("at_hospitals_never_seen") or {}).items() if k != "runs"}
+        away = "; ".join(f"{name.get(k, k)} held out: recall {v['plain']['recall']:.0%}, specificity "
+                         f"{_pct(v['plain'].get('specificity'))}" + (
+                             f" (after `busi adapt`: {v['adapted']['recall']:.0%}, {_pct(v['adapted'].get('specificity'))})"
+                             if v.get("adapted") else "") for k, v in never.items())
         lines += [f"**The stored decision rule**: 'malignant' whenever p(malignant) ≥ {op['threshold']:.3f}, else the most "
-                  f"probable other class. It was set for {op['target_recall']:.0%} malignant recall on "
-                  f"{op['fitted_on']} {op.get('fitted_where', 'validation images')}, {op['fitted_on_positives']} of them "
-                  f"malignant" + (f" (recall per held-out source: {per})" if per else "") + "."
-                  + (f" The recall it can promise a new hospital like these: {op['expected_recall']:.3f} (95% interval "
-                     f"{op['recall_ci'][0]:.3f}–{op['recall_ci'][1]:.3f}; {op['ci_method']})." if op.get("recall_ci") else "")
-                  + (f" It also calls {op['others_called_malignant']:.0%} of the benign and normal images there "
-                     "malignant." if op.get("others_called_malignant") is not None else ""), "",
+                  f"probable other class. It was set for {op['target_recall']:.0%} malignant recall on {op['fitted_on']} "
+                  f"{op.get('fitted_where', 'validation images')}, {op['fitted_on_positives']} of them malignant"
+                  + (f" (there: {home})" if home else "") + "."
+                  + (f" The recall it can promise new patients of those hospitals: {op['expected_recall']:.3f} (95% "
+                     f"interval {op['recall_ci'][0]:.3f}–{op['recall_ci'][1]:.3f}; {op['ci_method']})."
+                     if op.get("recall_ci") else "")
+                  + (f" **At a hospital a model never saw, the same threshold gave** (the hospital-out models' "
+                     f"predictions at it) {away}. A new scanner moves the probabilities: re-set the threshold "
+                     "there." if away else ""), "",
                   "At your hospital: `busi evaluate --data YOUR_LABELLED_FOLDER` first (it says when your images lie "
                   "outside what the model trained on); re-set the threshold on your own labelled images with "
                   "`busi calibrate --data YOUR_LABELLED_FOLDER --malignant-recall 0.9` (it needs 10 malignant images "
@@ -130,7 +141,8 @@ def card(data: dict) -> str:
         lines.append("")
     steps = r.get("preprocess") or []
     lines += ["## What it is",
-              f"- {data['model']} (timm `tf_efficientnet_lite0`), fine-tuned from ImageNet weights, classes "
+              f"- {data['model']}" + (" (timm `tf_efficientnet_lite0`)" if data["model"] == "efficientnet-lite0" else "")
+              + ", fine-tuned from ImageNet weights, classes "
               f"{', '.join(data['classes'])}; input {data['image_size']}×{data['image_size']} RGB.",
               f"- Recipe: `configs/recommended.yaml` — {r['epochs']} epochs, AdamW lr {r['lr']}, weight decay "
               f"{r['weight_decay']}, cosine schedule, label smoothing {r['label_smoothing']}, flip / rotation / zoom / "
@@ -193,7 +205,10 @@ def main():
     parser.add_argument("--from-run", type=Path, help="a finished `busi train --config configs/recommended.yaml` run")
     parser.add_argument("--hospital-cv", type=Path, action="append", default=[],
                         help="a `busi cv --split source` run of the recipe (repeat for other seeds)")
-    parser.add_argument("--within-cv", type=Path, help="a `busi cv` run of the recipe on the pooled sources")
+    parser.add_argument("--within-cv", type=Path, help="a `busi cv` run of the recipe on the pooled sources: the stored "
+                        "threshold is fitted on its out-of-fold predictions")
+    parser.add_argument("--adapted-threshold", action="store_true", help="also store the threshold `busi adapt` switches "
+                        "to, fitted on the --hospital-cv runs' predictions after adaptation")
     args = parser.parse_args()
     recipe = ROOT / "configs" / "recommended.yaml"
     data_flags = [x for d in args.data for x in ("--data", d)] + [x for m in args.meta for x in ("--meta", m)]
@@ -214,7 +229,10 @@ def main():
         info = {p: {"patient": f"{p.split('/', 1)[0]}:{v[args.patient_column]}", "group": v[args.group_column]}
                 for p, v in rows.items()}
     patients = {p: v["patient"] for p, v in info.items()}
-    data = bundled.bundle(run, recipe, ROOT / "examples", command, threshold_runs=args.hospital_cv, patients=patients)
+    data = bundled.bundle(run, recipe, ROOT / "examples", command,
+                          threshold_runs=[args.within_cv] if args.within_cv else [], patients=patients,
+                          hospital_runs=args.hospital_cv, adapted_threshold_runs=args.hospital_cv if args.adapted_threshold
+                          else [])
     data["data"] = bundled.data_summary(run, info)
     data["hospital_out"] = hospital_out(args.hospital_cv)
     data["within_source"] = within(args.within_cv)

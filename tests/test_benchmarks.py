@@ -216,19 +216,31 @@ def test_hospital_and_adaptation_scripts_run_on_fold_models(tmp_path):
     assert all(0 <= r["auroc"]["estimate"] <= 1 for r in results) and (tmp_path / "a.png").is_file()
 
 
-def test_operating_point_from_hospital_out_predictions_on_a_known_case(tmp_path):
+def test_operating_point_from_out_of_fold_predictions_on_a_known_case(tmp_path):
     import csv
     from busi.bundled import operating_point_from_cv
-    run = tmp_path / "cv"
-    run.mkdir()
+
+    def run(name, split, rows):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(f"split: {split}\n")
+        with open(tmp_path / name / "oof_predictions.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "true", "p_benign", "p_malignant", "p_normal", "adapted_p_benign", "adapted_p_malignant",
+                        "adapted_p_normal"])
+            w.writerows([[*r, *r[2:]] for r in rows])
+        return tmp_path / name
     rows = [[f"a/malignant/{i}.png", "malignant", 0.1, 0.1 + 0.04 * i, 0.0] for i in range(20)]  # p_mal 0.10 .. 0.86
     rows += [[f"b/malignant/{i}.png", "malignant", 0.1, 0.5, 0.0] for i in range(10)]
     rows += [[f"b/benign/{i}.png", "benign", 0.9, 0.05, 0.05] for i in range(10)]
-    with open(run / "oof_predictions.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "true", "p_benign", "p_malignant", "p_normal"])
-        w.writerows(rows)
-    op = operating_point_from_cv([run], ["benign", "malignant", "normal"], 0.9, {})
+    home = run("cv", "grouped", rows)
+    elsewhere = run("ho", "source", [[p, t, 0.5, 0.1 if t == "malignant" and i % 2 else 0.3, 0.2]
+                                     for i, (p, t, *_) in enumerate(rows)])
+    op = operating_point_from_cv([home], ["benign", "malignant", "normal"], 0.9, {}, held_out_runs=[elsewhere])
     # 30 malignant, 27 to find: from the top, a's 9 above 0.5, the 11 at 0.5, then a's 0.46 … 0.22 (i = 3)
     assert op["threshold"] == pytest.approx(0.22) and op["fitted_on_positives"] == 30
-    assert op["recall_per_held_out_source"] == {"a": 0.85, "b": 1.0} and op["others_called_malignant"] == 0.0
+    assert op["per_source"]["a"]["recall"] == 0.85 and op["per_source"]["b"] == {"recall": 1.0, "specificity": 1.0}
+    assert "every source it trains on" in op["fitted_where"]
+    # where the hospital-out models scored p_mal 0.1 for every other malignant image and 0.3 for the rest
+    never = op["at_hospitals_never_seen"]
+    assert never["a"]["plain"]["recall"] == 0.5 and never["b"]["plain"] == {"recall": 0.5, "specificity": 0.0}
+    assert never["b"]["adapted"] == never["b"]["plain"]
