@@ -411,3 +411,32 @@ def test_a_one_class_folder_is_one_line_at_once(tmp_path, capsys):
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "x")]) == 2
     assert "holds one class folder (malignant); a classifier needs images of at least two classes" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_class_of_text_files_named_png_is_named_skipped_and_stops_training(kaggle_folder, tmp_path, capsys):
+    for f in (kaggle_folder / "normal").glob("*.png"):
+        f.write_text("not an image")
+    assert main(["audit", str(kaggle_folder), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert "normal 0)" in (out := capsys.readouterr().out) and "skipped: 8 files" in out  # counted, named in audit.json
+    assert main(["train", "--data", str(kaggle_folder), "--model", "custom-cnn", "--out", str(tmp_path / "t"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "normal (1).png: not a readable image" in err and err.strip().splitlines()[-1].endswith(
+        "normal: no usable images left in this class")
+    assert not (tmp_path / "t" / "custom-cnn").exists()
+
+
+def test_evaluate_finds_copies_of_training_images_by_fingerprint_when_the_folder_is_gone(tmp_path, capsys):
+    import shutil
+    from conftest import make_kaggle_folder
+    data = make_kaggle_folder(tmp_path / "train", per_class=10, size=64)
+    assert main(["train", "--data", str(data), "--model", "custom-cnn", "--out", str(tmp_path / "run"), "--test-size", "0",
+                 *TINY]) == 0
+    test = tmp_path / "test"
+    shutil.copytree(data, test)
+    shutil.rmtree(data)  # another machine: the training folder is not here
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run" / "custom-cnn" / "checkpoint.pth"), "--data", str(test),
+                 "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    overlap = json.loads((tmp_path / "ev" / "metrics.json").read_text())["training_overlap"]
+    assert overlap["checked"] and overlap["training_data"] == "fingerprints" and "fingerprints" in overlap["method"]
+    assert overlap["n_with_near_duplicate_in_training"] == 30
+    assert "30 of the 30 images are near-duplicates of training images" in capsys.readouterr().out

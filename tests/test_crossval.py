@@ -127,6 +127,8 @@ def test_cv_split_source_holds_out_each_hospital_and_judges_it_with_its_patients
     assert held["n"] == 20 and held["malignant_vs_benign"]["n_clusters"] == 10  # two views per patient
     assert set(held["per_group"]) == {"GE", "Toshiba"} and "adapted" in held
     assert "operating_point" in held and held["operating_point"]["per_class"]["malignant"]["recall"] is not None
+    page = (out / "report.html").read_text()
+    assert "At a hospital it never saw" in page and "other, adapted (busi adapt)" in page and "None" not in page
     # the other hospital trains no 'normal', but lesion windows teach it: home's normal scans are judged fairly
     assert "untrained_classes" not in summary["per_source"]["home"]
     shutil.rmtree(out)

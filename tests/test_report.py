@@ -95,3 +95,13 @@ def test_train_report_shows_the_keys_that_shaped_the_run(run_folder):
     page = (run_folder / "report.html").read_text()
     config = page[page.index("<h2>Configuration</h2>"):]
     assert "epochs:" in config and "\nfolds:" not in config and "external_meta:" not in config.split("</pre>")[0]
+
+
+def test_train_report_counts_what_its_confusion_matrix_shows(run_folder):
+    import csv
+    m = json.loads((run_folder / "custom-cnn" / "metrics.json").read_text())
+    rows = list(csv.DictReader(open(run_folder / "custom-cnn" / "predictions.csv")))
+    assert m["pictures"]["rule"] == "decisions by argmax"  # no operating point in this run
+    wrong = sum(r["predicted"] != r["true"] for r in rows)
+    assert m["pictures"]["misclassified"] == wrong == m["n"] - round(m["accuracy"] * m["n"])
+    assert "None" not in (run_folder / "report.html").read_text()
