@@ -42,6 +42,7 @@ from busi.folders import scan  # noqa: E402
 from busi.inference import predict_probs  # noqa: E402
 from busi.meta import read_meta  # noqa: E402
 from busi.split import group_ids  # noqa: E402
+from hospitals import write_table  # noqa: E402  (benchmarks/, the script's own folder)
 
 SIZES = (10, 25, 50, 100, 200)
 NAMES = {"auroc": "AUROC", "sensitivity": "sensitivity"}
@@ -205,9 +206,7 @@ def main():
     if args.png:
         plot(results, args.png)
     if args.md:
-        text = args.md.read_text() if args.md.is_file() else "<!-- table -->\n<!-- /table -->\n"
-        start, end = text.index("<!-- table -->"), text.index("<!-- /table -->")
-        args.md.write_text(text[:start] + "<!-- table -->\n" + "\n".join(lines) + "\n" + text[end:])
+        write_table(args.md, lines)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,13 @@ def table(results: dict[str, list[tuple[Path, dict]]]) -> list[str]:
     return lines
 
 
+def write_table(md: Path, lines: list[str]) -> None:
+    """The table into md between its <!-- table --> markers (a new file is just the table), the prose kept."""
+    text = md.read_text() if md.is_file() else "<!-- table -->\n<!-- /table -->\n"
+    start, end = text.index("<!-- table -->"), text.index("<!-- /table -->")
+    md.write_text(text[:start] + "<!-- table -->\n" + "\n".join(lines) + "\n" + text[end:])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", required=True, help="NAME=CV_RUN (a busi cv --split source folder)")
@@ -148,9 +155,7 @@ def main():
     lines = table(results)
     print("\n".join(lines))
     if args.md:
-        text = args.md.read_text() if args.md.is_file() else "<!-- table -->\n<!-- /table -->\n"
-        start, end = text.index("<!-- table -->"), text.index("<!-- /table -->")
-        args.md.write_text(text[:start] + "<!-- table -->\n" + "\n".join(lines) + "\n" + text[end:])
+        write_table(args.md, lines)
 
 
 if __name__ == "__main__":

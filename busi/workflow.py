@@ -113,7 +113,8 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
     start = time.perf_counter()
     val = part(val_idx)[:2] if len(val_idx) else None
     test = part(test_idx)[:2] if test_idx is not None else None
-    trained = sorted(set(part(train_idx)[1].tolist()) | ({list(classes).index("normal")} if "normal" in classes
+    training = part(train_idx)  # indexed once: the images are most of the memory
+    trained = sorted(set(training[1].tolist()) | ({list(classes).index("normal")} if "normal" in classes
                                                            and cfg.lesion_windows > 0 else set()))
     # fine-tuning on some of the parent's classes: the loss over those, the parent keeping the rest (busi.train)
     present = trained if cfg.init_checkpoint and len(trained) < len(classes) else None
@@ -121,7 +122,7 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
     members, histories = [], []
     for k in range(cfg.ensemble):  # an ensemble's members differ only by seed: initial weights, order, augmentation
         L.seed_everything((cfg.seed if seed is None else seed) + 7919 * k, verbose=False)
-        member, history = fit(build_for(arch, cfg, len(classes)), cfg, part(train_idx),
+        member, history = fit(build_for(arch, cfg, len(classes)), cfg, training,
                               out_dir / f"member{k}" if cfg.ensemble > 1 else out_dir, val=val, test=test, resume=resume,
                               progress=progress, checkpoints=checkpoints, normalization=normalization(arch),
                               normal_index=list(classes).index("normal") if "normal" in classes else None,
@@ -147,7 +148,7 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
     if val is not None:
         calibrate(model, config, cfg, val)
         if len(val[1]) >= 20:  # enough held-out images to say where 'like the training images' ends
-            extras, config["shift"] = shift.summarize(shift.features(model, part(train_idx)[0], config["mean"], config["std"]),
+            extras, config["shift"] = shift.summarize(shift.features(model, training[0], config["mean"], config["std"]),
                                                       shift.features(model, val[0], config["mean"], config["std"]))
     return model, config, history, extras
 

@@ -103,3 +103,14 @@ def test_a_run_that_is_all_warm_up_is_cautioned(kaggle_folder, tmp_path, capsys)
     main(["train", "--data", str(kaggle_folder), "--config", str(tmp_path / "r.yaml"), "--epochs", "1", "--model",
           "custom-cnn", "--image-size", "32", "--out", str(tmp_path / "run"), "--no-progress"])
     assert "warmup_epochs 2 >= epochs 1: the whole run is the warm-up" in capsys.readouterr().err
+
+
+def test_using_a_trained_model_never_imports_the_training_stack():
+    """predict, evaluate, serve, export, adapt and calibrate start seconds sooner without Lightning."""
+    import subprocess
+    import sys
+    code = ("import sys, busi.inference, busi.export, busi.adapt, busi.bundled, busi.cli, busi.results, busi.report, "
+            "busi.explain, busi.app; "
+            "print(sorted(m for m in sys.modules if m == 'lightning' or m.startswith('lightning.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
