@@ -142,13 +142,14 @@ def _per_source(per_source: dict, held_out: bool = False) -> str:
     for name, m in per_source.items():
         untrained = m.get("untrained_classes")
         three = ["(not trained: " + ", ".join(untrained) + ")"] * 2 if untrained else [m["accuracy"], m["macro_f1"]]
-        normal = (m.get("per_class") or {}).get("normal", {}).get("recall")
+        normal = None if "normal" in (untrained or []) else (m.get("per_class") or {}).get("normal", {}).get("recall")
         rows.append([name, m["n"], *three, auc(m), recall(m, "malignant"), normal, flagged(m),
                      ", ".join(m.get("absent_classes", [])) or "–"])
         if held_out and "adapted" in m:
             a = m["adapted"]
             rows.append([f"{name}, adapted (busi adapt)", a["n"], *(three if untrained else [a["accuracy"], a["macro_f1"]]),
-                         auc(a), recall(a, "malignant"), (a.get("per_class") or {}).get("normal", {}).get("recall"),
+                         auc(a), recall(a, "malignant"),
+                         None if "normal" in (untrained or []) else (a.get("per_class") or {}).get("normal", {}).get("recall"),
                          "–", ", ".join(a.get("absent_classes", [])) or "–"])
     title = ("<h3>At a hospital it never saw: each source held out, its model trained on the others</h3>" if held_out
              else "<h3>Per source</h3>")
@@ -202,13 +203,20 @@ def render(run: str | Path) -> Path:
     if cv:
         body.append("<h2>Cross-validated metrics (95% CI)</h2>")
         for arch, s in cv.items():
+            held_out = s.get("split") == "source"
             rows = [[name, v["estimate"], v["ci_low"], v["ci_high"]] for name, v in s["metrics"].items()]
-            body.append(f"<h3>{html.escape(arch)}</h3>" + _table(["metric", "estimate", "CI low", "CI high"], rows, "metrics")
-                        + f'<p class="muted">{html.escape(s["ci_method"])}; mean training time {s["mean_train_seconds"]} s per fold; '
-                        f'ECE {s["calibration"]["ece_before"]} → {s["calibration"]["ece_after"]} '
-                        f'({html.escape(s["calibration"]["note"])}).</p>')
-            if s.get("per_source"):
-                body.append(_per_source(s["per_source"], held_out=s.get("split") == "source"))
+            pooled = (_table(["metric", "estimate", "CI low", "CI high"], rows, "metrics")
+                      + f'<p class="muted">{html.escape(s["ci_method"])}; mean training time {s["mean_train_seconds"]} s per '
+                      f'fold; ECE {s["calibration"]["ece_before"]} → {s["calibration"]["ece_after"]} '
+                      f'({html.escape(s["calibration"]["note"])}).</p>')
+            body.append(f"<h3>{html.escape(arch)}</h3>")
+            if held_out:  # the hospitals first; pooling them mixes two questions (and classes a fold never trained)
+                body.append(_per_source(s["per_source"], held_out=True))
+                body.append("<h3>Pooled over the held-out sources (for reference only)</h3>" + pooled)
+            else:
+                body.append(pooled)
+                if s.get("per_source"):
+                    body.append(_per_source(s["per_source"]))
             ext = s.get("external") or {}
             if ext.get("malignant_vs_benign"):
                 body.append(_binary_table(f"{arch} on another hospital's images ({ext['data']}; {ext['method']})",
@@ -229,6 +237,8 @@ def render(run: str | Path) -> Path:
         body.append(_model_section(sub, sub.name))
     if config:
         unused = NOT_USED_BY.get(kind, ())  # config.yaml keeps every key; the page shows those that shaped this run
+        if config.get("split") == "source":
+            unused = (*unused, "folds")
         shown = {k: v for k, v in config.items() if k not in unused}
         body.append("<h2>Configuration</h2><pre>" + html.escape(yaml.safe_dump(shown, sort_keys=False)) + "</pre>"
                     + (f'<p class="muted">config.yaml also holds the keys this command does not use: '

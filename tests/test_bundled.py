@@ -46,6 +46,7 @@ def test_commands_default_to_the_bundled_model(capsys):
     assert main(["model"]) == 0
     card = capsys.readouterr().out
     assert "Research tool, not a medical device" in card and "cross-validation" in card
+    assert card.index("hospital it never saw") < card.index("At home")  # the home figure never alone, nor first
     assert "BUSI" in card and "examples/" in card
 
 
@@ -64,9 +65,22 @@ def test_the_app_offers_the_examples_and_starts_without_them(tmp_path):
     pytest.importorskip("gradio")
     from busi.app import Predictor, build_app
     predictor = Predictor(bundled.MODEL)
-    assert "cross_validation" in predictor.card  # the bundled card's figure, shown on the page
+    # the bundled card's figures, shown on the page: at a hospital it never saw, and at home
+    assert "hospitals_never_seen" in predictor.card and "cross_validation" in predictor.card
     with_examples, _ = build_app(predictor)
     without, _ = build_app(predictor, examples=tmp_path / "none")
     labels = lambda app: [getattr(b, "value", "") for b in app.blocks.values()]  # noqa: E731
     assert any("example images" in str(v) for v in labels(with_examples))
     assert not any("example images" in str(v) for v in labels(without))
+
+
+def test_bundled_model_travels_with_its_checks_and_no_paths_of_the_machine_it_was_built_on():
+    from busi import checkpoint
+    _, config, extras = checkpoint.load(bundled.MODEL, extras=True)
+    assert sorted(config["trained_on"]) == ["busbra_dev", "busi_dev"]  # source names, not folders
+    assert "/work/" not in json.dumps(config) and "/work/" not in bundled.CARD_DATA.read_text()
+    assert config["shift"]["n_heldout"] >= 100 and {"shift.bank", "fingerprints.phash"} <= set(extras)
+    assert len(config["fingerprint_paths"]) == len(extras["fingerprints.phash"]) == 1219
+    op = config["operating_point"]
+    assert op["fitted_on_positives"] >= 300  # out-of-fold predictions of both sources, not a validation part's few
+    assert set(op["at_hospitals_never_seen"]) >= {"busi_dev", "busbra_dev"}  # what it keeps where a model never trained
