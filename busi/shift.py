@@ -11,6 +11,7 @@ from .errors import BusiError
 K = 10  # the k-th nearest training image: one close copy does not make an image familiar
 DIMS = 128  # principal directions kept of the features (the rest is measured as one residual distance)
 QUANTILE = 0.95  # the threshold: this share of held-out images of the training sources lies within it
+MIN_HELDOUT = 20  # fewer held-out images than this cannot place a 95% threshold
 FOLDER_P = 0.001  # a folder is 'outside' when this many flagged images would be that unlikely at the 5% rate
 KEYS = ("shift.center", "shift.components", "shift.bank")
 
@@ -54,8 +55,8 @@ def distances(tensors: dict, config: dict, feats: torch.Tensor, exclude_self: bo
 def summarize(train_feats: torch.Tensor, heldout_feats: torch.Tensor) -> tuple[dict, dict]:
     """(tensors for the checkpoint, config entry): the training images' features and the distance within which
     QUANTILE of the held-out images (of the same sources, never trained on) lie."""
-    if len(heldout_feats) < 20:
-        raise BusiError(f"the shift summary needs at least 20 held-out images to set its threshold (got "
+    if len(heldout_feats) < MIN_HELDOUT:
+        raise BusiError(f"the shift summary needs at least {MIN_HELDOUT} held-out images to set its threshold (got "
                         f"{len(heldout_feats)}): keep a validation part (val_size)")
     z = F.normalize(train_feats.float(), dim=1)
     center = z.mean(0)

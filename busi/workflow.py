@@ -147,9 +147,12 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
     extras = {}
     if val is not None:
         calibrate(model, config, cfg, val)
-        if len(val[1]) >= 20:  # enough held-out images to say where 'like the training images' ends
+        if len(val[1]) >= shift.MIN_HELDOUT:  # enough held-out images to say where 'like the training images' ends
             extras, config["shift"] = shift.summarize(shift.features(model, training[0], config["mean"], config["std"]),
                                                       shift.features(model, val[0], config["mean"], config["std"]))
+    if "shift" not in config and is_main_process():
+        warn(f"{out_dir.name}: no shift summary ({len(val_idx)} validation images, {shift.MIN_HELDOUT} needed): this "
+             "model cannot say when an image is unlike its training images (raise --val-size, or add images)")
     return model, config, history, extras
 
 

@@ -68,3 +68,12 @@ def test_trained_checkpoint_flags_images_in_evaluate_and_predict(kaggle_folder, 
     from busi.inference import run_predict
     predicted = run_predict(ckpt, [kaggle_folder])
     assert [p["outside_training"] for p in predicted] == [r["outside_training"] == "1" for r in rows]
+
+
+def test_a_model_too_small_a_validation_part_for_a_shift_summary_says_so(kaggle_folder, tmp_path, capsys):
+    from busi.cli import main
+    assert main(["train", "--data", str(kaggle_folder), "--model", "custom-cnn", "--epochs", "1", "--image-size", "32",
+                 "--test-size", "0", "--val-size", "0.2", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert "no shift summary" in capsys.readouterr().err
+    from busi import checkpoint
+    assert "shift" not in checkpoint.read(tmp_path / "run" / "custom-cnn" / "checkpoint.pth")["config"]
