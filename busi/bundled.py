@@ -61,12 +61,12 @@ def _oof_rows(runs: list[Path]) -> list[dict]:
 
 
 def operating_point_from_cv(runs: list[Path], classes: list[str], target_recall: float, patients: dict[str, str],
-                            prefix: str = "p_", held_out_runs: list[Path] = ()) -> dict:
+                            prefix: str = "p_", also: dict[str, list[Path]] | None = None) -> dict:
     """The malignant threshold fitted on the out-of-fold predictions of `busi cv` runs of the recipe (hundreds of
-    malignant images, each scored by a model that never saw it), with the recall it can promise; and, from
-    `busi cv --split source` runs (held_out_runs), its recall and specificity at each hospital a model never saw,
-    plain and after label-free adaptation. patients: image path -> patient, for the bootstrap (images elsewhere);
-    prefix "adapted_p_" fits on adapted predictions instead."""
+    malignant images, each scored by a model that never saw it), with the recall it can promise and its recall and
+    specificity per source there; also: {name: other cv runs} on whose predictions the same threshold is judged per
+    source (e.g. at_home: a within-source cv). patients: image path -> patient, for the bootstrap (images elsewhere);
+    prefix "adapted_p_" fits on the predictions after label-free adaptation (hospital-out runs have them)."""
     import yaml
     from .operating import fit_with_ci
     rows = _oof_rows(runs)
@@ -88,18 +88,13 @@ def operating_point_from_cv(runs: list[Path], classes: list[str], target_recall:
                 if benign.any() else None}
     point["per_source"] = {source: at(probs, labels, torch.tensor([r["path"].startswith(source + "/") for r in rows]))
                            for source in sorted({r["path"].split("/", 1)[0] for r in rows})}
-    if held_out_runs:
-        rows = _oof_rows(list(held_out_runs))
+    for name, other in (also or {}).items():
+        rows = _oof_rows(list(other))
         labels = torch.tensor([classes.index(r["true"]) for r in rows])
-        point["at_hospitals_never_seen"] = {"runs": [run.name for run in held_out_runs]}
-        for source in sorted({r["path"].split("/", 1)[0] for r in rows}):
-            mine = torch.tensor([r["path"].startswith(source + "/") for r in rows])
-            entry = {}
-            for kind, pre in (("plain", "p_"), ("adapted", "adapted_p_")):
-                if f"{pre}malignant" in rows[0]:
-                    p = torch.tensor([[float(r[f"{pre}{c}"]) for c in classes] for r in rows])
-                    entry[kind] = at(p, labels, mine)
-            point["at_hospitals_never_seen"][source] = entry
+        p = torch.tensor([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+        point[name] = {"runs": [run.name for run in other], **{
+            source: at(p, labels, torch.tensor([r["path"].startswith(source + "/") for r in rows]))
+            for source in sorted({r["path"].split("/", 1)[0] for r in rows})}}
     return point
 
 
@@ -121,15 +116,16 @@ def data_summary(run: Path, meta: dict[str, dict[str, str]] | None = None) -> di
 
 
 def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path = MODEL,
-           threshold_runs: list[Path] = (), patients: dict[str, str] | None = None, hospital_runs: list[Path] = (),
+           threshold_runs: list[Path] = (), patients: dict[str, str] | None = None, home_runs: list[Path] = (),
            adapted_threshold_runs: list[Path] = ()) -> dict:
     """Turn a finished `busi train` run of the recommended recipe into the bundled model: fp16 tensors where they move
     no probability of the example images by more than 1e-3, else fp32, with the card's data (card.json) beside it.
 
-    threshold_runs: `busi cv` folders of the same recipe on the same sources; the stored operating point is then fitted
-    on their out-of-fold predictions (hundreds of malignant images) instead of the run's validation part, and
-    hospital_runs (`busi cv --split source`) say what recall it keeps at hospitals a model never saw.
-    adapted_threshold_runs: hospital-out runs whose adapted predictions set the threshold `busi adapt` switches to.
+    threshold_runs: `busi cv --split source` folders of the same recipe on the same sources: the stored operating point is
+    then fitted on their out-of-fold predictions (hundreds of malignant images, each scored by a model that never saw
+    its hospital: a threshold set for hospitals it never saw) instead of the run's few validation images; home_runs
+    (`busi cv` within the sources) say what the same threshold does at home. adapted_threshold_runs: hospital-out
+    runs whose adapted predictions set the threshold `busi adapt` switches to.
     Folder paths of the machine it was built on are replaced by source names."""
     from .inference import run_predict
     run_config = yaml.safe_load((run / "config.yaml").read_text())
@@ -145,7 +141,7 @@ def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path
     if threshold_runs:
         config["operating_point"] = operating_point_from_cv(list(threshold_runs), list(config["classes"]),
                                                             recipe["malignant_recall"], patients or {},
-                                                            held_out_runs=list(hospital_runs))
+                                                            also={"at_home": list(home_runs)} if home_runs else None)
     if adapted_threshold_runs:  # hospital-out runs with adapted predictions: the threshold `busi adapt` switches to
         config["operating_point_after_adapt"] = operating_point_from_cv(
             list(adapted_threshold_runs), list(config["classes"]), recipe["malignant_recall"], patients or {},

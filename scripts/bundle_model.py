@@ -6,9 +6,10 @@
     (add --from-run RUN to bundle a finished `busi train` run of the same recipe and data instead of training)
 
 --hospital-cv: `busi cv --split source` runs of the recipe (each source held out in turn): the card leads with their
-figures, what to expect at a hospital the model never saw, and the stored threshold's recall there. --within-cv: a
-`busi cv` run of the recipe on the same pooled sources: the figure at home, and the out-of-fold predictions the
-stored threshold is fitted on (hundreds of malignant images, not the run's few validation ones).
+figures, what to expect at a hospital the model never saw, and the stored threshold is fitted on their out-of-fold
+predictions (hundreds of malignant images, each scored by a model that never saw its hospital: a threshold set for
+hospitals the model never saw, not on the run's few validation images). --within-cv: a `busi cv` run of the recipe
+on the same pooled sources: the figures at home, and what the stored threshold does there.
 """
 from __future__ import annotations
 
@@ -48,6 +49,14 @@ def _pct(v) -> str:
     return "–" if v is None else f"{v:.0%}"
 
 
+def _specificity(op: dict | None) -> float | None:
+    """Share of benign images not called malignant, from a confusion matrix (rows: benign, malignant, normal)."""
+    if not op:
+        return None
+    benign = op["confusion_matrix"][0]
+    return 1 - benign[1] / sum(benign) if sum(benign) else None
+
+
 def hospital_out(runs: list[Path]) -> dict:
     """Per held-out source, from each run's cv_metrics.json: the figures of models that never saw that hospital."""
     out = {}
@@ -62,6 +71,7 @@ def hospital_out(runs: list[Path]) -> dict:
                           "normal_recall": (m["per_class"].get("normal") or {}).get("recall"),
                           "malignant_recall_at_fold_threshold": ((m.get("operating_point") or {}).get("per_class") or {})
                           .get("malignant", {}).get("recall"),
+                          "specificity_at_fold_threshold": _specificity(m.get("operating_point")),
                           "adapted_auroc": adapted.get("auroc"),
                           "shift_flagged": (m.get("shift") or {}).get("share")})
     return out
@@ -91,36 +101,38 @@ def card(data: dict) -> str:
                   "source, tested on the other, which it never saw. This model trains on both, so at a third hospital "
                   "expect figures of this kind, not the home figures below:", ""]
         for source, runs in ho.items():
-            first = runs[0]
+            first = dict(runs[0])
+            for key in ("shift_flagged", "adapted_auroc"):  # older runs lack some figures: the first run that has them
+                first[key] = next((x[key] for x in runs if x.get(key) is not None), None)
             others = ", ".join(f"{x['auroc']['estimate']:.3f}" for x in runs[1:])
             seeds = f" (another training seed: {others})" if others else ""
             three = ("" if first["untrained"] or first["normal_recall"] is None else
                      f"; 3-class accuracy {first['accuracy']:.3f}, normal recall {first['normal_recall']:.3f}")
             adapted = f"; after `busi adapt` {first['adapted_auroc']['estimate']:.3f}" if first.get("adapted_auroc") else ""
             lines.append(f"- **{name.get(source, source)} held out** ({first['n']} images): malignant-vs-benign AUROC "
-                         f"{_ci(first['auroc'])}{seeds}{adapted}; malignant recall at the fold model's own threshold "
-                         f"{_pct(first['malignant_recall_at_fold_threshold'])}{three}; "
+                         f"{_ci(first['auroc'])}{seeds}{adapted}; at the threshold the fold model set on its own "
+                         f"validation images: sensitivity {_pct(first['malignant_recall_at_fold_threshold'])}, "
+                         f"specificity {_pct(first['specificity_at_fold_threshold'])}{three}; "
                          f"{_pct(first['shift_flagged'])} of its images flagged as unlike the training images.")
         lines.append("")
     if op:
-        home = ", ".join(f"{name.get(k, k)} {v['recall']:.0%}" + (f" (specificity {v['specificity']:.0%})"
-                                                               if v.get("specificity") is not None else "")
-                         for k, v in (op.get("per_source") or {}).items())
-        never = {k: v for k, v in (op.get("at_hospitals_never_seen") or {}).items() if k != "runs"}
-        away = "; ".join(f"{name.get(k, k)} held out: recall {v['plain']['recall']:.0%}, specificity "
-                         f"{_pct(v['plain'].get('specificity'))}" + (
-                             f" (after `busi adapt`: {v['adapted']['recall']:.0%}, {_pct(v['adapted'].get('specificity'))})"
-                             if v.get("adapted") else "") for k, v in never.items())
+        def where(block):
+            return "; ".join(f"{name.get(k, k)}: sensitivity {v['recall']:.0%}, specificity {_pct(v.get('specificity'))}"
+                             for k, v in (block or {}).items() if k != "runs")
+        after = data.get("operating_point_after_adapt") or {}
         lines += [f"**The stored decision rule**: 'malignant' whenever p(malignant) ≥ {op['threshold']:.3f}, else the most "
-                  f"probable other class. It was set for {op['target_recall']:.0%} malignant recall on {op['fitted_on']} "
-                  f"{op.get('fitted_where', 'validation images')}, {op['fitted_on_positives']} of them malignant"
-                  + (f" (there: {home})" if home else "") + "."
-                  + (f" The recall it can promise new patients of those hospitals: {op['expected_recall']:.3f} (95% "
+                  f"probable other class. It was set for {op['target_recall']:.0%} malignant recall on the "
+                  f"{op['fitted_on']} {op.get('fitted_where', 'validation images')}, {op['fitted_on_positives']} of them "
+                  f"malignant — a threshold set for hospitals a model never saw, where probabilities of malignancy run "
+                  f"lower. There, per held-out hospital: {where(op.get('per_source'))}."
+                  + (f" The sensitivity it can promise at a new hospital like these: {op['expected_recall']:.3f} (95% "
                      f"interval {op['recall_ci'][0]:.3f}–{op['recall_ci'][1]:.3f}; {op['ci_method']})."
                      if op.get("recall_ci") else "")
-                  + (f" **At a hospital a model never saw, the same threshold gave** (the hospital-out models' "
-                     f"predictions at it) {away}. A new scanner moves the probabilities: re-set the threshold "
-                     "there." if away else ""), "",
+                  + (f" At home (the within-source cross-validation's predictions at the same threshold): "
+                     f"{where(op.get('at_home'))} — it is set for sensitivity first, and calls many benign lesions "
+                     "malignant." if op.get("at_home") else "")
+                  + (f" After `busi adapt` the model switches to the threshold fitted the same way on adapted "
+                     f"predictions, {after['threshold']:.3f} ({where(after.get('per_source'))})." if after else ""), "",
                   "At your hospital: `busi evaluate --data YOUR_LABELLED_FOLDER` first (it says when your images lie "
                   "outside what the model trained on); re-set the threshold on your own labelled images with "
                   "`busi calibrate --data YOUR_LABELLED_FOLDER --malignant-recall 0.9` (it needs 10 malignant images "
@@ -205,8 +217,8 @@ def main():
     parser.add_argument("--from-run", type=Path, help="a finished `busi train --config configs/recommended.yaml` run")
     parser.add_argument("--hospital-cv", type=Path, action="append", default=[],
                         help="a `busi cv --split source` run of the recipe (repeat for other seeds)")
-    parser.add_argument("--within-cv", type=Path, help="a `busi cv` run of the recipe on the pooled sources: the stored "
-                        "threshold is fitted on its out-of-fold predictions")
+    parser.add_argument("--within-cv", type=Path, help="a `busi cv` run of the recipe on the pooled sources: the home "
+                        "figures, and what the stored threshold does there")
     parser.add_argument("--adapted-threshold", action="store_true", help="also store the threshold `busi adapt` switches "
                         "to, fitted on the --hospital-cv runs' predictions after adaptation")
     args = parser.parse_args()
@@ -229,10 +241,10 @@ def main():
         info = {p: {"patient": f"{p.split('/', 1)[0]}:{v[args.patient_column]}", "group": v[args.group_column]}
                 for p, v in rows.items()}
     patients = {p: v["patient"] for p, v in info.items()}
-    data = bundled.bundle(run, recipe, ROOT / "examples", command,
-                          threshold_runs=[args.within_cv] if args.within_cv else [], patients=patients,
-                          hospital_runs=args.hospital_cv, adapted_threshold_runs=args.hospital_cv if args.adapted_threshold
-                          else [])
+    data = bundled.bundle(run, recipe, ROOT / "examples", command, threshold_runs=args.hospital_cv, patients=patients,
+                          home_runs=[args.within_cv] if args.within_cv else [],
+                          adapted_threshold_runs=[r for r in args.hospital_cv if args.adapted_threshold and "adapted_p_"
+                                                  in (r / "oof_predictions.csv").open().readline()])
     data["data"] = bundled.data_summary(run, info)
     data["hospital_out"] = hospital_out(args.hospital_cv)
     data["within_source"] = within(args.within_cv)

@@ -235,12 +235,13 @@ def test_operating_point_from_out_of_fold_predictions_on_a_known_case(tmp_path):
     home = run("cv", "grouped", rows)
     elsewhere = run("ho", "source", [[p, t, 0.5, 0.1 if t == "malignant" and i % 2 else 0.3, 0.2]
                                      for i, (p, t, *_) in enumerate(rows)])
-    op = operating_point_from_cv([home], ["benign", "malignant", "normal"], 0.9, {}, held_out_runs=[elsewhere])
+    op = operating_point_from_cv([home], ["benign", "malignant", "normal"], 0.9, {}, also={"elsewhere": [elsewhere]})
     # 30 malignant, 27 to find: from the top, a's 9 above 0.5, the 11 at 0.5, then a's 0.46 … 0.22 (i = 3)
     assert op["threshold"] == pytest.approx(0.22) and op["fitted_on_positives"] == 30
     assert op["per_source"]["a"]["recall"] == 0.85 and op["per_source"]["b"] == {"recall": 1.0, "specificity": 1.0}
     assert "every source it trains on" in op["fitted_where"]
     # where the hospital-out models scored p_mal 0.1 for every other malignant image and 0.3 for the rest
-    never = op["at_hospitals_never_seen"]
-    assert never["a"]["plain"]["recall"] == 0.5 and never["b"]["plain"] == {"recall": 0.5, "specificity": 0.0}
-    assert never["b"]["adapted"] == never["b"]["plain"]
+    never = op["elsewhere"]
+    assert never["a"]["recall"] == 0.5 and never["b"] == {"recall": 0.5, "specificity": 0.0}
+    adapted = operating_point_from_cv([elsewhere], ["benign", "malignant", "normal"], 0.5, {}, prefix="adapted_p_")
+    assert adapted["threshold"] == pytest.approx(0.3) and "never saw its hospital" in adapted["fitted_where"]

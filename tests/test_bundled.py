@@ -83,4 +83,5 @@ def test_bundled_model_travels_with_its_checks_and_no_paths_of_the_machine_it_wa
     assert len(config["fingerprint_paths"]) == len(extras["fingerprints.phash"]) == 1219
     op = config["operating_point"]
     assert op["fitted_on_positives"] >= 300  # out-of-fold predictions of both sources, not a validation part's few
-    assert set(op["at_hospitals_never_seen"]) >= {"busi_dev", "busbra_dev"}  # what it keeps where a model never trained
+    assert "never saw its hospital" in op["fitted_where"]  # hospital-out predictions: a threshold that travels
+    assert set(op["per_source"]) == set(op["at_home"]) - {"runs"} == {"busi_dev", "busbra_dev"}
