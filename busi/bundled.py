@@ -19,9 +19,10 @@ MODEL = ASSETS / "recommended.pth"
 CARD = ASSETS / "MODEL_CARD.md"
 CARD_DATA = ASSETS / "card.json"  # what the card says, for machines (and the test that holds the file to it)
 REBUILD = "python scripts/bundle_model.py --data Dataset_BUSI_with_GT"
-# Keys that say how, not what, a run trained: they may differ between the bundled run and configs/recommended.yaml.
-RUN_ONLY_KEYS = ("data", "precision", "channels_last", "accelerator", "devices", "strategy", "num_nodes", "busi_version",
-                 "command")
+# Keys that say on what data and hardware, not with what recipe, a run trained: they may differ between the bundled run
+# and configs/recommended.yaml.
+RUN_ONLY_KEYS = ("data", "meta", "id_column", "patient_column", "group_column", "precision", "channels_last",
+                 "accelerator", "devices", "strategy", "num_nodes", "busi_version", "command")
 
 
 def default_checkpoint(say=None) -> Path:

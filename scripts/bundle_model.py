@@ -84,7 +84,8 @@ def within(run: Path | None) -> dict | None:
     return {"run": run.name, "folds": s["folds"], "metrics": s["metrics"], "ci_method": s["ci_method"],
             "per_source": {k: {"n": v["n"], "accuracy": v["accuracy"], "macro_f1": v["macro_f1"],
                                "auroc": (v.get("malignant_vs_benign") or {}).get("auroc"),
-                               "malignant_recall": (v["per_class"].get("malignant") or {}).get("recall")}
+                               "malignant_recall": (v["per_class"].get("malignant") or {}).get("recall"),
+                               "shift_flagged": (v.get("shift") or {}).get("share")}
                            for k, v in (s.get("per_source") or {}).items()},
             "shift_flagged": (s.get("shift") or {}).get("share")}
 
@@ -149,7 +150,8 @@ def card(data: dict) -> str:
         for source, v in w["per_source"].items():
             lines.append(f"- {name.get(source, source)} ({v['n']} images): accuracy {v['accuracy']:.3f}, macro-F1 "
                          f"{v['macro_f1']:.3f}, malignant-vs-benign AUROC {_ci(v['auroc'])}, malignant recall "
-                         f"{v['malignant_recall']:.3f}.")
+                         f"{v['malignant_recall']:.3f}; {_pct(v.get('shift_flagged'))} flagged as unlike the fold "
+                         "model's training images (no folder warning below three times the 5% rate).")
         lines.append("")
     steps = r.get("preprocess") or []
     lines += ["## What it is",
