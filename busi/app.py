@@ -7,12 +7,14 @@ import os
 import threading
 from pathlib import Path
 
+import torch
+
 from . import checkpoint, preprocess
 from .data import model_input, read_image
 from .errors import BusiError
 from .explain import gradcam, overlay
 from .operating import decide, describe
-from .inference import image_files, predict_probs, shift_distances
+from .inference import image_files, logits_and_shift
 
 MAX_IMAGES = 12  # per request
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # in a source checkout; an installed wheel has none
@@ -43,12 +45,12 @@ class Predictor:
         except BusiError as e:  # the file is named once, beside the message, not inside it too
             return {"file": name, "error": str(e).removeprefix(f"{path}: ").removeprefix(f"{name}: ")}
         with self.lock:
-            probs = predict_probs(self.model, self.config, image)
+            logits, distances = logits_and_shift(self.model, self.config, self.extras, image)
+            probs = torch.softmax(logits / float(self.config.get("temperature", 1.0)), 1)
             predicted = int(decide(probs, self.classes, self.config.get("operating_point"))[0])
             probs = probs[0]
             result = {"file": name, "predicted": self.classes[predicted],
                       "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)}}
-            distances = shift_distances(self.model, self.config, self.extras, image)
             if distances is not None:
                 result["outside_training"] = bool(distances[0] > self.config["shift"]["threshold"])
             if explain:

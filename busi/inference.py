@@ -60,7 +60,8 @@ def training_overlap(checkpoint_path: str | Path, config: dict, dataset: Dataset
     here = bool(roots) and all(Path(r).is_dir() for r in roots)
     fingerprinted = bool(extras and "fingerprints.phash" in extras and config.get("fingerprint_paths"))
     if not here and not fingerprinted:
-        return {"checked": False, "note": f"training data '{given}' is not here: pass --train-data DIR to check"}
+        return {"checked": False, "note": f"the training data ({', '.join(map(str, roots)) or 'unnamed'}) is not here and the "
+                                          "model carries no fingerprints of it: pass --train-data DIR to check"}
     seen, methods, counted = {}, [], 0
     if fingerprinted:
         seen = copies_of_fingerprints(extras, config["fingerprint_paths"], dataset, progress)
@@ -110,8 +111,7 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     images, labels, dataset = load(dataset, config["image_size"], progress, steps)
     masks, status = load_masks(dataset, config["image_size"], steps)
     overlap = training_overlap(checkpoint_path, config, dataset, train_data, progress, extras)
-    logits = checkpoint_logits(model, images, config)  # once, for the overlap, the external figures and write_results
-    distances = shift_distances(model, config, extras, images)
+    logits, distances = logits_and_shift(model, config, extras, images)  # once, for every figure below
     probs = torch.softmax(logits / float(config.get("temperature", 1.0)), 1)
     if overlap["checked"] and overlap["near_duplicates"]:
         unseen = [i for i, s in enumerate(dataset.samples) if s.path not in overlap["near_duplicates"]]
@@ -142,11 +142,18 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     return metrics, folder
 
 
-def shift_distances(model, config: dict, extras: dict, images: torch.Tensor) -> torch.Tensor | None:
-    """Each image's distance from the model's training images (busi.shift), or None when the checkpoint has no summary."""
+def logits_and_shift(model, config: dict, extras: dict, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """checkpoint_logits, and each image's distance from the model's training images (busi.shift; None when the
+    checkpoint has no summary), from the same forward passes: the shift check reads the unmirrored pass's features."""
     if not config.get("shift") or not all(k in extras for k in shift.KEYS):
-        return None
-    return shift.distances(extras, config["shift"], shift.features(model, images, config["mean"], config["std"]))
+        return checkpoint_logits(model, images, config), None
+    with shift.capturing(model) as seen:
+        logits = checkpoint_logits(model, images, config)
+    feats = seen[0::2] if config.get("tta") else seen  # with tta each batch runs as itself, then mirrored
+    feats = torch.cat(feats) if feats else torch.zeros(0)
+    if len(feats) != len(images):  # a model that calls its head otherwise: measure the features on their own
+        feats = shift.features(model, images, config["mean"], config["std"])
+    return logits, shift.distances(extras, config["shift"], feats)
 
 
 def operating_point_of(model_path: str | Path) -> dict | None:
@@ -210,9 +217,12 @@ def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_d
         if not batch:
             continue
         images = torch.cat(batch)
-        probs = predict_probs(model, config, images) if model is not None else exported.probabilities(images)
+        if model is not None:
+            logits, distances = logits_and_shift(model, config, extras, images)
+            probs = torch.softmax(logits / float(config.get("temperature", 1.0)), 1)
+        else:
+            probs, distances = exported.probabilities(images), None
         predicted = decide(probs, config["classes"], config.get("operating_point"))
-        distances = shift_distances(model, config, extras, images) if model is not None else None
         for j, (n, path, slot) in enumerate(ok):
             row = {"path": str(path), "predicted": config["classes"][int(predicted[j])],
                    "probabilities": {c: round(float(p), 6) for c, p in zip(config["classes"], probs[j])}}

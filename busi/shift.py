@@ -1,6 +1,8 @@
 """Is an image like those the model trained on? Nearest-neighbour distance in the model's own feature space."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,22 +20,34 @@ FOLDER_FACTOR = 3  # … and at least three times that rate: held-out folds of t
 KEYS = ("shift.center", "shift.components", "shift.bank")
 
 
-@torch.no_grad()
-def features(model: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 64) -> torch.Tensor:
-    """What the classifier's last layer reads (pooled features), per uint8 NCHW image, as float32 rows."""
-    net = model.members[0] if hasattr(model, "members") else model  # an ensemble: its first member's view
+@contextmanager
+def capturing(model: nn.Module):
+    """Yields a list that collects, per forward pass of model, what its classifier's last layer reads (pooled
+    features, float32 on the CPU); an ensemble's first member speaks for it."""
+    net = model.members[0] if hasattr(model, "members") else model
     head = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
     seen = []
     hook = head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].float().cpu()))
+    try:
+        yield seen
+    finally:
+        hook.remove()
+
+
+@torch.no_grad()
+def features(model: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 64) -> torch.Tensor:
+    """What the classifier's last layer reads (pooled features), per uint8 NCHW image, as float32 rows."""
+    net = model.members[0] if hasattr(model, "members") else model
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
     try:
-        for i in range(0, len(images), batch_size):
-            net(normalize(images[i:i + batch_size].to(device), mean, std))
+        with capturing(net) as seen:
+            for i in range(0, len(images), batch_size):
+                net(normalize(images[i:i + batch_size].to(device), mean, std))
     finally:
-        hook.remove()
         net.train(was_training)
+    head = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
     return torch.cat(seen) if seen else torch.zeros(0, head.in_features)
 
 
