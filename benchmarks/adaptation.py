@@ -12,7 +12,8 @@ class: a pool to adapt with and a test half that scores every point of that draw
 - label-free: `busi adapt` on the pool's images (no labels), at the stored threshold;
 - k labelled patients (nested draws from the pool): `busi calibrate` (threshold re-set on them, no training; only
   where they hold 10 malignant images or more) and `busi finetune` (trained on them; its threshold re-set on its
-  validation part when that holds 10 malignant images, else the parent's).
+  validation part when that holds 10 malignant images, else the parent's; refused, so no point, when a class has
+  too few images to keep some aside).
 AUROC malignant vs benign with 95% CIs resampling test patients; sensitivity and specificity at each point's
 threshold; CPU seconds of each point's adaptation.
 """
@@ -45,7 +46,7 @@ from busi.split import group_ids  # noqa: E402
 from hospitals import write_table  # noqa: E402  (benchmarks/, the script's own folder)
 
 SIZES = (10, 25, 50, 100, 200)
-NAMES = {"auroc": "AUROC", "sensitivity": "sensitivity"}
+NAMES = {"auroc": "AUROC", "sensitivity": "sensitivity", "specificity": "specificity"}
 
 
 def patients_of(dataset, meta: str | None, patient_column: str) -> list[str]:
@@ -127,21 +128,31 @@ def direction(name: str, parent: Path, target: Path, meta: str | None, patient_c
                 print(f"{name} draw {draw} calibrate k={k}: {e}", flush=True)
             start = time.perf_counter()
             tuned = root / f"k{k}" / "finetuned"
-            assert busi(["finetune", "--checkpoint", str(parent), "--data", str(folder), "--epochs", str(epochs),
-                         "--out", str(tuned), "--overwrite", "--no-progress"]) == 0
+            if busi(["finetune", "--checkpoint", str(parent), "--data", str(folder), "--epochs", str(epochs),
+                     "--out", str(tuned), "--overwrite", "--no-progress"]) != 0:
+                # too few images of a class to keep some aside: finetune refuses (its one-line error is printed above)
+                print(f"{name} draw {draw} finetune k={k}: refused", flush=True)
+                continue
             point("fine-tuned (finetune)", k, tuned / parent_config["arch"] / "checkpoint.pth",
                   time.perf_counter() - start, len(idx))
     return results
 
 
+def size_of(r: dict) -> int | str:
+    """A point's labelled-patient count, or "all" for the whole pool (its size differs a little between draws)."""
+    return r["patients"] if r["patients"] in (0, *SIZES) else "all"
+
+
 def summarise(results: list[dict]) -> list[str]:
     lines = ["| direction | point | labelled patients | images used | AUROC (mean of draws; each draw's 95% CI) | "
              "sensitivity at its threshold | specificity | CPU s (mean) | draws |", "|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["direction"], r["kind"], r["patients"]) for r in results},
-                  key=lambda t: (t[0], t[2], ["as shipped", "label-free (adapt)", "threshold re-set (calibrate)",
+    keys = sorted({(r["direction"], r["kind"], size_of(r)) for r in results},
+                  key=lambda t: (t[0], t[2] if t[2] != "all" else 10**6, ["as shipped", "label-free (adapt)", "threshold re-set (calibrate)",
                                              "fine-tuned (finetune)"].index(t[1])))
     for d, kind, k in keys:
-        rs = [r for r in results if (r["direction"], r["kind"], r["patients"]) == (d, kind, k)]
+        rs = [r for r in results if (r["direction"], r["kind"], size_of(r)) == (d, kind, k)]
+        if k == "all":
+            k = f"all of the pool ({np.mean([r['patients'] for r in rs]):.0f})"
         auc = np.mean([r["auroc"]["estimate"] for r in rs])
         cis = "; ".join(f"[{r['auroc']['ci_low']:.2f}, {r['auroc']['ci_high']:.2f}]" for r in rs if r["auroc"]["ci_low"] is not None)
         sens = [r["sensitivity"]["estimate"] for r in rs if r["sensitivity"]]
@@ -161,30 +172,34 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(directions), figsize=(6 * len(directions), 4.2), squeeze=False)
     for ax, d in zip(axes[0], directions):
         for kind, style in (("fine-tuned (finetune)", "o-"), ("threshold re-set (calibrate)", "s--")):
-            ks = sorted({r["patients"] for r in results if r["direction"] == d and r["kind"] == kind})
-            for metric, color in (("auroc", "C0"), ("sensitivity", "C3")):
-                ys = [np.mean([r[metric]["estimate"] for r in results if r["direction"] == d and r["kind"] == kind
-                               and r["patients"] == k and r[metric]]) for k in ks]
-                if ks and (kind.startswith("fine") or metric == "sensitivity"):
+            groups = {}
+            for r in results:
+                if r["direction"] == d and r["kind"] == kind:
+                    groups.setdefault(size_of(r), []).append(r)
+            sizes = sorted(groups, key=lambda k: np.mean([r["patients"] for r in groups[k]]))
+            ks = [np.mean([r["patients"] for r in groups[k]]) for k in sizes]
+            for metric, color in (("auroc", "C0"), ("sensitivity", "C3"), ("specificity", "C2")):
+                ys = [np.mean([r[metric]["estimate"] for r in groups[k] if r[metric]]) for k in sizes]
+                if ks and (kind.startswith("fine") or metric != "auroc"):  # re-setting a threshold moves no AUROC
                     ax.plot(ks, ys, style, color=color, label=f"{NAMES[metric]}, {kind.split(' (')[0]}")
         for kind, marker in (("as shipped", "x"), ("label-free (adapt)", "^")):
             rs = [r for r in results if r["direction"] == d and r["kind"] == kind]
-            for metric, color in (("auroc", "C0"), ("sensitivity", "C3")):
+            for metric, color in (("auroc", "C0"), ("sensitivity", "C3"), ("specificity", "C2")):
                 vals = [r[metric]["estimate"] for r in rs if r[metric]]
                 if vals:
                     ax.plot([1], [np.mean(vals)], marker, color=color, ms=9, label=f"{NAMES[metric]}, {kind}")
         ax.axhline(0.85, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.set(title=d, xlabel="labelled patients of the new hospital (0 shown at 1)", ylabel="on its other patients",
-               ylim=(0.3, 1.0))
+               ylim=(0.0, 1.0))
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.legend(*axes[0][-1].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4, fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--direction", action="append", required=True, help="NAME=CHECKPOINT:TARGET_FOLDER")
+    parser.add_argument("--direction", action="append", default=[], help="NAME=CHECKPOINT:TARGET_FOLDER")
     parser.add_argument("--meta", help="CSV naming each image's patient (BUS-BRA's bus_data.csv)")
     parser.add_argument("--patient-column", default="Case")
     parser.add_argument("--draws", type=int, default=3)
@@ -192,9 +207,15 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("runs/adaptation"))
     parser.add_argument("--md", type=Path)
     parser.add_argument("--png", type=Path)
+    parser.add_argument("--previous", type=Path, help="a results.json of this script: its directions not named by "
+                                                      "--direction are kept in the table (to finish an interrupted run; "
+                                                      "alone, it redraws the table and the plot)")
     args = parser.parse_args()
+    if not args.direction and not args.previous:
+        parser.error("name at least one --direction (or --previous to redraw a table)")
     torch.set_num_threads(torch.get_num_threads())
-    results = []
+    names = {spec.split("=", 1)[0] for spec in args.direction}
+    results = [r for r in json.loads(args.previous.read_text()) if r["direction"] not in names] if args.previous else []
     for spec in args.direction:
         name, rest = spec.split("=", 1)
         parent, target = rest.split(":", 1)
