@@ -7,14 +7,12 @@ import os
 import threading
 from pathlib import Path
 
-import torch
-
 from . import checkpoint, preprocess
 from .data import model_input, read_image
 from .errors import BusiError
 from .explain import gradcam, overlay
 from .operating import decide, describe
-from .inference import image_files, logits_and_shift
+from .inference import image_files, logits_and_shift, probabilities
 
 MAX_IMAGES = 12  # per request
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # in a source checkout; an installed wheel has none
@@ -46,7 +44,7 @@ class Predictor:
             return {"file": name, "error": str(e).removeprefix(f"{path}: ").removeprefix(f"{name}: ")}
         with self.lock:
             logits, distances = logits_and_shift(self.model, self.config, self.extras, image)
-            probs = torch.softmax(logits / float(self.config.get("temperature", 1.0)), 1)
+            probs = probabilities(logits, self.config)
             predicted = int(decide(probs, self.classes, self.config.get("operating_point"))[0])
             probs = probs[0]
             result = {"file": name, "predicted": self.classes[predicted],

@@ -112,7 +112,7 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     masks, status = load_masks(dataset, config["image_size"], steps)
     overlap = training_overlap(checkpoint_path, config, dataset, train_data, progress, extras)
     logits, distances = logits_and_shift(model, config, extras, images)  # once, for every figure below
-    probs = torch.softmax(logits / float(config.get("temperature", 1.0)), 1)
+    probs = probabilities(logits, config)
     if overlap["checked"] and overlap["near_duplicates"]:
         unseen = [i for i, s in enumerate(dataset.samples) if s.path not in overlap["near_duplicates"]]
         if unseen:
@@ -150,8 +150,8 @@ def logits_and_shift(model, config: dict, extras: dict, images: torch.Tensor) ->
     with shift.capturing(model) as seen:
         logits = checkpoint_logits(model, images, config)
     feats = seen[0::2] if config.get("tta") else seen  # with tta each batch runs as itself, then mirrored
-    feats = torch.cat(feats) if feats else torch.zeros(0)
-    if len(feats) != len(images):  # a model that calls its head otherwise: measure the features on their own
+    feats = torch.cat(feats) if feats else None
+    if feats is None or len(feats) != len(images):  # a model that calls its head otherwise: measure them on their own
         feats = shift.features(model, images, config["mean"], config["std"])
     return logits, shift.distances(extras, config["shift"], feats)
 
@@ -162,9 +162,13 @@ def operating_point_of(model_path: str | Path) -> dict | None:
     return config.get("operating_point")
 
 
-def predict_probs(model, config: dict, images: torch.Tensor) -> torch.Tensor:
-    logits = checkpoint_logits(model, images, config)
+def probabilities(logits: torch.Tensor, config: dict) -> torch.Tensor:
+    """Class probabilities of a checkpoint's raw scores, after its temperature."""
     return torch.softmax(logits / float(config.get("temperature", 1.0)), 1)
+
+
+def predict_probs(model, config: dict, images: torch.Tensor) -> torch.Tensor:
+    return probabilities(checkpoint_logits(model, images, config), config)
 
 
 def image_files(inputs: list[str | Path]) -> list[Path]:
@@ -219,7 +223,7 @@ def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_d
         images = torch.cat(batch)
         if model is not None:
             logits, distances = logits_and_shift(model, config, extras, images)
-            probs = torch.softmax(logits / float(config.get("temperature", 1.0)), 1)
+            probs = probabilities(logits, config)
         else:
             probs, distances = exported.probabilities(images), None
         predicted = decide(probs, config["classes"], config.get("operating_point"))

@@ -20,12 +20,17 @@ FOLDER_FACTOR = 3  # … and at least three times that rate: held-out folds of t
 KEYS = ("shift.center", "shift.components", "shift.bank")
 
 
+def _last_layer(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """(network, its classifier's last layer); an ensemble's first member speaks for it."""
+    net = model.members[0] if hasattr(model, "members") else model
+    return net, [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+
+
 @contextmanager
 def capturing(model: nn.Module):
     """Yields a list that collects, per forward pass of model, what its classifier's last layer reads (pooled
-    features, float32 on the CPU); an ensemble's first member speaks for it."""
-    net = model.members[0] if hasattr(model, "members") else model
-    head = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+    features, float32 on the CPU)."""
+    _, head = _last_layer(model)
     seen = []
     hook = head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].float().cpu()))
     try:
@@ -37,7 +42,7 @@ def capturing(model: nn.Module):
 @torch.no_grad()
 def features(model: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 64) -> torch.Tensor:
     """What the classifier's last layer reads (pooled features), per uint8 NCHW image, as float32 rows."""
-    net = model.members[0] if hasattr(model, "members") else model
+    net, head = _last_layer(model)
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
@@ -47,7 +52,6 @@ def features(model: nn.Module, images: torch.Tensor, mean, std, batch_size: int 
                 net(normalize(images[i:i + batch_size].to(device), mean, std))
     finally:
         net.train(was_training)
-    head = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
     return torch.cat(seen) if seen else torch.zeros(0, head.in_features)
 
 
