@@ -45,13 +45,15 @@ def adapt_batchnorm(model: nn.Module, images: torch.Tensor, mean, std, batch_siz
     return adapted.eval()
 
 
-def read_folder(inputs, config: dict) -> tuple[torch.Tensor, list[str]]:
+def read_folder(inputs, config: dict, progress: bool = False) -> tuple[torch.Tensor, list[str]]:
     """Every readable image under inputs (folders searched, masks left out) as the model sees it; unreadable files
     are named and skipped. -> (uint8 NCHW images, their paths)."""
+    from tqdm import tqdm
+
     from .inference import image_files
     files = image_files(inputs)
     images, paths = [], []
-    for path in files:
+    for path in tqdm(files, desc="reading images", unit="image", disable=not progress or len(files) < 8, leave=False):
         try:
             image = preprocess.apply(read_image(path), config.get("preprocess", ()))
         except BusiError as e:
@@ -82,7 +84,8 @@ def parent_of(path: str | Path, config: dict) -> dict:
             "parent": config.get("parent")}
 
 
-def run_adapt(checkpoint_path: str | Path, data, out: str | Path | None = None, overwrite: bool = False) -> tuple[dict, Path]:
+def run_adapt(checkpoint_path: str | Path, data, out: str | Path | None = None, overwrite: bool = False,
+              progress: bool = False) -> tuple[dict, Path]:
     """busi adapt: the checkpoint with its BatchNorm statistics measured on the images of data (labels, if any, unused).
 
     The shift summary is left out of the new checkpoint: it describes the parent's features, which adapting changes.
@@ -91,7 +94,7 @@ def run_adapt(checkpoint_path: str | Path, data, out: str | Path | None = None, 
     of the same hospital."""
     model, config, extras = checkpoint.load(checkpoint_path, extras=True)
     inputs = data if isinstance(data, (list, tuple)) else [data]
-    images, paths = read_folder(inputs, config)
+    images, paths = read_folder(inputs, config, progress)
     if len(paths) < MIN_IMAGES:
         raise BusiError(f"{', '.join(map(str, inputs))}: {len(paths)} readable image(s); adapting needs at least "
                         f"{MIN_IMAGES} of the new scanner's images")

@@ -163,6 +163,7 @@ def parser() -> argparse.ArgumentParser:
                                                                     "searched; labels, if any, are not used)")
     p.add_argument("--out", help="folder for the adapted checkpoint.pth (default: runs/<timestamp>-adapt)")
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
     p = sub.add_parser("calibrate", help="re-set the malignant threshold on your own labelled images")
     p.add_argument("--checkpoint", help="the model (default: the bundled model, see `busi model`)")
@@ -320,10 +321,12 @@ def _dispatch(args) -> int:
         _print_finetuned(folder / cfg.models[0] / "checkpoint.pth")
     elif args.command == "adapt":
         from .adapt import run_adapt
-        record, folder = run_adapt(args.checkpoint, args.data, args.out, args.overwrite)
+        record, folder = run_adapt(args.checkpoint, args.data, args.out, args.overwrite, args.progress)
         print(f"adapted to {record['n_images']} images of {', '.join(args.data)}: BatchNorm statistics re-estimated, "
               f"no labels used; wrote {folder / 'checkpoint.pth'}")
-        print("its decision threshold is the parent's: re-set it on labelled images of this hospital with "
+        which = ("the parent's threshold for adapted models (fitted on adapted models' predictions at hospitals they "
+                 "never saw)" if "operating_point" in record else "the parent's")
+        print(f"its decision threshold is {which}: re-set it on labelled images of this hospital with "
               f"`busi calibrate --checkpoint {folder / 'checkpoint.pth'} --data LABELLED`")
     elif args.command == "calibrate":
         from .adapt import run_calibrate

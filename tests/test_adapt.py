@@ -42,8 +42,10 @@ def trained(tmp_path):
 
 def test_adapt_writes_a_checkpoint_like_any_other_and_refuses_folders_without_images(trained, tmp_path, capsys):
     target = make_kaggle_folder(tmp_path / "other", per_class=6, size=80)
-    assert main(["adapt", "--checkpoint", str(trained), "--data", str(target), "--out", str(tmp_path / "ad")]) == 0
-    assert "adapted to 18 images" in capsys.readouterr().out
+    assert main(["adapt", "--checkpoint", str(trained), "--data", str(target), "--out", str(tmp_path / "ad"),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "adapted to 18 images" in out and "its decision threshold is the parent's:" in out  # none for adapted ones
     model, config, extras = checkpoint.load(tmp_path / "ad" / "checkpoint.pth", extras=True)
     parent, parent_config = checkpoint.load(trained)
     assert config["adapted"]["n_images"] == 18 and config["parent"]["checkpoint"] == str(trained)
