@@ -82,11 +82,17 @@ def operating_point_from_cv(runs: list[Path], classes: list[str], target_recall:
                              "out-of-fold predictions of cross-validation on every source it trains on")
     point["fitted_on_runs"] = [run.name for run in runs]
 
-    def at(probs, labels, mine) -> dict:
+    def at(probs, labels, mine, normals: bool = False) -> dict:
         malignant, benign = mine & (labels == k), mine & (labels == b)
-        return {"recall": round(float((probs[malignant, k] >= point["threshold"]).float().mean()), 4),
-                "specificity": round(float((probs[benign, k] < point["threshold"]).float().mean()), 4)
-                if benign.any() else None}
+        figures = {"recall": round(float((probs[malignant, k] >= point["threshold"]).float().mean()), 4),
+                   "specificity": round(float((probs[benign, k] < point["threshold"]).float().mean()), 4)
+                   if benign.any() else None}
+        # the rule overrides every class, so a sensitive threshold calls normal scans malignant too; measured only where
+        # the models knew "normal" (hospital-out, BUS-BRA's models never saw a normal scan)
+        normal = mine & (labels == classes.index("normal")) if normals and "normal" in classes else mine & False
+        if normal.any():
+            figures["normal_called_malignant"] = round(float((probs[normal, k] >= point["threshold"]).float().mean()), 4)
+        return figures
     point["per_source"] = {source: at(probs, labels, torch.tensor([r["path"].startswith(source + "/") for r in rows]))
                            for source in sorted({r["path"].split("/", 1)[0] for r in rows})}
     for name, other in (also or {}).items():
@@ -94,7 +100,7 @@ def operating_point_from_cv(runs: list[Path], classes: list[str], target_recall:
         labels = torch.tensor([classes.index(r["true"]) for r in rows])
         p = torch.tensor([[float(r[f"p_{c}"]) for c in classes] for r in rows])
         point[name] = {"runs": [run.name for run in other], **{
-            source: at(p, labels, torch.tensor([r["path"].startswith(source + "/") for r in rows]))
+            source: at(p, labels, torch.tensor([r["path"].startswith(source + "/") for r in rows]), normals=True)
             for source in sorted({r["path"].split("/", 1)[0] for r in rows})}}
     return point
 

@@ -119,6 +119,8 @@ def card(data: dict) -> str:
     if op:
         def where(block):
             return "; ".join(f"{name.get(k, k)}: sensitivity {v['recall']:.0%}, specificity {_pct(v.get('specificity'))}"
+                             + (f", normal scans called malignant {v['normal_called_malignant']:.0%}"
+                                if "normal_called_malignant" in v else "")
                              for k, v in (block or {}).items() if k != "runs")
         after = data.get("operating_point_after_adapt") or {}
         lines += [f"**The stored decision rule**: 'malignant' whenever p(malignant) ≥ {op['threshold']:.3f}, else the most "
@@ -130,8 +132,8 @@ def card(data: dict) -> str:
                      f"interval {op['recall_ci'][0]:.3f}–{op['recall_ci'][1]:.3f}; {op['ci_method']})."
                      if op.get("recall_ci") else "")
                   + (f" At home (the within-source cross-validation's predictions at the same threshold): "
-                     f"{where(op.get('at_home'))} — it is set for sensitivity first, and calls many benign lesions "
-                     "malignant." if op.get("at_home") else "")
+                     f"{where(op.get('at_home'))} — it is set for sensitivity first, and calls many benign lesions, "
+                     "and normal scans, malignant." if op.get("at_home") else "")
                   + (f" After `busi adapt` the model switches to the threshold fitted the same way on adapted "
                      f"predictions, {after['threshold']:.3f} ({where(after.get('per_source'))})." if after else ""), "",
                   "At your hospital: `busi evaluate --data YOUR_LABELLED_FOLDER` first (it says when your images lie "
