@@ -70,9 +70,11 @@ def operating_point_from_cv(runs: list[Path], classes: list[str], target_recall:
     prefix "adapted_p_" fits on the predictions after label-free adaptation (hospital-out runs have them)."""
     import yaml
     from .operating import fit_with_ci
+    def predictions(rows, prefix):  # -> (probabilities, labels) of oof_predictions.csv rows
+        return (torch.tensor([[float(r[f"{prefix}{c}"]) for c in classes] for r in rows]),
+                torch.tensor([classes.index(r["true"]) for r in rows]))
     rows = _oof_rows(runs)
-    probs = torch.tensor([[float(r[f"{prefix}{c}"]) for c in classes] for r in rows])
-    labels = torch.tensor([classes.index(r["true"]) for r in rows])
+    probs, labels = predictions(rows, prefix)
     point = fit_with_ci(probs, labels, classes, target_recall, [patients.get(r["path"], r["path"]) for r in rows],
                         where="the out-of-fold predictions")
     k, b = classes.index(point["class"]), classes.index("benign")
@@ -82,26 +84,26 @@ def operating_point_from_cv(runs: list[Path], classes: list[str], target_recall:
                              "out-of-fold predictions of cross-validation on every source it trains on")
     point["fitted_on_runs"] = [run.name for run in runs]
 
-    def at(probs, labels, mine, normals: bool = False) -> dict:
-        malignant, benign = mine & (labels == k), mine & (labels == b)
-        figures = {"recall": round(float((probs[malignant, k] >= point["threshold"]).float().mean()), 4),
-                   "specificity": round(float((probs[benign, k] < point["threshold"]).float().mean()), 4)
-                   if benign.any() else None}
-        # the rule overrides every class, so a sensitive threshold calls normal scans malignant too; measured only where
-        # the models knew "normal" (hospital-out, BUS-BRA's models never saw a normal scan)
-        normal = mine & (labels == classes.index("normal")) if normals and "normal" in classes else mine & False
-        if normal.any():
-            figures["normal_called_malignant"] = round(float((probs[normal, k] >= point["threshold"]).float().mean()), 4)
+    def per_source(rows, prefix, normals: bool) -> dict:
+        """{source: recall, specificity (and normal scans called malignant, where asked) at the threshold}"""
+        probs, labels = predictions(rows, prefix)
+        figures = {}
+        for source in sorted({r["path"].split("/", 1)[0] for r in rows}):
+            mine = torch.tensor([r["path"].startswith(source + "/") for r in rows])
+            malignant, benign = mine & (labels == k), mine & (labels == b)
+            figures[source] = {"recall": round(float((probs[malignant, k] >= point["threshold"]).float().mean()), 4),
+                               "specificity": round(float((probs[benign, k] < point["threshold"]).float().mean()), 4)
+                               if benign.any() else None}
+            # the rule overrides every class, so a sensitive threshold calls normal scans malignant too; measured only
+            # where the models knew "normal" (hospital-out, BUS-BRA's models never saw a normal scan)
+            normal = mine & (labels == classes.index("normal")) if normals and "normal" in classes else mine & False
+            if normal.any():
+                figures[source]["normal_called_malignant"] = round(
+                    float((probs[normal, k] >= point["threshold"]).float().mean()), 4)
         return figures
-    point["per_source"] = {source: at(probs, labels, torch.tensor([r["path"].startswith(source + "/") for r in rows]))
-                           for source in sorted({r["path"].split("/", 1)[0] for r in rows})}
+    point["per_source"] = per_source(rows, prefix, normals=False)
     for name, other in (also or {}).items():
-        rows = _oof_rows(list(other))
-        labels = torch.tensor([classes.index(r["true"]) for r in rows])
-        p = torch.tensor([[float(r[f"p_{c}"]) for c in classes] for r in rows])
-        point[name] = {"runs": [run.name for run in other], **{
-            source: at(p, labels, torch.tensor([r["path"].startswith(source + "/") for r in rows]), normals=True)
-            for source in sorted({r["path"].split("/", 1)[0] for r in rows})}}
+        point[name] = {"runs": [run.name for run in other], **per_source(_oof_rows(list(other)), "p_", normals=True)}
     return point
 
 

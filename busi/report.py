@@ -140,17 +140,18 @@ def _per_source(per_source: dict, held_out: bool = False) -> str:
               "malignant recall at the operating point", "normal recall", "flagged as unlike training", "classes absent"]
     rows = []
     for name, m in per_source.items():
-        untrained = m.get("untrained_classes")
+        untrained = m.get("untrained_classes") or []
+
+        def normal_recall(v):  # none where the fold model never learnt "normal"
+            return None if "normal" in untrained else (v.get("per_class") or {}).get("normal", {}).get("recall")
         three = ["(not trained: " + ", ".join(untrained) + ")"] * 2 if untrained else [m["accuracy"], m["macro_f1"]]
-        normal = None if "normal" in (untrained or []) else (m.get("per_class") or {}).get("normal", {}).get("recall")
-        rows.append([name, m["n"], *three, auc(m), recall(m, "malignant"), normal, flagged(m),
+        rows.append([name, m["n"], *three, auc(m), recall(m, "malignant"), normal_recall(m), flagged(m),
                      ", ".join(m.get("absent_classes", [])) or "–"])
         if held_out and "adapted" in m:
             a = m["adapted"]
             rows.append([f"{name}, adapted (busi adapt)", a["n"], *(three if untrained else [a["accuracy"], a["macro_f1"]]),
-                         auc(a), recall(a, "malignant"),
-                         None if "normal" in (untrained or []) else (a.get("per_class") or {}).get("normal", {}).get("recall"),
-                         "–", ", ".join(a.get("absent_classes", [])) or "–"])
+                         auc(a), recall(a, "malignant"), normal_recall(a), "–",
+                         ", ".join(a.get("absent_classes", [])) or "–"])
     title = ("<h3>At a hospital it never saw: each source held out, its model trained on the others</h3>" if held_out
              else "<h3>Per source</h3>")
     return title + _table(header, rows, "metrics")
