@@ -123,9 +123,9 @@ def run_calibrate(checkpoint_path: str | Path, data, target_recall: float, out: 
     sub-folder per class, some of the model's classes or all), with the recall it can promise new patients."""
     from .data import load, scan
     from .external import relabel
-    from .inference import predict_probs
+    from .inference import run_model
     from .meta import read_meta
-    from .operating import decide, fit_with_ci
+    from .operating import LESION_FIRST, decide, fit_with_ci, lesion_given
     if not 0 < target_recall <= 1:
         raise BusiError(f"--malignant-recall must be in (0, 1], got {target_recall}")
     if patient_column and not meta:
@@ -140,16 +140,25 @@ def run_calibrate(checkpoint_path: str | Path, data, target_recall: float, out: 
         for line in notes:
             warn(line)
         patients = [rows.get(p, {}).get(patient_column) or f"image:{p}" for p in paths]
-    probs = predict_probs(model, config, images)
-    point = fit_with_ci(probs, labels, config["classes"], target_recall, patients, where=str(data))
-    point["fitted_where"] = f"images of {data}"
+    said = run_model(model, config, {}, images)
     before = config.get("operating_point")
+    scored = said.probs
+    lesion_first = bool(before) and before.get("rule") == LESION_FIRST
+    if lesion_first:  # its malignant threshold is on p(malignant | lesion); the lesion threshold is kept
+        k, b = (list(config["classes"]).index(c) for c in ("malignant", "benign"))
+        scored = said.probs.clone()
+        scored[:, k] = lesion_given(said.probs, k, b)
+    point = fit_with_ci(scored, labels, config["classes"], target_recall, patients, where=str(data))
+    point["fitted_where"] = f"images of {data}"
+    if lesion_first:
+        point = {**before, **point, "rule": LESION_FIRST,
+                 "lesion_threshold_from": before.get("fitted_where", "the parent model")}
     k = list(config["classes"]).index(point["class"])
     malignant = labels == k
     record = {"command": "calibrate", "data": str(data), "n_images": len(paths), "operating_point": point,
               "previous_operating_point": before,
-              "previous_recall_here": round(float((decide(probs, config["classes"], before)[malignant] == k)
-                                                  .float().mean()), 4) if before else None,
+              "previous_recall_here": round(float((decide(said.probs, config["classes"], before, said.lesion_scores)
+                                                   [malignant] == k).float().mean()), 4) if before else None,
               "at": datetime.now().isoformat(timespec="seconds"), "busi_version": __version__,
               "parent": parent_of(checkpoint_path, config)}
     config = {**config, "operating_point": point, "parent": record["parent"]}

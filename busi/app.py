@@ -7,12 +7,9 @@ import os
 import threading
 from pathlib import Path
 
-from . import checkpoint, preprocess
-from .data import model_input, read_image
 from .errors import BusiError
-from .explain import gradcam, overlay
-from .operating import decide, describe
-from .inference import image_files, logits_and_shift, probabilities
+from .operating import describe
+from .inference import LoadedModel, image_files
 
 MAX_IMAGES = 12  # per request
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # in a source checkout; an installed wheel has none
@@ -27,34 +24,25 @@ class Predictor:
 
     def __init__(self, checkpoint_path: str | Path):
         self.path = Path(checkpoint_path)
-        self.model, self.config, self.extras = checkpoint.load(self.path, extras=True)
-        self.classes = list(self.config["classes"])
+        self.loaded = LoadedModel(self.path)
+        self.model, self.config, self.extras = self.loaded.model, self.loaded.config, self.loaded.extras
+        self.classes = self.loaded.classes
         self.lock = threading.Lock()
         self.card = model_card(self.path, self.config)
 
     def classify(self, path: str | Path, explain: bool = True) -> dict:
-        """{'file', 'predicted', 'probabilities'} (+ 'overlay' array), or {'file', 'error'} for a bad file."""
+        """{'file', 'predicted', 'probabilities', 'lesion' …} (+ 'overlay' array), or {'file', 'error'} for a bad file:
+        the rows `busi predict` writes (LoadedModel.describe)."""
         name = Path(path).name
         try:
             if Path(path).stat().st_size == 0:
                 raise BusiError(f"{name}: empty file")
-            original = preprocess.apply(read_image(path), self.config.get("preprocess", ()))  # what the model sees
-            image = model_input(original, self.config["image_size"])
+            prepared = self.loaded.prepare(path)
         except BusiError as e:  # the file is named once, beside the message, not inside it too
             return {"file": name, "error": str(e).removeprefix(f"{path}: ").removeprefix(f"{name}: ")}
         with self.lock:
-            logits, distances = logits_and_shift(self.model, self.config, self.extras, image)
-            probs = probabilities(logits, self.config)
-            predicted = int(decide(probs, self.classes, self.config.get("operating_point"))[0])
-            probs = probs[0]
-            result = {"file": name, "predicted": self.classes[predicted],
-                      "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, probs)}}
-            if distances is not None:
-                result["outside_training"] = bool(distances[0] > self.config["shift"]["threshold"])
-            if explain:
-                heat = gradcam(self.model, image, [predicted], self.config["mean"], self.config["std"])[0]
-                result["overlay"] = overlay(original, heat)  # on the scan at its own size, not the resized input
-        return result
+            row = self.loaded.describe([prepared], explain=explain)[0]
+        return {"file": name, **{k: v for k, v in row.items() if k != "path"}}
 
 
 def model_card(path: Path, config: dict) -> dict:
@@ -90,8 +78,23 @@ def _bars(result: dict) -> str:
         for c, p in sorted(result["probabilities"].items(), key=lambda kv: -kv[1]))
     shifted = (f'<div class="busi-note">{OUTSIDE}</div>' if result.get("outside_training") else "")
     return (f'<div class="busi-card"><div><b>{html.escape(result["file"])}</b> → '
-            f'<span class="busi-class">{html.escape(result["predicted"])}</span></div>{rows}{shifted}'
+            f'<span class="busi-class">{html.escape(result["predicted"])}</span></div>{rows}'
+            f'{_lesion_line(result.get("lesion"))}{shifted}'
             f'<div class="busi-note">{DISCLAIMER}</div></div>')
+
+
+def _lesion_line(lesion: dict | None) -> str:
+    """The outline's measurements in words (the overlay draws it)."""
+    if not lesion:
+        return ""
+    if not lesion.get("box"):
+        return f'<div class="busi-lesion">No lesion outlined (lesion score {lesion["score"]:.2f}).</div>'
+    ratio = lesion["depth_to_width"]
+    sign = " — taller than wide" if ratio and ratio > 1 else ""
+    size = (f'{lesion["width_mm"]:.1f} × {lesion["depth_mm"]:.1f} mm' if "width_mm" in lesion
+            else f'{lesion["width_px"]} × {lesion["depth_px"]} pixels')
+    return (f'<div class="busi-lesion">Lesion outlined (score {lesion["score"]:.2f}): {size} (width × depth), '
+            f'depth-to-width {ratio:.2f}{sign}.</div>')
 
 
 CSS = """
@@ -101,6 +104,7 @@ CSS = """
 .busi-bar{display:grid;grid-template-columns:7em 1fr 4em;align-items:center;gap:.5em;margin:.2em 0}
 .busi-bar div{background:#eee;height:.9em;border-radius:3px}.busi-bar i{display:block;height:100%;background:#3b82f6;border-radius:3px}
 .busi-note{color:#8a5a00;font-size:.85em;margin-top:.4em}
+.busi-lesion{font-size:.9em;margin-top:.4em}
 """
 
 
@@ -154,7 +158,7 @@ def build_app(predictor: Predictor, examples: Path = EXAMPLES):
                                 if example_files else None)
             with gr.Column(scale=2):
                 answer = gr.HTML(label="Result")
-                overlays = gr.Gallery(label="Where the model looked (Grad-CAM)", columns=3, height="auto")
+                overlays = gr.Gallery(label="Where the model looked (Grad-CAM) and the lesion it outlined (white)", columns=3, height="auto")
         button.click(analyse, files, [answer, overlays], api_name="analyse")
         if try_examples is not None:
             try_examples.click(lambda: analyse(example_files), None, [answer, overlays], api_name=False)

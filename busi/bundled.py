@@ -1,6 +1,7 @@
 """The trained model that ships inside the package: where it is, its card, and how a run becomes it."""
 from __future__ import annotations
 
+import csv
 import json
 import platform
 import subprocess
@@ -107,6 +108,36 @@ def operating_point_from_cv(runs: list[Path], classes: list[str], target_recall:
     return point
 
 
+def lesion_rule_from_cv(classifier_runs: list[Path], lesion_runs: list[Path], classes: list[str],
+                        target_recall: float, lesion_recall: float) -> dict:
+    """The lesion-first rule fitted on hospital-out out-of-fold predictions: class probabilities from `busi cv --split
+    source` runs of the classifier, lesion scores from benchmarks/lesion.py runs of the segmenter (each image scored
+    by models that never saw its hospital), joined by image; with what the rule does per held-out source, and the
+    segmenter's Dice there."""
+    from .operating import fit_lesion_rule, lesion_rule_figures
+    scores: dict[str, list[float]] = {}
+    segmentation = {}
+    for run in lesion_runs:
+        with open(run / "lesion_oof.csv", newline="") as f:
+            for r in csv.DictReader(f):
+                scores.setdefault(r["path"], []).append(float(r["lesion_score"]))
+        segmentation[run.name] = json.loads((run / "lesion_metrics.json").read_text())["segmentation"]
+    rows = [r for r in _oof_rows(classifier_runs) if r["path"] in scores]
+    # several segmenter runs (seeds): each classifier row meets every segmenter score of its image, as many rows
+    pairs = [(r, s) for r in rows for s in scores[r["path"]]]
+    probs = torch.tensor([[float(r[f"p_{c}"]) for c in classes] for r, _ in pairs])
+    labels = torch.tensor([classes.index(r["true"]) for r, _ in pairs])
+    lesion = torch.tensor([s for _, s in pairs])
+    where = ("out-of-fold predictions of hospital-out cross-validation (each image's class probabilities and lesion "
+             "score from models that never saw its hospital)")
+    rule = fit_lesion_rule(probs, lesion, labels, classes, target_recall, lesion_recall, where=where)
+    rule["fitted_on_runs"] = [run.name for run in list(classifier_runs) + list(lesion_runs)]
+    rule["per_source"] = lesion_rule_figures(probs, lesion, labels, classes, rule,
+                                             [r["path"].split("/", 1)[0] for r, _ in pairs])
+    rule["segmentation_hospital_out"] = segmentation
+    return rule
+
+
 def data_summary(run: Path, meta: dict[str, dict[str, str]] | None = None) -> dict:
     """What trained the model (training and validation part of the run): images per source and class, per scanner."""
     parts = json.loads((run / "split.json").read_text())
@@ -126,7 +157,7 @@ def data_summary(run: Path, meta: dict[str, dict[str, str]] | None = None) -> di
 
 def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path = MODEL,
            threshold_runs: list[Path] = (), patients: dict[str, str] | None = None, home_runs: list[Path] = (),
-           adapted_threshold_runs: list[Path] = ()) -> dict:
+           adapted_threshold_runs: list[Path] = (), lesion_runs: list[Path] = (), lesion_recall: float = 0.95) -> dict:
     """Turn a finished `busi train` run of the recommended recipe into the bundled model: fp16 tensors where they move
     no probability of the example images by more than 1e-3, else fp32, with the card's data (card.json) beside it.
 
@@ -147,7 +178,12 @@ def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path
     model, config, extras = checkpoint.load(source, extras=True)
     trained_on = config["trained_on"] if isinstance(config["trained_on"], list) else [config["trained_on"]]
     config["trained_on"] = [Path(p).name for p in trained_on]  # names travel; this machine's folders do not
-    if threshold_runs:
+    if config.get("parent"):  # the classifier a segmenter joined: its file's name, not where it lay
+        config["parent"]["checkpoint"] = Path(config["parent"]["checkpoint"]).name
+    if lesion_runs:  # a segmenter beside the classifier: the lesion-first rule, fitted hospital-out
+        config["operating_point"] = lesion_rule_from_cv(list(threshold_runs), list(lesion_runs), list(config["classes"]),
+                                                        recipe["malignant_recall"], lesion_recall)
+    elif threshold_runs:
         config["operating_point"] = operating_point_from_cv(list(threshold_runs), list(config["classes"]),
                                                             recipe["malignant_recall"], patients or {},
                                                             also={"at_home": list(home_runs)} if home_runs else None)
@@ -173,7 +209,7 @@ def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path
         "temperature": config.get("temperature"), "operating_point": config.get("operating_point"),
         "operating_point_after_adapt": config.get("operating_point_after_adapt"), "trained_on": config["trained_on"], "shift": config.get("shift"),
         "fingerprints": len(config.get("fingerprint_paths", [])),
-        "recipe": recipe_of(run_config), "trained_with": {k: run_config.get(k) for k in ("precision", "channels_last")},
+        "recipe": {k: Path(v).name if k == "init_checkpoint" and v else v for k, v in recipe_of(run_config).items()}, "trained_with": {k: run_config.get(k) for k in ("precision", "channels_last")},
         "command": command, "commit": commit or "unknown", "bundled_at": datetime.now().isoformat(timespec="seconds"),
         "trained_at": config.get("trained_at"), "train_seconds": config.get("train_seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "

@@ -87,7 +87,8 @@ def load(path: str | Path, extras: bool = False):
     from .models import build
     obj = read(path)
     config = obj["config"]
-    model = build(config["arch"], len(config["classes"]), members=int(config.get("members", 1)))
+    model = build(config["arch"], len(config["classes"]), members=int(config.get("members", 1)),
+                  lesion_size=int(config.get("lesion_size", 0)))
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as e:

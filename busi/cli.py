@@ -231,6 +231,14 @@ def _print_finetuned(path: Path) -> None:
     print(f"wrote {path}; measure it on patients it never saw: busi evaluate --checkpoint {path} --data HELDOUT")
 
 
+def _lesion_cell(lesion: dict) -> str:
+    if not lesion.get("box"):
+        return "none found"
+    if "width_mm" in lesion:
+        return f"{lesion['width_mm']:.1f} x {lesion['depth_mm']:.1f} mm, {lesion['depth_to_width']:.2f}"
+    return f"{lesion['width_px']} x {lesion['depth_px']} px, {lesion['depth_to_width']:.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -435,9 +443,13 @@ def _dispatch(args) -> int:
             ok = [r for r in rows if "error" not in r]
             if ok:
                 classes = list(ok[0]["probabilities"])
-                print("\t".join(["image", "predicted", *classes]))
+                lesion, shifted = "lesion" in ok[0], "outside_training" in ok[0]
+                print("\t".join(["image", "predicted", *classes, *(["lesion (width x depth, depth/width)"] * lesion),
+                                 *(["unlike training images"] * shifted)]))
                 for r in ok:
-                    print("\t".join([r["path"], r["predicted"], *[f"{r['probabilities'][c]:.3f}" for c in classes]]))
+                    print("\t".join([r["path"], r["predicted"], *[f"{r['probabilities'][c]:.3f}" for c in classes],
+                                     *([_lesion_cell(r["lesion"])] if lesion else []),
+                                     *((["yes" if r["outside_training"] else "no"]) if shifted else [])]))
         for r in rows:
             if "error" in r:
                 print(f"busi: error: {r['error']}", file=sys.stderr)

@@ -48,7 +48,12 @@ class RunConfig:
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
     class_weights: str = "none"  # none or balanced (inverse class frequency in the training part)
-    mask_weight: float = 0.0  # > 0: also learn the lesion masks (where they exist) from the last feature map
+    mask_weight: float = 0.0  # > 0: also learn the lesion masks (where they exist): with lesion_size, the segmenter's
+    # loss weight; without, a 1x1 head on the classifier's last feature map during training only
+    # > 0: the model gets a lesion segmenter (EfficientNet-Lite0 + U-Net, busi.models.Segmenter) at this input size,
+    # trained on every image whose mask is known (a normal scan's is empty); its outline decides 'normal' (busi.lesion)
+    lesion_size: int = 0
+    freeze_classifier: bool = False  # only the segmenter trains; the classifier stays as init_checkpoint (or ImageNet) made it
     mixup_alpha: float = 0.0  # > 0: blend pairs of training images and their labels (MixUp), Beta(alpha, alpha)
     cutmix_alpha: float = 0.0  # > 0: paste a box of one training image into another (CutMix); both > 0: one per batch
     tta: bool = False  # average the prediction of each image and its mirror image
@@ -164,6 +169,9 @@ def _validate(cfg: RunConfig, source: str) -> RunConfig:
         (0 < cfg.min_scale <= 1, "'min_scale' must be in (0, 1]"),
         (0 <= cfg.label_smoothing < 1, "'label_smoothing' must be in [0, 1)"),
         (cfg.mask_weight >= 0, "'mask_weight' must be at least 0"),
+        (cfg.lesion_size == 0 or cfg.lesion_size >= 64, "'lesion_size' must be 0 (no segmenter) or at least 64"),
+        (cfg.lesion_size == 0 or cfg.mask_weight > 0, "'lesion_size' needs 'mask_weight' > 0 (the segmenter's loss)"),
+        (not cfg.freeze_classifier or cfg.lesion_size, "'freeze_classifier' needs 'lesion_size' (the segmenter to train)"),
         (cfg.distill_weight >= 0, "'distill_weight' must be at least 0"),
         (cfg.distill_weight == 0 or cfg.init_checkpoint, "'distill_weight' needs 'init_checkpoint' (the model to keep near)"),
         (cfg.ensemble >= 1, "'ensemble' must be at least 1"),

@@ -21,7 +21,8 @@ from .models import Ensemble, count_parameters
 from .plots import confusion_matrix
 from .report import interval_text, render
 from .split import group_ids, kfold, source_folds, train_test
-from .inference import logits_of
+from .inference import logits_of, outputs_of
+from .lesion import dice_iou, lesion_scores
 from .train import check_hardware
 from .workflow import check_models, prepare, run_dir, train_one, training_tensors
 
@@ -84,20 +85,25 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                 if keep_models:
                     config["trained_on"] = sorted({str(sources[i]) for i in train_idx})  # source names, not folders
                     checkpoint.save(folder / arch / f"repeat{r}-fold{k}" / "checkpoint.pth", model, config, extras=extras)
-                logits = logits_of(model, images[test_idx], *norm, tta=cfg.tta)
+                logits, maps = outputs_of(model, images[test_idx], *norm, tta=cfg.tta)
+                scores = lesion_scores(maps) if maps is not None else None
                 probs = torch.softmax(logits / config["temperature"], 1)
                 m = compute_metrics(probs, labels[test_idx], classes)
                 if config.get("operating_point"):
-                    oof_decided.append(decide(probs, classes, config["operating_point"]))
+                    oof_decided.append(decide(probs, classes, config["operating_point"], scores))
                     thresholds.append(config["operating_point"]["threshold"])
                 fold_rows.append({"model": arch, "repeat": r, "fold": k, "n_train": len(train_idx), "n_val": len(val_idx),
                                   "n_test": len(test_idx), "train_seconds": config["train_seconds"],
                                   "temperature": round(config["temperature"], 4), "accuracy": m["accuracy"],
                                   "macro_f1": m["macro_f1"], "auroc": m["auroc"],
                                   **{f"recall_{c}": m["per_class"][c]["recall"] for c in classes}})
-                for i, p in zip(test_idx.tolist(), probs.tolist()):
+                dice = dice_iou(maps, masks[test_idx])[0] if maps is not None else None
+                for j, (i, p) in enumerate(zip(test_idx.tolist(), probs.tolist())):
                     oof_rows.append({"model": arch, "repeat": r, "fold": k, "path": paths[i], "true": classes[labels[i]],
-                                     **{f"p_{c}": round(v, 6) for c, v in zip(classes, p)}})
+                                     **{f"p_{c}": round(v, 6) for c, v in zip(classes, p)},
+                                     **({"lesion_score": round(float(scores[j]), 5),
+                                         "lesion_dice": round(float(dice[j]), 4) if status[i] in ("lesion", "empty")
+                                         else ""} if scores is not None else {})})
                 oof_probs.append(probs)
                 if config.get("shift"):  # which test images the fold model would call unlike its training images
                     oof_flags.append(shift.distances(extras, config["shift"], shift.features(model, images[test_idx], *norm))
@@ -110,10 +116,11 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                 if cfg.split == "source":
                     held_out = str(sources[test_idx[0]])
                     adapted = adapt_batchnorm(model, images[test_idx], *norm)
-                    adapted_probs.append(torch.softmax(logits_of(adapted, images[test_idx], *norm, tta=cfg.tta)
-                                                       / config["temperature"], 1))
+                    adapted_logits, adapted_maps = outputs_of(adapted, images[test_idx], *norm, tta=cfg.tta)
+                    adapted_probs.append(torch.softmax(adapted_logits / config["temperature"], 1))
                     if config.get("operating_point"):
-                        adapted_decided.append(decide(adapted_probs[-1], classes, config["operating_point"]))
+                        adapted_decided.append(decide(adapted_probs[-1], classes, config["operating_point"],
+                                                      lesion_scores(adapted_maps) if adapted_maps is not None else None))
                     for row, p in zip(oof_rows[-len(test_idx):], adapted_probs[-1].tolist()):
                         row.update({f"adapted_p_{c}": round(v, 6) for c, v in zip(classes, p)})
                     untrained[held_out] = [c for i, c in enumerate(classes) if not bool((labels[train_idx] == i).any())

@@ -90,14 +90,22 @@ def model_input(image: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(resized).permute(2, 0, 1)[None]
 
 
+def mask_pixels(path: str | Path) -> np.ndarray:
+    """One lesion-mask file as a bool HxW array, whatever its form: 0/255 or 0/1 greyscale, 1-bit, RGBA, or colour
+    per class (one public set draws malignant lesions pure red, benign pure green, which a grey-level threshold would
+    read as empty): a pixel is lesion where any channel is bright, or non-zero in a 0/1 mask."""
+    rgb = np.asarray(open_image(path))
+    brightest = rgb.max(2)
+    return brightest > (0 if brightest.max() <= 1 else 127)
+
+
 def read_mask(paths: list[str | Path] | tuple[str | Path, ...], size: int | None = None) -> np.ndarray | None:
     """Union of an image's lesion masks as a bool array, resized to size x size when given (None without masks)."""
     union = None
     for p in paths:
-        im = open_image(p).convert("L")
+        m = mask_pixels(p)
         if size is not None:
-            im = im.resize((size, size), Image.NEAREST)
-        m = np.asarray(im) > 127
+            m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
         if union is not None and union.shape != m.shape:
             raise BusiError(f"{p}: mask size {m.shape[1]}x{m.shape[0]} differs from the image's other masks")
         union = m if union is None else union | m
@@ -141,7 +149,10 @@ def load(dataset: Dataset, image_size: int, progress: bool = True, steps=()) -> 
 
 
 MASK_USABLE = ("lesion", "empty")
-MASK_STATUSES = ("lesion", "empty", "missing", "size_mismatch", "unreadable")
+MASK_STATUSES = ("lesion", "empty", "missing", "size_mismatch", "unreadable", "all_lesion")
+ALL_LESION = 0.95  # a mask covering this share of its image outlines no lesion (an inverted or blank-white file)
+MASK_PROBLEMS = {"size_mismatch": "a size other than its image's", "unreadable": "not a readable image",
+                 "all_lesion": f"marks over {ALL_LESION:.0%} of the image as lesion (inverted?)"}
 
 
 def mask_status_counts(status: list[str]) -> dict[str, int]:
@@ -184,8 +195,17 @@ def load_masks(dataset: Dataset, image_size: int, steps=()) -> tuple[torch.Tenso
         except (BusiError, OSError):
             status.append("unreadable")
             continue
+        if union.mean() > ALL_LESION:
+            status.append("all_lesion")
+            continue
         masks[i, 0] = torch.from_numpy(union.astype(np.uint8))
         status.append("lesion" if union.any() else "empty")
+    for kind, problem in MASK_PROBLEMS.items():  # one line per kind, naming the files; their images still classify
+        named = [sample.mask_paths[0] for sample, st in zip(dataset.samples, status) if st == kind]
+        if named:
+            more = f" and {len(named) - 3} more" if len(named) > 3 else ""
+            warn(f"{len(named)} lesion mask(s) {problem}, not used (their images still are): "
+                 f"{', '.join(map(str, named[:3]))}{more}")
     return masks, status
 
 

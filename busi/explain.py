@@ -34,14 +34,26 @@ def gradcam(model: nn.Module, images: torch.Tensor, classes: list[int] | None = 
     return np.nan_to_num(out).clip(0, 1)
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, weight: float = 0.45) -> np.ndarray:
-    """HxWx3 uint8 image with the heatmap blended on top in the jet colour map (heatmap resized to fit)."""
+def overlay(image: np.ndarray, heatmap: np.ndarray, polygon: list | None = None, caption: str | None = None,
+            weight: float = 0.45) -> np.ndarray:
+    """HxWx3 uint8 image with the heatmap blended on top in the jet colour map (heatmap resized to fit); the lesion
+    outline (polygon [[x, y], ...] in the image's pixels) drawn in white, and a caption (class, probability) on top."""
     import cv2
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     if heatmap.shape != image.shape[:2]:  # e.g. a 224x224 map shown on the original 560x470 scan
         heatmap = cv2.resize(heatmap, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
-    return show_cam_on_image(image.astype(np.float32) / 255.0, heatmap, use_rgb=True, image_weight=1 - weight)
+    out = show_cam_on_image(image.astype(np.float32) / 255.0, heatmap, use_rgb=True, image_weight=1 - weight)
+    thick = max(1, round(min(image.shape[:2]) / 200))
+    if polygon:
+        cv2.polylines(out, [np.asarray(polygon, dtype=np.int32).reshape(-1, 1, 2)], True, (255, 255, 255), thick + 1,
+                      cv2.LINE_AA)
+    if caption:
+        scale = max(0.4, min(image.shape[:2]) / 600)
+        (w, h), base = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        cv2.rectangle(out, (0, 0), (w + 8, h + base + 8), (0, 0, 0), -1)
+        cv2.putText(out, caption, (4, h + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
+    return out
 
 
 def localization(heatmap: np.ndarray, mask: np.ndarray) -> tuple[float, bool] | None:

@@ -18,7 +18,7 @@ from .operating import decide
 TOO_FEW_IMAGES, TOO_FEW_CLUSTERS = 20, 10  # below either, an interval would be fiction: the report says "too few"
 
 
-def _binary(probs: torch.Tensor, labels: torch.Tensor, classes, operating_point) -> dict | None:
+def _binary(probs: torch.Tensor, labels: torch.Tensor, classes, operating_point, lesion_scores=None) -> dict | None:
     """Score, truth and decisions of the malignant-vs-benign question, on the images that are one or the other."""
     if "malignant" not in classes or "benign" not in classes:
         return None
@@ -29,7 +29,8 @@ def _binary(probs: torch.Tensor, labels: torch.Tensor, classes, operating_point)
     truth = (labels[keep] == mal).long()
     at = {"argmax": p.argmax(1) == mal}
     if operating_point:
-        at["operating_point"] = decide(p, classes, operating_point) == mal
+        at["operating_point"] = decide(p, classes, operating_point,
+                                       None if lesion_scores is None else lesion_scores[keep]) == mal
     return {"score": score, "truth": truth, "called": at, "keep": keep}
 
 
@@ -48,10 +49,10 @@ def _point(score, truth, called) -> dict:
 
 def malignant_vs_benign(probs: torch.Tensor, labels: torch.Tensor, classes, operating_point: dict | None = None,
                         clusters: list | None = None, n_boot: int = 1000, seed: int = 0,
-                        cluster_kind: str = "patients") -> dict | None:
+                        cluster_kind: str = "patients", lesion_scores: torch.Tensor | None = None) -> dict | None:
     """AUROC of p(malignant)/(p(malignant)+p(benign)) and sensitivity/specificity at argmax and at the operating point,
     with 95% percentile CIs from a bootstrap over clusters (patients when known, else images)."""
-    b = _binary(probs, labels, classes, operating_point)
+    b = _binary(probs, labels, classes, operating_point, lesion_scores)
     if b is None or len(b["truth"]) == 0:
         return None
     point = _point(b["score"], b["truth"], b["called"])
@@ -86,7 +87,7 @@ def malignant_vs_benign(probs: torch.Tensor, labels: torch.Tensor, classes, oper
 
 
 def per_group(probs: torch.Tensor, labels: torch.Tensor, classes, groups: list[str], operating_point: dict | None = None,
-              clusters: list | None = None) -> dict:
+              clusters: list | None = None, lesion_scores: torch.Tensor | None = None) -> dict:
     """Every figure of malignant_vs_benign, and accuracy, for each group (scanner, site …)."""
     out = {}
     groups = np.asarray(groups, dtype=object)
@@ -95,8 +96,9 @@ def per_group(probs: torch.Tensor, labels: torch.Tensor, classes, groups: list[s
         sub = [clusters[i] for i in idx.tolist()] if clusters is not None else None
         out[g] = {"n": int(len(idx)),
                   "accuracy": round(float((decide(probs[idx], classes, None) == labels[idx]).float().mean()), 4),
-                  "malignant_vs_benign": malignant_vs_benign(probs[idx], labels[idx], classes, operating_point, sub,
-                                                             n_boot=300)}
+                  "malignant_vs_benign": malignant_vs_benign(
+                      probs[idx], labels[idx], classes, operating_point, sub, n_boot=300,
+                      lesion_scores=None if lesion_scores is None else lesion_scores[idx])}
     return out
 
 
@@ -136,7 +138,7 @@ def fold_average(fold_probs: list[torch.Tensor], thresholds: list[float], extern
                                                for f in per_fold], **found}, mean
 
 
-def figures(probs, config, labels, dataset, meta, id_column, group_column, patient_column) -> dict:
+def figures(probs, config, labels, dataset, meta, id_column, group_column, patient_column, lesion_scores=None) -> dict:
     """malignant_vs_benign (patient-level CIs when a patient column is given) and per_group, for metrics.json."""
     paths = [s.path for s in dataset.samples]
     rows = {}
@@ -147,9 +149,10 @@ def figures(probs, config, labels, dataset, meta, id_column, group_column, patie
             warn(line)
     op = config.get("operating_point")
     patients = [rows.get(p, {}).get(patient_column) or f"image:{p}" for p in paths] if patient_column else None
-    out = {"malignant_vs_benign": malignant_vs_benign(probs, labels, config["classes"], op, patients)}
+    out = {"malignant_vs_benign": malignant_vs_benign(probs, labels, config["classes"], op, patients,
+                                                      lesion_scores=lesion_scores)}
     if group_column:
         out["group_column"] = group_column
         out["per_group"] = per_group(probs, labels, config["classes"], [rows.get(p, {}).get(group_column) or "unknown"
-                                                                        for p in paths], op, patients)
+                                                                        for p in paths], op, patients, lesion_scores)
     return out

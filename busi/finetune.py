@@ -24,5 +24,9 @@ def finetune_config(parent: str | Path, overrides: dict | None = None, config_fi
     fixed = {"models": [config["arch"]], "image_size": config["image_size"],
              "preprocess": list(config.get("preprocess", [])), "tta": bool(config.get("tta", False)),
              "init_checkpoint": str(parent)}
-    return make_config(overrides, config_file, base=DEFAULTS, fixed=fixed,
+    base = dict(DEFAULTS)
+    if config.get("lesion_size"):  # its segmenter trains on with the masks the folder has
+        fixed["lesion_size"] = int(config["lesion_size"])
+        base["mask_weight"] = 1.0
+    return make_config(overrides, config_file, base=base, fixed=fixed,
                        fixed_why=f"fine-tuning keeps what {Path(parent).name} was trained with: ")

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -15,6 +17,8 @@ from .data import (IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MASK_NAME, Datas
 from .errors import BusiError
 from .export import ExportedModel, is_exported
 from .folders import scan_sources
+from .lesion import lesion_scores, outline
+from .models import has_segmenter
 from .operating import decide
 from .runs import run_dir
 
@@ -23,12 +27,43 @@ from .runs import run_dir
 
 
 @torch.no_grad()
+def outputs_of(model: nn.Module, images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch_size: int = 64,
+               device: torch.device | str | None = None, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(raw scores, lesion probability maps or None) for uint8 NCHW images, in batches, on the model's device, from
+    one pass per image (two with tta: the image and its mirror image, averaged); returned on the CPU.
+
+    Lesion maps (N1HW float16, at half the segmenter's input size) come from models with a segmenter (busi.models
+    LesionNet); the mirrored pass's map is mirrored back before averaging.
+    """
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    segments = has_segmenter(model)
+
+    def one(x):
+        if not segments:
+            return model(x), None
+        logits, lesion = model.forward_with_lesion(x)
+        return logits, torch.sigmoid(lesion.float())
+
+    def score(x):
+        x = normalize(x.to(device), mean, std)
+        logits, lesion = one(x)
+        if tta:
+            logits_m, lesion_m = one(x.flip(-1))
+            logits = (logits + logits_m) / 2
+            lesion = None if lesion is None else (lesion + lesion_m.flip(-1)) / 2
+        return logits.float().cpu(), None if lesion is None else lesion.half().cpu()
+    out = [score(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    logits = torch.cat([o[0] for o in out]) if out else torch.zeros(0)
+    return logits, torch.cat([o[1] for o in out]) if segments and out else None
+
+
+@torch.no_grad()
 def logits_of(model: nn.Module, images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch_size: int = 64,
               device: torch.device | str | None = None, tta: bool = False) -> torch.Tensor:
-    """Raw scores for uint8 NCHW images, in batches, on the model's device; returned on the CPU.
-
-    With tta, the scores of each image and of its mirror image are averaged.
-    """
+    """Raw scores for uint8 NCHW images (outputs_of without the lesion maps, which are not computed)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -111,8 +146,16 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     images, labels, dataset = load(dataset, config["image_size"], progress, steps)
     masks, status = load_masks(dataset, config["image_size"], steps)
     overlap = training_overlap(checkpoint_path, config, dataset, train_data, progress, extras)
-    logits, distances = logits_and_shift(model, config, extras, images)  # once, for every figure below
-    probs = probabilities(logits, config)
+    said = run_model(model, config, extras, images)  # once, for every figure below
+    probs, distances = said.probs, said.distances
+    lesion = {}
+    if said.lesion_maps is not None:
+        from .lesion import dice_iou, lesion_figures
+        dice, iou = dice_iou(said.lesion_maps, masks)
+        usable = torch.tensor([st in ("lesion", "empty") for st in status])
+        dice = torch.where(usable, dice, torch.tensor(float("nan")))
+        lesion = {"lesion": lesion_figures(said.lesion_scores, dice, iou, status, labels, config["classes"],
+                                           config.get("operating_point"))}
     if overlap["checked"] and overlap["near_duplicates"]:
         unseen = [i for i, s in enumerate(dataset.samples) if s.path not in overlap["near_duplicates"]]
         if unseen:
@@ -134,26 +177,46 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
         extra_shift = {"shift": {"note": "this checkpoint carries no summary of its training images (trained "
                                          "without a validation part, or by busi before 0.2)"}}
     extra = {**extra_shift, "model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped,
-             "training_overlap": overlap, **figures(probs, config, labels, dataset, meta, id_column, group_column,
-                                                    patient_column)}
+             "training_overlap": overlap, **lesion, **figures(probs, config, labels, dataset, meta, id_column,
+                                                              group_column, patient_column, said.lesion_scores)}
     metrics = write_results(folder, model, config, images, labels, [s.path for s in dataset.samples], masks, status, extra,
-                            logits=logits, shift_distances=distances)
+                            logits=said.logits, shift_distances=distances, lesion_scores=said.lesion_scores,
+                            lesion_dice=dice if lesion else None, lesion_maps=said.lesion_maps)
     render(folder)
     return metrics, folder
 
 
-def logits_and_shift(model, config: dict, extras: dict, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """checkpoint_logits, and each image's distance from the model's training images (busi.shift; None when the
-    checkpoint has no summary), from the same forward passes: the shift check reads the unmirrored pass's features."""
-    if not config.get("shift") or not all(k in extras for k in shift.KEYS):
-        return checkpoint_logits(model, images, config), None
-    with shift.capturing(model) as seen:
-        logits = checkpoint_logits(model, images, config)
-    feats = seen[0::2] if config.get("tta") else seen  # with tta each batch runs as itself, then mirrored
-    feats = torch.cat(feats) if feats else None
-    if feats is None or len(feats) != len(images):  # a model that calls its head otherwise: measure them on their own
-        feats = shift.features(model, images, config["mean"], config["std"])
-    return logits, shift.distances(extras, config["shift"], feats)
+@dataclass
+class Said:
+    """Everything a model says about a batch of images, from one pass (two with its mirrored test-time pass)."""
+    logits: torch.Tensor  # raw scores, before the temperature
+    probs: torch.Tensor  # class probabilities, after it
+    predicted: torch.Tensor  # the class its stored rule decides
+    lesion_maps: torch.Tensor | None = None  # N1HW lesion probabilities (models with a segmenter)
+    lesion_scores: torch.Tensor | None = None  # per image: how surely it holds a lesion (busi.lesion)
+    distances: torch.Tensor | None = None  # per image: distance from the training images (busi.shift)
+
+
+def run_model(model, config: dict, extras: dict, images: torch.Tensor) -> Said:
+    """The checkpoint's model on uint8 NCHW images exactly as configured (normalisation, mirrored pass, temperature,
+    rule): class probabilities, decisions, lesion maps and scores, and each image's distance from the model's
+    training images (None when the checkpoint has no summary). The shift check reads the unmirrored pass's features."""
+    run = lambda: outputs_of(model, images, config["mean"], config["std"], tta=bool(config.get("tta", False)))  # noqa: E731
+    distances = None
+    if config.get("shift") and all(k in extras for k in shift.KEYS):
+        with shift.capturing(model) as seen:
+            logits, maps = run()
+        feats = seen[0::2] if config.get("tta") else seen  # with tta each batch runs as itself, then mirrored
+        feats = torch.cat(feats) if feats else None
+        if feats is None or len(feats) != len(images):  # a model that calls its head otherwise: measure them on their own
+            feats = shift.features(model, images, config["mean"], config["std"])
+        distances = shift.distances(extras, config["shift"], feats)
+    else:
+        logits, maps = run()
+    probs = probabilities(logits, config)
+    scores = lesion_scores(maps) if maps is not None else None
+    return Said(logits, probs, decide(probs, config["classes"], config.get("operating_point"), scores), maps, scores,
+                distances)
 
 
 def operating_point_of(model_path: str | Path) -> dict | None:
@@ -168,7 +231,15 @@ def probabilities(logits: torch.Tensor, config: dict) -> torch.Tensor:
 
 
 def predict_probs(model, config: dict, images: torch.Tensor) -> torch.Tensor:
-    return probabilities(checkpoint_logits(model, images, config), config)
+    return run_model(model, config, {}, images).probs
+
+
+def shifted(found: dict, origin: list[int]) -> dict:
+    """An outline found on the image the model saw, moved onto the file's image (which the scan crop cut it from)."""
+    dy, dx = origin
+    x0, y0, x1, y1 = found["box"]
+    return {**found, "box": [x0 + dx, y0 + dy, x1 + dx, y1 + dy],
+            "polygon": [[x + dx, y + dy] for x, y in found["polygon"]]}
 
 
 def image_files(inputs: list[str | Path]) -> list[Path]:
@@ -183,61 +254,103 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
+@dataclass
+class Prepared:
+    """An image as the model gets it: the cleaned image (before resizing), where it begins in the file's image, and
+    the model's input."""
+    path: str
+    original: np.ndarray
+    origin: list
+    input: torch.Tensor
+
+
+class LoadedModel:
+    """Any busi model (checkpoint.pth, or an exported .onnx/.pt), ready to use the one way every face uses it (predict,
+    evaluate, the web page): images prepared exactly as in training, run, and described in the same words."""
+
+    def __init__(self, path: str | Path):
+        self.path, self.extras = Path(path), {}
+        if is_exported(path):
+            self.exported, self.model = ExportedModel(path), None
+            self.config = self.exported.config
+        else:
+            self.exported = None
+            self.model, self.config, self.extras = checkpoint.load(path, extras=True)
+        self.classes = list(self.config["classes"])
+
+    def prepare(self, path: str | Path) -> Prepared:
+        """Read and clean one file (BusiError naming it when it cannot be read)."""
+        origin: list = []
+        original = preprocess.apply(read_image(path), self.config.get("preprocess", ()), origin=origin)
+        return Prepared(str(path), original, origin, model_input(original, self.config["image_size"]))
+
+    def run(self, images: torch.Tensor) -> Said:
+        if self.model is not None:
+            return run_model(self.model, self.config, self.extras, images)
+        probs = self.exported.probabilities(images)
+        return Said(torch.log(probs), probs, decide(probs, self.classes, self.config.get("operating_point")))
+
+    def describe(self, prepared: list[Prepared], explain: bool = False) -> list[dict]:
+        """One row per prepared image: predicted class, probabilities, the shift flag, the lesion outline and its
+        measurements; with explain, 'overlay': Grad-CAM of the class said with the outline and a caption drawn on."""
+        if explain and self.model is None:
+            raise BusiError(f"{self.path}: Grad-CAM needs the checkpoint.pth, not an exported model")
+        said = self.run(torch.cat([p.input for p in prepared]))
+        rows = []
+        for j, item in enumerate(prepared):
+            k = int(said.predicted[j])
+            row = {"path": item.path, "predicted": self.classes[k],
+                   "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, said.probs[j])}}
+            if self.config.get("operating_point"):
+                row["predicted_argmax"] = self.classes[int(said.probs[j].argmax())]
+            if said.distances is not None:
+                row["outside_training"] = bool(said.distances[j] > self.config["shift"]["threshold"])
+            found = None
+            if said.lesion_maps is not None:
+                h, w = item.original.shape[:2]
+                found = outline(said.lesion_maps[j, 0].float().numpy(), h, w)
+                row["lesion"] = {"score": round(float(said.lesion_scores[j]), 4),
+                                 **(shifted(found, item.origin) if found else {"box": None, "note": "no lesion outlined"})}
+            if explain:
+                from .explain import gradcam, overlay
+                heat = gradcam(self.model, item.input, [k], self.config["mean"], self.config["std"])[0]
+                caption = f"{self.classes[k]} (p = {float(said.probs[j, k]):.0%})"
+                row["overlay"] = overlay(item.original, heat, found and found["polygon"], caption)
+            rows.append(row)
+        return rows
+
+
 def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_dir: str | Path | None = None,
                 progress: bool = False, batch_size: int = 32) -> list[dict]:
-    """One row per image: path, predicted class, probability of each class (and, when the checkpoint summarises its
-    training images, whether this one lies outside them), or the error that stopped it. Images go through the model
-    in batches.
+    """One row per image (LoadedModel.describe), or the error that stopped it. Images go through the model in batches.
 
-    With explain_dir, a Grad-CAM overlay of the predicted class is written there for each image.
+    With explain_dir, a Grad-CAM overlay of the decided class, with the lesion outline, is written there per image.
     """
-    extras = {}
-    if is_exported(checkpoint_path):
-        if explain_dir is not None:
-            raise BusiError(f"{checkpoint_path}: Grad-CAM needs the checkpoint.pth, not an exported model")
-        exported = ExportedModel(checkpoint_path)
-        model, config = None, exported.config
-    else:
-        model, config, extras = checkpoint.load(checkpoint_path, extras=True)
+    loaded = LoadedModel(checkpoint_path)
     if explain_dir is not None:
-        from .explain import gradcam, overlay
+        if loaded.model is None:
+            raise BusiError(f"{checkpoint_path}: Grad-CAM needs the checkpoint.pth, not an exported model")
         explain_dir = Path(explain_dir)
         explain_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     files = image_files(inputs)
     bar = tqdm(total=len(files), desc="predicting", unit="image", disable=not progress or len(files) < 8, leave=False)
     for start in range(0, len(files), batch_size):
-        batch, originals, ok = [], [], []
+        prepared, slots = [], []
         for n, path in enumerate(files[start:start + batch_size], start):
             try:
-                originals.append(preprocess.apply(read_image(path), config.get("preprocess", ())))  # what the model sees
+                prepared.append(loaded.prepare(path))
+                slots.append((n, len(rows)))
+                rows.append({})
             except BusiError as e:
                 rows.append({"path": str(path), "error": str(e)})
-                continue
-            batch.append(model_input(originals[-1], config["image_size"]))
-            ok.append((n, path, len(rows)))
-            rows.append({})
         bar.update(len(files[start:start + batch_size]))
-        if not batch:
+        if not prepared:
             continue
-        images = torch.cat(batch)
-        if model is not None:
-            logits, distances = logits_and_shift(model, config, extras, images)
-            probs = probabilities(logits, config)
-        else:
-            probs, distances = exported.probabilities(images), None
-        predicted = decide(probs, config["classes"], config.get("operating_point"))
-        for j, (n, path, slot) in enumerate(ok):
-            row = {"path": str(path), "predicted": config["classes"][int(predicted[j])],
-                   "probabilities": {c: round(float(p), 6) for c, p in zip(config["classes"], probs[j])}}
-            if config.get("operating_point"):
-                row["predicted_argmax"] = config["classes"][int(probs[j].argmax())]
-            if distances is not None:
-                row["outside_training"] = bool(distances[j] > config["shift"]["threshold"])
+        for (n, slot), row in zip(slots, loaded.describe(prepared, explain=explain_dir is not None)):
             if explain_dir is not None:
-                heat = gradcam(model, images[j:j + 1], [int(predicted[j])], config["mean"], config["std"])[0]
-                target = explain_dir / f"{n:04d}-{Path(path).stem}-gradcam.png"
-                Image.fromarray(overlay(originals[j], heat)).save(target)
+                target = explain_dir / f"{n:04d}-{Path(row['path']).stem}-gradcam.png"
+                Image.fromarray(row.pop("overlay")).save(target)
                 row["explanation"] = str(target)
             rows[slot] = row
     bar.close()

@@ -1,4 +1,5 @@
-"""A sensitivity-first operating point: the malignant-probability threshold that reaches a target recall, applied."""
+"""Decision rules and their thresholds: the sensitivity-first malignant threshold, and the lesion-first rule ('normal'
+when no lesion is outlined, else malignant vs benign judged among lesions), fitted and applied."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ import torch
 from .errors import BusiError
 
 POSITIVE = "malignant"
+LESION_FIRST = "lesion-first"
 MIN_POSITIVES = 10  # fewer malignant images (or patients) than this promise no recall: refused
 
 
@@ -30,9 +32,25 @@ def fit_threshold(probs: torch.Tensor, labels: torch.Tensor, classes, target_rec
             "recall_where_fitted": round(float((positives >= threshold).float().mean()), 4)}
 
 
-def decide(probs: torch.Tensor, classes, operating_point: dict | None) -> torch.Tensor:
-    """Predicted class per row: the operating point's class wherever its probability reaches the threshold, else the
-    most probable of the other classes; plain argmax without an operating point."""
+def decide(probs: torch.Tensor, classes, operating_point: dict | None, lesion_scores: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """Predicted class per row.
+
+    The lesion-first rule (a model with a segmenter): 'normal' where the lesion score is below its threshold, else
+    'malignant' where p(malignant) / (p(malignant) + p(benign)) reaches its threshold, else 'benign'; so a scan with
+    no lesion is never called malignant, however high p(malignant). The malignant operating point: its class wherever
+    its probability reaches the threshold, else the most probable other class. Without a rule: argmax.
+    """
+    if operating_point and operating_point.get("rule") == LESION_FIRST:
+        if lesion_scores is None:
+            raise BusiError("this model decides from its lesion outline, which this way of running it does not give "
+                            "(use the checkpoint.pth, not an exported model)")
+        m, b = list(classes).index(POSITIVE), list(classes).index("benign")
+        predicted = torch.where(lesion_given(probs, m, b) >= operating_point["threshold"], m, b)
+        if "normal" in classes:
+            predicted = torch.where(lesion_scores < operating_point["lesion_threshold"], list(classes).index("normal"),
+                                    predicted)
+        return predicted.long()
     if not operating_point or operating_point.get("class") not in classes:
         return probs.argmax(1)
     k = list(classes).index(operating_point["class"])
@@ -42,9 +60,91 @@ def decide(probs: torch.Tensor, classes, operating_point: dict | None) -> torch.
                        others.argmax(1))
 
 
+def lesion_given(probs: torch.Tensor, malignant: int, benign: int) -> torch.Tensor:
+    """p(malignant | a lesion): the classifier's malignant share of its lesion classes."""
+    return probs[:, malignant] / (probs[:, malignant] + probs[:, benign]).clamp_min(1e-12)
+
+
+def _threshold_for(values: torch.Tensor, recall: float) -> float:
+    """The highest threshold that at least `recall` of values reach."""
+    ordered = values.sort(descending=True).values
+    return float(ordered[max(1, math.ceil(recall * len(ordered) - 1e-9)) - 1])
+
+
+def fit_lesion_rule(probs: torch.Tensor, lesion_scores: torch.Tensor, labels: torch.Tensor, classes,
+                    malignant_recall: float = 0.9, lesion_recall: float = 0.95, where: str = "validation images") -> dict:
+    """The lesion-first rule's two thresholds: the lesion score that finds lesion_recall of the lesion images
+    (benign and malignant), and the p(malignant | lesion) at which the rule as a whole calls malignant_recall of the
+    malignant images malignant."""
+    classes = list(classes)
+    m, b = classes.index(POSITIVE), classes.index("benign")
+    lesion = (labels == m) | (labels == b)
+    malignant = labels == m
+    if int(malignant.sum()) < MIN_POSITIVES or int(lesion.sum()) < MIN_POSITIVES:
+        raise BusiError(f"{where}: {int(malignant.sum())} malignant and {int(lesion.sum())} lesion image(s): at least "
+                        f"{MIN_POSITIVES} of each are needed to set the lesion-first rule")
+    t_l = _threshold_for(lesion_scores[lesion], lesion_recall)
+    # the malignant threshold is set for the whole rule's recall: a cancer the outline missed is called normal, so the
+    # cancers it found must make up the rest (all of them, if too few were found)
+    found = lesion_given(probs, m, b)[malignant & (lesion_scores >= t_l)]
+    needed = math.ceil(malignant_recall * int(malignant.sum()) - 1e-9)
+    if len(found) <= needed:
+        t_m = float(found.min()) if len(found) else 0.0
+    else:
+        t_m = _threshold_for(found, needed / len(found))
+    down = lambda t: math.floor(t * 1e6) / 1e6  # noqa: E731  (rounded down: the image that set it stays above it)
+    return {"rule": LESION_FIRST, "class": POSITIVE, "threshold": down(t_m), "target_recall": malignant_recall,
+            "lesion_threshold": down(t_l), "lesion_recall": lesion_recall, "fitted_on": int(len(labels)),
+            "fitted_on_positives": int(malignant.sum()), "fitted_on_lesions": int(lesion.sum()), "fitted_where": where}
+
+
+def lesion_rule_figures(probs: torch.Tensor, lesion_scores: torch.Tensor, labels: torch.Tensor, classes, rule: dict,
+                        groups=None) -> dict:
+    """Per group (e.g. held-out source): what the lesion-first rule does, and the classifier's own sensitivity-first
+    threshold (fitted on the same images for the same recall) beside it."""
+    from sklearn.metrics import roc_auc_score
+    classes = list(classes)
+    m, b = classes.index(POSITIVE), classes.index("benign")
+    n = classes.index("normal") if "normal" in classes else -1
+    groups = np.asarray(groups if groups is not None else ["all"] * len(labels))
+    alone = fit_threshold(probs, labels, classes, rule["target_recall"])
+    out = {}
+    for name in sorted(set(groups.tolist())):
+        idx = torch.from_numpy(np.flatnonzero(groups == name))
+        p, s, y = probs[idx], lesion_scores[idx], labels[idx]
+        figures = {}
+        for label, predicted in (("lesion_first", decide(p, classes, rule, s)), ("classifier_alone", decide(p, classes, alone))):
+            mal, ben, nor = y == m, y == b, y == n
+            figures[label] = {
+                "sensitivity": round(float((predicted[mal] == m).float().mean()), 4) if mal.any() else None,
+                "specificity": round(float((predicted[ben] != m).float().mean()), 4) if ben.any() else None,
+                "normal_recall": round(float((predicted[nor] == n).float().mean()), 4) if nor.any() else None,
+                "normal_called_malignant": round(float((predicted[nor] == m).float().mean()), 4) if nor.any() else None,
+                "lesions_called_normal": round(float((predicted[mal | ben] == n).float().mean()), 4),
+                "accuracy": round(float((predicted == y).float().mean()), 4)}
+        figures["classifier_alone"]["threshold"] = alone["threshold"]
+        lesion = (y == m) | (y == b)
+        if (y[lesion] == m).any() and (y[lesion] == b).any():
+            figures["malignant_vs_benign_auroc"] = round(float(roc_auc_score(
+                (y[lesion] == m).numpy(), lesion_given(p[lesion], m, b).numpy())), 4)
+        if (y == n).any():
+            figures["normal_vs_lesion_auroc"] = {
+                "lesion_score": round(float(roc_auc_score(lesion.numpy(), s.numpy())), 4),
+                "classifier_p_normal": round(float(roc_auc_score((y == n).numpy(), p[:, n].numpy())), 4)}
+        out[name] = {"images": int(len(idx)), **figures}
+    return out
+
+
 def describe(operating_point: dict | None) -> str:
     if not operating_point:
         return "argmax (no operating point)"
+    if operating_point.get("rule") == LESION_FIRST:
+        return (f"'normal' when no lesion is outlined (lesion score below {operating_point['lesion_threshold']:.3f}, "
+                f"set to find {operating_point['lesion_recall']:.0%} of {operating_point['fitted_on_lesions']} lesions); "
+                f"otherwise 'malignant' when p(malignant)/(p(malignant)+p(benign)) is at least "
+                f"{operating_point['threshold']:.3f} (set for {operating_point['target_recall']:.0%} recall on "
+                f"{operating_point['fitted_on_positives']} malignant images), else 'benign'; both on "
+                f"{operating_point.get('fitted_where', 'validation images')}")
     where = operating_point.get("fitted_where", "validation images")
     return (f"'{operating_point['class']}' whenever its probability is at least {operating_point['threshold']:.3f} "
             f"(set for {operating_point['target_recall']:.0%} recall on {operating_point['fitted_on']} {where}"
@@ -52,10 +152,12 @@ def describe(operating_point: dict | None) -> str:
                else ")"))
 
 
-def metrics_at(probs: torch.Tensor, labels: torch.Tensor, classes, operating_point: dict) -> dict:
+def metrics_at(probs: torch.Tensor, labels: torch.Tensor, classes, operating_point: dict,
+               lesion_scores: torch.Tensor | None = None) -> dict:
     """Accuracy, per-class recall/precision and the confusion matrix of the operating point's decisions."""
-    return {"threshold": operating_point["threshold"], "class": operating_point["class"],
-            **decision_metrics(decide(probs, classes, operating_point), labels, classes)}
+    extra = {"lesion_threshold": operating_point["lesion_threshold"]} if "lesion_threshold" in operating_point else {}
+    return {"threshold": operating_point["threshold"], "class": operating_point["class"], **extra,
+            **decision_metrics(decide(probs, classes, operating_point, lesion_scores), labels, classes)}
 
 
 def decision_metrics(predicted: torch.Tensor, labels: torch.Tensor, classes) -> dict:

@@ -81,13 +81,16 @@ def clahe(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(out, cv2.COLOR_GRAY2RGB)
 
 
-def apply(image: np.ndarray, steps, mask: np.ndarray | None = None):
+def apply(image: np.ndarray, steps, mask: np.ndarray | None = None, origin: list | None = None):
     """HxWx3 uint8 through the named steps, in the fixed order crop, overlays, clahe, pad.
 
     pad makes the image square with black borders, so that resizing to the square model input keeps its proportions
     (a lesion's height-to-width ratio is a sign of malignancy, and scanners' frames differ in shape). A mask (HxW, the
-    image's size) given too gets the same crop and padding, and (image, mask) is returned.
+    image's size) given too gets the same crop and padding, and (image, mask) is returned. origin, a list, receives the
+    (row, column) of the result's top-left pixel in the given image (negative where padding was added), so that what a
+    model finds in the result can be placed on the file's image.
     """
+    row = col = 0
     for step in STEPS:
         if step not in steps:
             continue
@@ -95,11 +98,15 @@ def apply(image: np.ndarray, steps, mask: np.ndarray | None = None):
             top, bottom, left, right = scan_box(image)
             image = image[top:bottom, left:right]
             mask = None if mask is None else mask[top:bottom, left:right]
+            row, col = row + top, col + left
         elif step == "pad":
             top, bottom, left, right = pad_box(image)
             image = np.pad(image, ((top, bottom), (left, right), (0, 0)))
             mask = None if mask is None else np.pad(mask, ((top, bottom), (left, right)))
+            row, col = row - top, col - left
         else:
             image = {"overlays": remove_overlays, "clahe": clahe}[step](image)
     image = np.ascontiguousarray(image)
+    if origin is not None:
+        origin[:] = [row, col]
     return image if mask is None else (image, np.ascontiguousarray(mask))

@@ -95,15 +95,40 @@ def _model_section(folder: Path, name: str) -> str:
         parts.append(_table(["calibration", "before", "after"],
                             [["ECE (15 bins)", cal["ece_before"], cal["ece_after"]], ["NLL", cal["nll_before"], cal["nll_after"]]])
                      + f'<p class="muted">temperature {cal["temperature"]}; {html.escape(cal["note"])}</p>')
+    if m.get("lesion"):
+        parts.append(_lesion(m["lesion"]))
     loc = m.get("localization")
     if loc and "per_class" in loc:
         parts.append(_localization(loc))
     for png, alt in (("confusion_matrix.png", "confusion matrix (counts and share of true class)"), ("roc.png", "ROC curves"),
                      ("calibration.png", "reliability diagram"),
                      ("misclassified.png", "misclassified images, most confident first"),
+                     ("lesions.png", "lesion outlines: the model's (white), the expert's (green)"),
                      ("gradcam.png", "Grad-CAM overlays (green: right, red: wrong)")):
         parts.append(_img(folder / png, f"{name}: {alt}"))
     return "\n".join(parts)
+
+
+def _lesion(lesion: dict) -> str:
+    """The segmenter's figures: Dice against the experts' masks, lesions found, normal scans left without one."""
+    rows = []
+    if "dice_mean" in lesion:
+        ci = lesion.get("dice_ci")
+        rows += [["Dice, mean over lesion images", f"{lesion['dice_mean']:.3f}"
+                  + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")],
+                 ["Dice, median", lesion["dice_median"]], ["IoU, mean", lesion["iou_mean"]],
+                 ["lesion masks compared", lesion["n_lesion_masks"]]]
+    rows += [[label, lesion[key]] for key, label in (("lesions_found", "lesions found"),
+                                                     ("normal_scans_without_lesion", "normal scans with no lesion found"),
+                                                     ("normal_vs_lesion_auroc", "normal vs lesion AUROC (lesion score)"))
+             if key in lesion]
+    notes = [lesion["dice_note"]] if lesion.get("dice_note") else []
+    if lesion.get("masks_not_used"):
+        notes.append("masks not used: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in lesion["masks_not_used"].items()))
+    return ("<h3>Lesion outline</h3>" + _table(["figure", "value"], rows, "metrics")
+            + f'<p class="muted">a lesion is found where its score reaches {lesion["threshold"]:.3f} '
+              f'({html.escape(lesion["threshold_from"])}); Dice interval: 95% bootstrap over images'
+            + "".join(f"; {html.escape(n)}" for n in notes) + "</p>")
 
 
 def _binary_table(title: str, mvb: dict) -> str:

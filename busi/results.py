@@ -17,6 +17,7 @@ from .errors import BusiError
 from .evaluate import compute_metrics, majority_baseline
 from .operating import decide, describe, metrics_at
 from .explain import gradcam, overlay, summarize_localization
+from .lesion import dice_iou, lesion_figures, outlines_drawn
 from .plots import confusion_matrix, gallery, reliability_diagram, roc_curves
 
 GALLERY_SIZE = 8  # per kind (right, wrong) in gradcam.png
@@ -29,32 +30,43 @@ def _caption(path: str, classes, true: int, predicted: int, probability: float) 
 
 
 def per_source(probs: torch.Tensor, labels: torch.Tensor, classes: list[str], sources: list[str],
-               operating_point: dict | None = None) -> dict:
+               operating_point: dict | None = None, lesion_scores: torch.Tensor | None = None) -> dict:
     """The metrics of each source's images alone (a source may lack a class: its figures cover the classes it has)."""
     out = {}
     for name in sorted(set(sources)):
         idx = torch.tensor([i for i, s in enumerate(sources) if s == name])
         out[name] = compute_metrics(probs[idx], labels[idx], classes)
         if operating_point:
-            out[name]["operating_point"] = metrics_at(probs[idx], labels[idx], classes, operating_point)
+            out[name]["operating_point"] = metrics_at(probs[idx], labels[idx], classes, operating_point,
+                                                      None if lesion_scores is None else lesion_scores[idx])
     return out
 
 
 def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Tensor, labels: torch.Tensor,
                   paths: list[str], masks: torch.Tensor | None = None, mask_status: list[str] | None = None,
                   extra: dict | None = None, explain: bool = True, logits: torch.Tensor | None = None,
-                  sources: list[str] | None = None, shift_distances: torch.Tensor | None = None) -> dict:
+                  sources: list[str] | None = None, shift_distances: torch.Tensor | None = None,
+                  lesion_scores: torch.Tensor | None = None, lesion_dice: torch.Tensor | None = None,
+                  lesion_maps: torch.Tensor | None = None) -> dict:
     """metrics.json, predictions.csv, confusion_matrix.png, misclassified.png, roc.png, calibration.png, gradcam.png.
 
     logits: the model's raw scores on images, when the caller has them already. sources: each image's source, when
     several folders were pooled: every figure is given per source too. shift_distances: each image's distance from the
-    training images (busi.shift), written beside its prediction with the flag it earns."""
+    training images (busi.shift), written beside its prediction with the flag it earns. lesion_scores (models with a
+    segmenter): the decision rule reads them, and each is written with its Dice against the image's mask."""
     folder.mkdir(parents=True, exist_ok=True)
     classes = list(config["classes"])
     temperature = float(config.get("temperature", 1.0))
     if logits is None:
-        from .inference import checkpoint_logits  # late: inference imports this module
-        logits = checkpoint_logits(model, images, config)
+        from .inference import run_model  # late: inference imports this module
+        said = run_model(model, config, {}, images)
+        logits, lesion_scores, lesion_maps = said.logits, said.lesion_scores, said.lesion_maps
+        if lesion_maps is not None and masks is not None and mask_status is not None:
+            dice, iou = dice_iou(lesion_maps, masks)
+            lesion_dice = torch.where(torch.tensor([st in ("lesion", "empty") for st in mask_status]), dice,
+                                      torch.tensor(float("nan")))
+            extra = {**(extra or {}), "lesion": lesion_figures(lesion_scores, lesion_dice, iou, mask_status, labels,
+                                                               classes, config.get("operating_point"))}
     raw = torch.softmax(logits, 1)
     probs = torch.softmax(logits / temperature, 1)
     metrics = {**compute_metrics(probs, labels, classes), "majority_baseline": round(majority_baseline(labels, len(classes)), 6)}
@@ -69,20 +81,24 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
     }
     operating_point = config.get("operating_point")
     if operating_point:  # the figures above stay argmax ones, comparable across models; these are what users get
-        metrics["operating_point"] = {**metrics_at(probs, labels, classes, operating_point),
+        metrics["operating_point"] = {**metrics_at(probs, labels, classes, operating_point, lesion_scores),
                                       "rule": describe(operating_point)}
     if sources is not None and len(set(sources)) > 1:
-        metrics["per_source"] = per_source(probs, labels, classes, sources, operating_point)
-    predicted = decide(probs, classes, operating_point)
+        metrics["per_source"] = per_source(probs, labels, classes, sources, operating_point, lesion_scores)
+    predicted = decide(probs, classes, operating_point, lesion_scores)
     with open(folder / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
         shifted = [] if shift_distances is None else ["shift_distance", "outside_training"]
-        w.writerow(["path", "true", "predicted", "predicted_argmax", *[f"p_{c}" for c in classes], *shifted])
+        lesion = [] if lesion_scores is None else ["lesion_score", "lesion_dice"]
+        w.writerow(["path", "true", "predicted", "predicted_argmax", *[f"p_{c}" for c in classes], *shifted, *lesion])
         for n, (p, t, y, pr) in enumerate(zip(paths, labels.tolist(), predicted.tolist(), probs.tolist())):
             flag = [] if shift_distances is None else [
                 f"{float(shift_distances[n]):.4f}", int(shift_distances[n] > config["shift"]["threshold"])]
+            found = [] if lesion_scores is None else [
+                f"{float(lesion_scores[n]):.4f}",
+                "" if lesion_dice is None or torch.isnan(lesion_dice[n]) else f"{float(lesion_dice[n]):.4f}"]
             w.writerow([p, classes[t], classes[y], classes[max(range(len(pr)), key=pr.__getitem__)],
-                        *[f"{v:.6f}" for v in pr], *flag])
+                        *[f"{v:.6f}" for v in pr], *flag, *found])
 
     name = (extra or {}).get("model", config.get("arch", ""))
     # Every picture uses the decision rule users get (the operating point when there is one) and says which it is
@@ -106,6 +122,8 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
             [_caption(paths[i], classes, labels[i], predicted[i], float(confidence[i])) for i in shown],
             folder / "misclassified.png", f"Misclassified, {rule}: the {len(shown)} most confident of {len(wrong)}")
     metrics["pictures"] = {"rule": rule, "misclassified": len(wrong), "misclassified_shown": len(shown)}
+    if lesion_maps is not None:
+        _lesion_gallery(folder, images, labels, predicted, paths, classes, lesion_maps, lesion_dice, masks, mask_status)
 
     if explain:
         try:
@@ -116,6 +134,23 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
     metrics.update(extra or {})
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _lesion_gallery(folder, images, labels, predicted, paths, classes, maps, dice, masks, mask_status) -> None:
+    """lesions.png: the model's outline (white) beside the expert's (green): the worst Dice first, then the best, then
+    normal scans (where an outline is a false alarm)."""
+    known = [i for i, st in enumerate(mask_status or []) if st == "lesion" and dice is not None]
+    by_dice = sorted(known, key=lambda i: float(dice[i]))
+    normal = [i for i in range(len(labels)) if "normal" in classes and int(labels[i]) == classes.index("normal")]
+    chosen = list(dict.fromkeys(by_dice[:6] + by_dice[::-1][:6] + normal[:3])) or list(range(min(12, len(labels))))
+    drawn, captions = [], []
+    for i in chosen:
+        mask = masks[i, 0].numpy().astype(bool) if masks is not None and i in known else None
+        drawn.append(outlines_drawn(images[i].permute(1, 2, 0).numpy(), maps[i, 0].float().numpy(), mask))
+        said = f"true {classes[int(labels[i])]}, said {classes[int(predicted[i])]}"
+        captions.append(f"{Path(paths[i]).name}\n{said}" + (f", Dice {float(dice[i]):.2f}" if i in known else ""))
+    gallery(drawn, captions, folder / "lesions.png", "Lesion outlines: the model's (white), the expert's (green); "
+            "worst Dice first")
 
 
 def _explain(folder, model, config, images, labels, predicted, confidence, paths, masks, mask_status, metrics, rule):

@@ -23,7 +23,7 @@ from .data import IMAGENET_MEAN, IMAGENET_STD, augment, lesion_windows, normaliz
 from .inference import logits_of
 from . import hardware
 from .errors import BusiError
-from .models import last_conv_block
+from .models import has_segmenter, last_conv_block
 
 
 DISTILL_T = 2.0  # softened probabilities carry what the parent knows of every class, not only its top answer
@@ -44,7 +44,10 @@ class Classifier(L.LightningModule):
         self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
         self.register_buffer("class_weights", class_weights, persistent=False)
         self.lesion_head = None
-        if cfg.mask_weight > 0:
+        self.segmenter_only = has_segmenter(model) and cfg.freeze_classifier
+        if self.segmenter_only:  # the parent's classifier as it is: no gradients, its BatchNorm statistics kept
+            model.classifier.requires_grad_(False)
+        if cfg.mask_weight > 0 and not has_segmenter(model):
             # A 1x1 convolution reads "lesion here?" off the last feature map; it exists only during
             # training (the saved model is the plain classifier) and steers features towards the lesion.
             layer, channels = last_conv_block(model)
@@ -78,8 +81,22 @@ class Classifier(L.LightningModule):
         for teacher in self._teacher:
             teacher.to(self.device)
 
+    def on_train_epoch_start(self):
+        if self.segmenter_only:
+            self.model.classifier.eval()
+
     def training_step(self, batch, batch_idx):
         x, y = batch[:2]
+        if has_segmenter(self.model):
+            masks = batch[2] if len(batch) == 3 else None
+            if self.segmenter_only:
+                loss = self.cfg.mask_weight * self.segmentation_loss(self.model.lesion_logits(x), masks)
+                self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+                return loss
+            logits, lesion = self.model.forward_with_lesion(x)
+            loss = self.classification_loss(logits, y) + self.cfg.mask_weight * self.segmentation_loss(lesion, masks)
+            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+            return loss
         logits = self(x)
         loss = self.classification_loss(logits, y)
         if self._teacher and self.cfg.distill_weight > 0:
@@ -99,6 +116,23 @@ class Classifier(L.LightningModule):
                 loss = loss + self.cfg.mask_weight * mask_loss
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         return loss
+
+    def segmentation_loss(self, lesion: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+        """Binary cross-entropy plus soft Dice over the images whose mask is known (an empty mask included: a normal
+        scan teaches 'no lesion here'); Dice is taken over the batch, so lesion-free images add to its denominator
+        only through false positives."""
+        if masks is None:
+            return lesion.sum() * 0
+        known = masks.amin(dim=(1, 2, 3)) >= 0
+        if not known.any():
+            return lesion.sum() * 0
+        lesion = lesion[known].float()
+        target = F.interpolate(masks[known].clamp_min(0).float(), size=lesion.shape[-2:], mode="area")
+        bce = F.binary_cross_entropy_with_logits(lesion, target)
+        p = torch.sigmoid(lesion)
+        dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+        self.log("mask_loss", bce + dice, on_step=False, on_epoch=True, batch_size=int(known.sum()), sync_dist=True)
+        return bce + dice
 
     def classification_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy, over the classes present in the training data when that is a subset of the model's."""
@@ -123,7 +157,8 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self):
         kind = torch.optim.AdamW if self.cfg.optimizer == "adamw" else torch.optim.Adam
-        optimizer = kind(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        optimizer = kind([p for p in self.parameters() if p.requires_grad], lr=self.cfg.lr,
+                         weight_decay=self.cfg.weight_decay)
         if self.cfg.scheduler == "none":
             return optimizer
         total = max(1, self.trainer.estimated_stepping_batches)

@@ -22,14 +22,15 @@ from .data import MASK_USABLE, Dataset, load, load_masks, scan, warn
 from .folders import scan_sources
 from .meta import source_meta
 from .calibrate import fit_temperature
-from .operating import MIN_POSITIVES, fit_threshold
+from .lesion import lesion_scores
+from .operating import MIN_POSITIVES, fit_lesion_rule, fit_threshold
 from .errors import BusiError
-from .models import IMAGENET_WEIGHTS, Ensemble, build, count_parameters, normalization
+from .models import IMAGENET_WEIGHTS, Ensemble, build, count_parameters, has_segmenter, normalization, with_segmenter
 from .plots import loss_curves
 from .report import render
 from .results import write_results
 from .split import group_ids, train_test
-from .inference import logits_of
+from .inference import outputs_of
 from .runs import is_main_process, run_dir
 from .train import check_hardware, fit
 
@@ -91,19 +92,20 @@ def prepare(cfg: RunConfig, progress: bool = True, notes: list[str] = ()) -> tup
 def training_tensors(cfg: RunConfig, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, status: list[str]):
     """index -> the tensors fit() trains on: images and labels, plus lesion masks when the recipe learns them or cuts
     windows by them."""
-    if cfg.mask_weight <= 0 and cfg.lesion_windows <= 0:
+    if cfg.mask_weight <= 0 and cfg.lesion_windows <= 0 and not cfg.lesion_size:
         return lambda idx: (images[idx], labels[idx])
     known = torch.tensor([st in MASK_USABLE for st in status])
     return lambda idx: (images[idx], labels[idx], masks[idx], known[idx])
 
 
 def build_for(arch: str, cfg: RunConfig, n_classes: int):
-    """A fresh model as cfg wants it: the weights of cfg.init_checkpoint (fine-tuning), or ImageNet weights
-    (downloaded or --weights) for the models that have them."""
+    """A fresh model as cfg wants it: the weights of cfg.init_checkpoint (fine-tuning; a segmenter added when cfg has
+    lesion_size and the parent has none), or ImageNet weights (downloaded or --weights) for the models that have them."""
     if cfg.init_checkpoint:
-        return checkpoint.load(cfg.init_checkpoint)[0].train()
+        model = checkpoint.load(cfg.init_checkpoint)[0].train()
+        return with_segmenter(model, cfg.lesion_size) if cfg.lesion_size and not has_segmenter(model) else model
     return build(arch, n_classes, pretrained=cfg.pretrained and arch in IMAGENET_WEIGHTS,
-                 weights=cfg.weights if arch in IMAGENET_WEIGHTS else None)
+                 weights=cfg.weights if arch in IMAGENET_WEIGHTS else None, lesion_size=cfg.lesion_size)
 
 
 def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_dir: Path, test_idx=None,
@@ -158,12 +160,18 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
 
 def calibrate(model, config: dict, cfg: RunConfig, val) -> None:
     """On the validation part (images, labels): the temperature (if cfg fits one) and the malignant threshold."""
-    val_logits = logits_of(model, val[0], config["mean"], config["std"], tta=cfg.tta)
+    val_logits, val_maps = outputs_of(model, val[0], config["mean"], config["std"], tta=cfg.tta)
     config["temperature"] = fit_temperature(val_logits, val[1]) if cfg.fit_temperature else 1.0
     config["temperature_fitted_on"] = len(val[1]) if cfg.fit_temperature else 0
     if cfg.malignant_recall is not None:
-        point = fit_threshold(torch.softmax(val_logits / config["temperature"], 1), val[1], list(config["classes"]),
-                              cfg.malignant_recall)
+        val_probs = torch.softmax(val_logits / config["temperature"], 1)
+        point = fit_threshold(val_probs, val[1], list(config["classes"]), cfg.malignant_recall)
+        if val_maps is not None and "benign" in config["classes"] and point is not None:
+            try:  # a segmenter decides 'normal' and where malignancy is judged (busi.operating's lesion-first rule)
+                point = fit_lesion_rule(val_probs, lesion_scores(val_maps), val[1], list(config["classes"]),
+                                        cfg.malignant_recall, where="validation images")
+            except BusiError as e:
+                warn(f"{e}; the model keeps the plain malignant threshold")
         parent = checkpoint.read(cfg.init_checkpoint)["config"].get("operating_point") if cfg.init_checkpoint else None
         if parent and (point is None or point["fitted_on_positives"] < MIN_POSITIVES):  # too few to re-set it
             point = {**parent, "kept_from_parent": f"the validation part held {0 if point is None else point['fitted_on_positives']}"
@@ -177,7 +185,8 @@ def _checkpoint_config(arch: str, cfg: RunConfig, classes) -> dict:
     return {"arch": arch, "classes": list(classes), "image_size": cfg.image_size, "mean": list(mean),
             "std": list(std), "preprocess": list(cfg.preprocess), "trained_on": roots if len(roots) > 1 else roots[0],
             "trained_at": datetime.now().isoformat(timespec="seconds"),
-            "seed": cfg.seed, "epochs": cfg.epochs, "tta": cfg.tta, "temperature": 1.0, "version": __version__}
+            "seed": cfg.seed, "epochs": cfg.epochs, "tta": cfg.tta, "temperature": 1.0, "version": __version__,
+            **({"lesion_size": cfg.lesion_size} if cfg.lesion_size else {})}
 
 
 def check_models(cfg: RunConfig, classes) -> None:
@@ -255,8 +264,10 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
             if cfg.init_checkpoint:  # and those that shaped its parent
                 _, parent, inherited = checkpoint.load(cfg.init_checkpoint, extras=True)
                 if "fingerprints.phash" in inherited and parent.get("fingerprint_paths"):
-                    fingerprints = {k: torch.cat([inherited[k], v]) for k, v in fingerprints.items()}
-                    config_paths = [f"parent:{p}" for p in parent["fingerprint_paths"]] + config_paths
+                    own = set(config_paths)  # an image both trained on is fingerprinted once
+                    keep = [i for i, p in enumerate(parent["fingerprint_paths"]) if p.removeprefix("parent:") not in own]
+                    fingerprints = {k: torch.cat([inherited[k][keep], v]) for k, v in fingerprints.items()}
+                    config_paths = [f"parent:{parent['fingerprint_paths'][i]}" for i in keep] + config_paths
         config["fingerprint_paths"] = config_paths
         checkpoint.save(folder / arch / "checkpoint.pth", model, config, extras={**extras, **fingerprints})
         if len(test_idx) == 0:

@@ -18,6 +18,8 @@ import json
 import shutil
 import subprocess
 import sys
+
+import yaml
 from datetime import datetime
 from pathlib import Path
 
@@ -90,6 +92,44 @@ def within(run: Path | None) -> dict | None:
             "shift_flagged": (s.get("shift") or {}).get("share")}
 
 
+def lesion_rule_lines(op: dict, name: dict) -> list[str]:
+    """The lesion-first rule in plain words, with what it did at each hospital no model of it had seen."""
+    def pct(v):
+        return _pct(v)
+    per = []
+    for source, f in (op.get("per_source") or {}).items():
+        mine, alone = f["lesion_first"], f["classifier_alone"]
+        normals = (f", normal scans called normal {pct(mine['normal_recall'])} (classifier alone "
+                   f"{pct(alone['normal_recall'])}), lesions called normal {pct(mine['lesions_called_normal'])}, "
+                   f"3-class accuracy {mine['accuracy']:.3f} (classifier alone {alone['accuracy']:.3f})"
+                   if mine.get("normal_recall") is not None else f", lesions called normal {pct(mine['lesions_called_normal'])}")
+        per.append(f"{name.get(source, source)} held out ({f['images']} predictions): sensitivity "
+                   f"{pct(mine['sensitivity'])}, specificity {pct(mine['specificity'])}{normals}; the classifier alone "
+                   f"at its own hospital-out threshold ({alone['threshold']:.3f}): sensitivity "
+                   f"{pct(alone['sensitivity'])}, specificity {pct(alone['specificity'])}")
+    seg = []
+    for run, sources in (op.get("segmentation_hospital_out") or {}).items():
+        for source, v in sources.items():
+            sep = (f"; normal vs lesion AUROC {v['normal_vs_lesion_auroc']:.3f}" if "normal_vs_lesion_auroc" in v else "")
+            seg.append(f"{name.get(source, source)} held out: Dice {v['dice_mean']:.3f} (median {v['dice_median']:.3f}) "
+                       f"over {v['lesion_images']} lesion images{sep} ({run})")
+    return ["**The stored decision rule** (lesion-first): 'normal' when the model outlines no lesion (its lesion score "
+            f"below {op['lesion_threshold']:.3f}, set to find {op['lesion_recall']:.0%} of the lesions); otherwise "
+            f"'malignant' when p(malignant) / (p(malignant) + p(benign)) is at least {op['threshold']:.3f} (set for "
+            f"{op['target_recall']:.0%} of the malignant images), else 'benign'. A scan with no lesion outlined is "
+            "never called malignant, however high its p(malignant). Both thresholds were fitted on "
+            f"{op['fitted_on']} {op['fitted_where']}: {op['fitted_on_lesions']} lesions, {op['fitted_on_positives']} "
+            "of them malignant.", "",
+            "What the rule did there, per held-out hospital: " + "; ".join(per) + ".", "",
+            "**The lesion outline** (a U-Net segmenter beside the classifier, trained on every image's lesion mask; a "
+            "normal scan's is empty), measured the same way, each hospital outlined by a segmenter that never saw it: "
+            + "; ".join(seg) + ". `busi predict` gives each image's outline (box, polygon, width, depth, "
+            "depth-to-width), `busi evaluate` its Dice against your masks.", "",
+            "At your hospital: `busi evaluate --data YOUR_LABELLED_FOLDER` first (it says when your images lie "
+            "outside what the model trained on); re-set the malignant threshold on your own labelled images with "
+            "`busi calibrate --data YOUR_LABELLED_FOLDER --malignant-recall 0.9` (the lesion threshold is kept).", ""]
+
+
 def card(data: dict) -> str:
     r, op = data["recipe"], data["operating_point"] or {}
     name = {k: v[1] for k, v in CITATIONS.items()}
@@ -116,7 +156,9 @@ def card(data: dict) -> str:
                          f"specificity {_pct(first['specificity_at_fold_threshold'])}{three}; "
                          f"{_pct(first['shift_flagged'])} of its images flagged as unlike the training images.")
         lines.append("")
-    if op:
+    if op.get("rule") == "lesion-first":
+        lines += lesion_rule_lines(op, name)
+    elif op:
         def where(block):
             return "; ".join(f"{name.get(k, k)}: sensitivity {v['recall']:.0%}, specificity {_pct(v.get('specificity'))}"
                              + (f", normal scans called malignant {v['normal_called_malignant']:.0%}"
@@ -160,7 +202,13 @@ def card(data: dict) -> str:
               f"- {data['model']}" + (" (timm `tf_efficientnet_lite0`)" if data["model"] == "efficientnet-lite0" else "")
               + ", fine-tuned from ImageNet weights, classes "
               f"{', '.join(data['classes'])}; input {data['image_size']}×{data['image_size']} RGB.",
-              f"- Recipe: `configs/recommended.yaml` — {r['epochs']} epochs, AdamW lr {r['lr']}, weight decay "
+              *([f"- Lesion segmenter beside it (`configs/lesion.yaml`): EfficientNet-Lite0 encoder from ImageNet "
+                 f"weights and a U-Net decoder (segmentation-models-pytorch) at {r['lesion_size']}×{r['lesion_size']} "
+                 f"px, {r['epochs']} epochs of binary cross-entropy + Dice on every training image's lesion mask (a "
+                 "normal scan's is empty), with the augmentation below; the classifier is the previously bundled one, "
+                 "kept as it was (its recipe: `configs/recommended.yaml`, 30 epochs)."] if r.get("lesion_size") else []),
+              f"- {'Classifier recipe' if r.get('lesion_size') else 'Recipe'}: `configs/recommended.yaml` — "
+              f"{30 if r.get('lesion_size') else r['epochs']} epochs, AdamW lr {r['lr']}, weight decay "
               f"{r['weight_decay']}, cosine schedule, label smoothing {r['label_smoothing']}, flip / rotation / zoom / "
               "brightness / contrast / autocontrast augmentation"
               + (f", lesion windows (p {r['lesion_windows']}: views clear of the lesion taught as normal)"
@@ -225,17 +273,39 @@ def main():
                         "figures, and what the stored threshold does there")
     parser.add_argument("--adapted-threshold", action="store_true", help="also store the threshold `busi adapt` switches "
                         "to, fitted on the --hospital-cv runs' predictions after adaptation")
+    parser.add_argument("--lesion-cv", type=Path, action="append", default=[],
+                        help="a benchmarks/lesion.py run (hospital-out segmenters): bundle configs/lesion.yaml, a lesion "
+                        "segmenter trained beside --classifier, with the lesion-first rule fitted on these runs and the "
+                        "--hospital-cv runs (the classifier's hospital-out predictions)")
+    parser.add_argument("--classifier", type=Path, default=bundled.MODEL,
+                        help="with --lesion-cv: the trained classifier the segmenter joins (kept as it is; default: the "
+                        "bundled model, copied into the run folder first)")
     args = parser.parse_args()
-    recipe = ROOT / "configs" / "recommended.yaml"
+    recipe = ROOT / "configs" / ("lesion.yaml" if args.lesion_cv else "recommended.yaml")
     data_flags = [x for d in args.data for x in ("--data", d)] + [x for m in args.meta for x in ("--meta", m)]
     meta_flags = ["--patient-column", args.patient_column, "--group-column", args.group_column] if args.meta else []
-    train = ["busi", "train", "--config", "configs/recommended.yaml", *data_flags, *meta_flags]
+    train = ["busi", "train", "--config", str(recipe.relative_to(ROOT)), *data_flags, *meta_flags]
     command = "python scripts/bundle_model.py " + " ".join(sys.argv[1:])
     run = args.from_run
     if run is None:
         run = ROOT / "runs" / f"bundle-{datetime.now():%Y-%m-%dT%H%M%S}"
-        subprocess.run([sys.executable, "-m", "busi.cli", *train[1:], "--out", str(run)], check=True)
-    command = command.replace(str(run), "RUN") + f"  (RUN made by: {' '.join(train)})"
+        if args.lesion_cv:  # the segmenter trains beside the classifier, which stays as it is
+            run.mkdir(parents=True)
+            parent = run / "classifier.pth"
+            shutil.copy(args.classifier, parent)
+            config = yaml.safe_load(recipe.read_text())
+            config.update({"init_checkpoint": str(parent), "freeze_classifier": True})
+            (run / "recipe.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            train[3] = str(run / "recipe.yaml")
+        subprocess.run([sys.executable, "-m", "busi.cli", *train[1:], "--out", str(run / "train")
+                        if args.lesion_cv else str(run)], check=True)
+    made_by = " ".join(train).replace(str(run), "RUN")
+    if args.lesion_cv:
+        made_by = (f"the bundled classifier copied to RUN/classifier.pth, {recipe.relative_to(ROOT)} with init_checkpoint "
+                   f"RUN/classifier.pth and freeze_classifier: true as RUN/recipe.yaml, then {made_by} --out RUN/train")
+        if (run / "train").is_dir():
+            run = run / "train"
+    command = command.replace(str(run), "RUN") + f"  (RUN made by: {made_by})"
     info = {}
     if args.meta:
         split = json.loads((run / "split.json").read_text())
@@ -248,7 +318,8 @@ def main():
     data = bundled.bundle(run, recipe, ROOT / "examples", command, threshold_runs=args.hospital_cv, patients=patients,
                           home_runs=[args.within_cv] if args.within_cv else [],
                           adapted_threshold_runs=[r for r in args.hospital_cv if args.adapted_threshold and "adapted_p_"
-                                                  in (r / "oof_predictions.csv").open().readline()])
+                                                  in (r / "oof_predictions.csv").open().readline()],
+                          lesion_runs=args.lesion_cv)
     data["data"] = bundled.data_summary(run, info)
     data["hospital_out"] = hospital_out(args.hospital_cv)
     data["within_source"] = within(args.within_cv)

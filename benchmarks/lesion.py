@@ -1,0 +1,150 @@
+"""Hospital-out lesion segmentation, and the decision rule it makes possible, judged where no model saw the hospital.
+
+    python benchmarks/lesion.py --data ../shared/data/busi_dev --data ../shared/data/busbra_dev \
+        --meta ../shared/data/busbra_dev/bus_data.csv --config configs/lesion.yaml --seed 0 \
+        --classifier-cv benchmarks/results/hospitals-recommended --out benchmarks/results/lesion-hospitals
+
+For each source in turn, a segmenter (the recipe's lesion_size, epochs and augmentation; the classifier frozen and
+unused) trains on the other sources' masks (a normal scan's mask is empty) and outlines every image of the held-out
+one. Written: lesion_oof.csv (per image: lesion score, Dice and IoU against the expert's mask, the fold),
+lesion_metrics.json (per held-out source: Dice, normal-vs-lesion AUROC, detection). With --classifier-cv (a
+`busi cv --split source` run of the classifier on the same sources), the lesion-first rule is scored on both
+models' out-of-fold predictions: 'normal' below a lesion threshold fitted on the pooled hospital-out lesion scores,
+else malignant from p(malignant | lesion) = p_m / (p_m + p_b) at a threshold fitted the same way, beside today's rule.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from busi import hardware  # noqa: E402
+from busi.config import make_config  # noqa: E402
+from busi.data import load_masks  # noqa: E402
+from busi.inference import outputs_of  # noqa: E402
+from busi.lesion import dice_iou, lesion_scores  # noqa: E402
+from busi.models import build, normalization  # noqa: E402
+from busi.operating import fit_lesion_rule, lesion_rule_figures  # noqa: E402
+from busi.split import group_ids, source_folds  # noqa: E402
+from busi.train import fit  # noqa: E402
+from busi.workflow import prepare, training_tensors  # noqa: E402
+
+
+def segment_hospital_out(cfg, out: Path) -> list[dict]:
+    cfg, notes = hardware.resolve(cfg)
+    dataset, report, images, labels, _ = prepare(cfg, True, notes)
+    paths = [s.path for s in dataset.samples]
+    masks, status = load_masks(dataset, cfg.image_size, cfg.preprocess)
+    sources = np.asarray([dataset.source_of(s) for s in dataset.samples])
+    together = group_ids(paths, report["duplicate_groups"], dataset.patient_groups())
+    part = training_tensors(cfg, images, labels, masks, status)
+    rows = []
+    for k, (train_idx, test_idx) in enumerate(source_folds(sources, labels.numpy(), together, list(dataset.classes))):
+        held = str(sources[test_idx[0]])
+        torch.manual_seed(cfg.seed + k)
+        start = time.perf_counter()
+        model = build(cfg.models[0], len(dataset.classes), pretrained=True, lesion_size=cfg.lesion_size)
+        model, _ = fit(model, cfg, part(train_idx), out / f"fold{k}", progress=True, checkpoints=False,
+                       normalization=normalization(cfg.models[0]))
+        seconds = time.perf_counter() - start
+        _, maps = outputs_of(model, images[test_idx], *normalization(cfg.models[0]), tta=cfg.tta)
+        scores = lesion_scores(maps)
+        dice, iou = dice_iou(maps, masks[test_idx])
+        for j, i in enumerate(test_idx.tolist()):
+            rows.append({"fold": k, "held_out": held, "path": paths[i], "true": dataset.classes[int(labels[i])],
+                         "mask": status[i], "lesion_score": round(float(scores[j]), 5),
+                         "dice": round(float(dice[j]), 4) if status[i] in ("lesion", "empty") else "",
+                         "iou": round(float(iou[j]), 4) if status[i] in ("lesion", "empty") else "",
+                         "train_seconds": round(seconds, 1)})
+        print(f"held out {held}: trained on {len(train_idx)} images in {seconds / 60:.1f} min; mean Dice over lesions "
+              f"{np.mean([r['dice'] for r in rows if r['held_out'] == held and r['mask'] == 'lesion']):.3f}", flush=True)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    from sklearn.metrics import roc_auc_score
+    out = {}
+    for held in sorted({r["held_out"] for r in rows}):
+        mine = [r for r in rows if r["held_out"] == held]
+        lesion = [r for r in mine if r["mask"] == "lesion"]
+        normal = [r for r in mine if r["true"] == "normal"]
+        dice = np.array([r["dice"] for r in lesion], dtype=float)
+        entry = {"images": len(mine), "lesion_images": len(lesion), "normal_images": len(normal),
+                 "dice_mean": round(float(dice.mean()), 4), "dice_median": round(float(np.median(dice)), 4),
+                 "iou_mean": round(float(np.mean([r["iou"] for r in lesion])), 4),
+                 "lesions_outlined": round(float(np.mean([r["lesion_score"] >= 0.5 for r in lesion])), 4),
+                 "train_minutes": round(float(mine[0]["train_seconds"]) / 60, 1)}
+        if normal:
+            truth = [0] * len(normal) + [1] * len(lesion)
+            entry["normal_vs_lesion_auroc"] = round(float(roc_auc_score(
+                truth, [r["lesion_score"] for r in normal + lesion])), 4)
+            entry["normal_outlined_empty"] = round(float(np.mean([r["lesion_score"] < 0.5 for r in normal])), 4)
+        out[held] = entry
+    return out
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", action="append", required=True)
+    ap.add_argument("--meta", action="append", default=[])
+    ap.add_argument("--patient-column", default="Case")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "lesion.yaml"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--classifier-cv", action="append", default=[], help="busi cv --split source run(s) of the classifier")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--reuse", action="store_true", help="score an earlier run's lesion_oof.csv again, no training")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.reuse:
+        overrides = {"data": args.data, "meta": args.meta, "patient_column": args.patient_column if args.meta else None,
+                     "seed": args.seed,
+                     "freeze_classifier": True, "val_size": 0.0, "malignant_recall": None}
+        if args.epochs:
+            overrides["epochs"] = args.epochs
+        cfg = make_config(overrides, args.config)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        rows = segment_hospital_out(cfg, out)
+        with open(out / "lesion_oof.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    rows = read_csv(out / "lesion_oof.csv")
+    for r in rows:
+        r["lesion_score"] = float(r["lesion_score"])
+        r["dice"] = float(r["dice"]) if r["dice"] else None
+        r["iou"] = float(r["iou"]) if r["iou"] else None
+    metrics = {"segmentation": summarize(rows)}
+    for run in map(Path, args.classifier_cv):
+        probs = {r["path"]: r for r in read_csv(run / "oof_predictions.csv")}
+        joined = [(r, probs[r["path"]]) for r in rows if r["path"] in probs]
+        classes = ["benign", "malignant", "normal"]
+        p = torch.tensor([[float(c[f"p_{k}"]) for k in classes] for _, c in joined])
+        y = torch.tensor([classes.index(r["true"]) for r, _ in joined])
+        scores = torch.tensor([r["lesion_score"] for r, _ in joined])
+        held = [r["held_out"] for r, _ in joined]
+        rule = fit_lesion_rule(p, scores, y, classes, malignant_recall=0.9, lesion_recall=0.95,
+                               where="hospital-out out-of-fold predictions")
+        metrics[f"rule_with_{run.name}"] = {"rule": rule, "per_held_out_source": lesion_rule_figures(
+            p, scores, y, classes, rule, held)}
+    (out / "lesion_metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""The lesion outline: masks in any form, scores, outlines and measurements, Dice, the lesion-first rule, and the one road
+(predict, evaluate and the web page say the same about an image)."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from busi.cli import main
+from busi.data import load_masks, read_mask, scan
+from busi.errors import BusiError
+from busi.lesion import dice_iou, lesion_scores, outline
+from busi.operating import decide, describe, fit_lesion_rule
+
+CLASSES = ["benign", "malignant", "normal"]
+
+
+def _blob_map(size=56, box=(10, 20, 30, 44)) -> np.ndarray:
+    """A probability map with one lesion: rows box[0]:box[1], columns box[2]:box[3]."""
+    m = np.full((size, size), 0.02, np.float32)
+    m[box[0]:box[1], box[2]:box[3]] = 0.9
+    return m
+
+
+def test_outline_measures_the_lesion_in_the_images_pixels():
+    # the map covers a 112 x 224 image: twice as tall and four times as wide per map cell
+    found = outline(_blob_map(), 112, 224)
+    x0, y0, x1, y1 = found["box"]
+    assert abs(x0 - 30 * 4) <= 4 and abs(x1 - 44 * 4) <= 4 and abs(y0 - 10 * 2) <= 2 and abs(y1 - 20 * 2) <= 2
+    assert found["width_px"] == x1 - x0 and found["depth_px"] == y1 - y0
+    assert found["depth_to_width"] == pytest.approx(found["depth_px"] / found["width_px"], abs=1e-3)
+    assert abs(found["area_px"] - 56 * 20) < 0.15 * 56 * 20
+    assert all(x0 <= x <= x1 and y0 <= y <= y1 for x, y in found["polygon"]) and len(found["polygon"]) >= 4
+    json.dumps(found)  # plain types: it goes into predict --json
+    with_mm = outline(_blob_map(), 112, 224, mm_per_pixel=(0.1, 0.2))
+    assert with_mm["width_mm"] == pytest.approx(with_mm["width_px"] * 0.2)
+    assert with_mm["depth_mm"] == pytest.approx(with_mm["depth_px"] * 0.1)
+    assert outline(np.full((56, 56), 0.1, np.float32), 100, 100) is None  # nothing reaches the level
+
+
+def test_scores_and_dice_against_known_masks():
+    lesion = torch.from_numpy(_blob_map())[None, None]
+    empty = torch.full_like(lesion, 0.02)
+    maps = torch.cat([lesion, empty, lesion, empty])
+    scores = lesion_scores(maps)
+    assert scores[0] > 0.8 and scores[1] < 0.1
+    truth = torch.from_numpy((_blob_map() > 0.5).astype(np.uint8))[None, None]
+    elsewhere = torch.zeros_like(truth)
+    elsewhere[..., 40:50, 0:10] = 1
+    dice, iou = dice_iou(maps, torch.cat([truth, torch.zeros_like(truth), elsewhere, truth]))
+    assert dice[0] == pytest.approx(1.0) and iou[0] == pytest.approx(1.0)  # the same outline
+    assert dice[1] == 1.0  # a normal scan outlined as empty agrees with its empty mask
+    assert dice[2] == 0.0 and iou[2] == 0.0  # outlined in the wrong place
+    assert dice[3] == 0.0  # a lesion missed
+    # a mask at the image's resolution is compared on the map's grid
+    big = torch.nn.functional.interpolate(truth.float(), scale_factor=4, mode="nearest")
+    assert dice_iou(lesion, big)[0][0] == pytest.approx(1.0)
+
+
+def test_lesion_first_rule_calls_a_scan_without_lesion_normal_whatever_its_p_malignant():
+    rule = {"rule": "lesion-first", "class": "malignant", "threshold": 0.3, "lesion_threshold": 0.5,
+            "target_recall": 0.9, "lesion_recall": 0.95, "fitted_on_lesions": 40, "fitted_on_positives": 20}
+    probs = torch.tensor([[0.05, 0.90, 0.05],   # high p(malignant), but no lesion found: normal
+                          [0.30, 0.20, 0.50],   # a lesion, p(malignant | lesion) 0.4 >= 0.3: malignant
+                          [0.60, 0.10, 0.30],   # a lesion, p(malignant | lesion) 0.14: benign
+                          [0.10, 0.05, 0.85]])  # p(normal) high, but a lesion is outlined: judged as a lesion
+    scores = torch.tensor([0.2, 0.8, 0.9, 0.7])
+    assert decide(probs, CLASSES, rule, scores).tolist() == [2, 1, 0, 1]
+    with pytest.raises(BusiError, match="lesion outline"):
+        decide(probs, CLASSES, rule)  # a rule that needs the outline never silently falls back
+    assert "'normal' when no lesion is outlined" in describe(rule)
+
+
+def test_fit_lesion_rule_reaches_its_recalls():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 30)
+    probs = torch.softmax(torch.randn(120, 3, generator=g), 1)
+    scores = torch.where(labels == 2, torch.rand(120, generator=g) * 0.5, 0.3 + torch.rand(120, generator=g) * 0.7)
+    rule = fit_lesion_rule(probs, scores, labels, CLASSES, malignant_recall=0.9, lesion_recall=0.95)
+    predicted = decide(probs, CLASSES, rule, scores)
+    assert int((scores[labels != 2] >= rule["lesion_threshold"]).sum()) >= 0.95 * 90
+    assert int((predicted[labels == 1] == 1).sum()) >= 0.9 * 30  # the whole rule's recall, missed lesions included
+    assert rule["fitted_on_lesions"] == 90 and rule["fitted_on_positives"] == 30
+    # a scan called malignant always had a lesion outlined
+    assert (scores[predicted == 1] >= rule["lesion_threshold"]).all()
+    with pytest.raises(BusiError, match="at least 10"):
+        fit_lesion_rule(probs[:65], scores[:65], labels[:65], CLASSES)  # 5 malignant images
+
+
+def _scan_with(root, cls, name, mask: Image.Image | list[Image.Image], size=(80, 60)):
+    folder = root / cls
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (90, 90, 90)).save(folder / f"{name}.png")
+    for i, m in enumerate(mask if isinstance(mask, list) else [mask]):
+        m.save(folder / f"{name}_mask{'' if i == 0 else f'_{i}'}.png")
+
+
+def test_masks_in_every_common_form_are_read(tmp_path, capsys):
+    box = (10, 10, 40, 30)
+
+    def drawn(mode, fill, background=0):
+        m = Image.new(mode, (80, 60), background)
+        ImageDraw.Draw(m).rectangle(box, fill=fill)
+        return m
+    _scan_with(tmp_path, "malignant", "red", drawn("RGB", (255, 0, 0)))  # pure red: grey level 76
+    _scan_with(tmp_path, "benign", "green", drawn("RGB", (0, 255, 0)))
+    _scan_with(tmp_path, "benign", "zero_one", drawn("L", 1))  # 0/1 values, not 0/255
+    _scan_with(tmp_path, "benign", "rgba", drawn("RGBA", (255, 255, 255, 255), (0, 0, 0, 0)))
+    _scan_with(tmp_path, "benign", "onebit", drawn("1", 1))
+    half = Image.new("L", (80, 60), 0)
+    ImageDraw.Draw(half).rectangle((50, 40, 70, 50), fill=255)
+    _scan_with(tmp_path, "benign", "two_files", [drawn("L", 255), half])
+    _scan_with(tmp_path, "normal", "all_white", Image.new("L", (80, 60), 255))
+    _scan_with(tmp_path, "normal", "wrong_size", Image.new("L", (40, 30), 0))
+    dataset = scan(tmp_path)
+    by_name = {s.path.split("/")[-1]: s for s in dataset.samples}
+    for name in ("red.png", "green.png", "zero_one.png", "rgba.png", "onebit.png"):
+        m = read_mask([dataset.file(p) for p in by_name[name].mask_paths])
+        assert m.sum() == 31 * 21, name  # the rectangle, inclusive of its edges
+    both = read_mask([dataset.file(p) for p in by_name["two_files.png"].mask_paths])
+    assert both.sum() == 31 * 21 + 21 * 11  # several files per image: their union
+    masks, status = load_masks(dataset, 32)
+    got = dict(zip((s.path.split("/")[-1] for s in dataset.samples), status))
+    assert got["red.png"] == got["green.png"] == got["two_files.png"] == "lesion"
+    assert got["all_white.png"] == "all_lesion" and got["wrong_size.png"] == "size_mismatch"
+    err = capsys.readouterr().err
+    assert "all_white_mask.png" in err and "wrong_size_mask.png" in err and "still are" in err
+    assert len([line for line in err.splitlines() if "lesion mask(s)" in line]) == 2  # one line per kind
+
+
+LESION_RECIPE = {"models": ["efficientnet-lite0"], "image_size": 64, "lesion_size": 64, "mask_weight": 1.0, "epochs": 1,
+                 "batch_size": 8, "test_size": 0.0, "val_size": 0.0, "tta": True, "pretrained": False}
+
+
+@pytest.fixture(scope="module")
+def lesion_model(tmp_path_factory):
+    import yaml
+    from conftest import make_kaggle_folder
+    root = tmp_path_factory.mktemp("lesion")
+    data = make_kaggle_folder(root / "data", per_class=6, size=64)
+    (root / "recipe.yaml").write_text(yaml.safe_dump(LESION_RECIPE))
+    assert main(["train", "--config", str(root / "recipe.yaml"), "--data", str(data), "--out", str(root / "run"),
+                 "--no-progress"]) == 0
+    return data, root / "run" / "efficientnet-lite0" / "checkpoint.pth", root
+
+
+def test_a_lesion_model_saves_and_loads_its_segmenter(lesion_model):
+    from busi import checkpoint
+    from busi.models import LesionNet
+    _, ckpt, _ = lesion_model
+    model, config = checkpoint.load(ckpt)
+    assert isinstance(model, LesionNet) and config["lesion_size"] == 64
+    x = torch.randn(2, 3, 64, 64)
+    logits, lesion = model.forward_with_lesion(x)
+    assert logits.shape == (2, 3) and lesion.shape == (2, 1, 32, 32)
+    assert torch.equal(model(x), logits)  # the plain forward is the classifier: Grad-CAM, shift and export read it
+
+
+def test_predict_evaluate_and_the_web_page_say_the_same_about_an_image(lesion_model, tmp_path, capsys):
+    from busi.app import Predictor
+    from busi.inference import run_predict
+    data, ckpt, root = lesion_model
+    image = sorted((data / "malignant").glob("*[0-9]).png"))[0]
+    row = run_predict(ckpt, [image])[0]
+    assert set(row["lesion"]) >= {"score", "box"}
+    page = Predictor(ckpt).classify(image, explain=True)
+    assert page["probabilities"] == row["probabilities"] and page["lesion"] == row["lesion"]
+    assert page["predicted"] == row["predicted"] and page["overlay"].shape[:2] == (64, 64)
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "ev"),
+                 "--no-progress"]) == 0
+    rows = {r["path"]: r for r in csv.DictReader(open(tmp_path / "ev" / "predictions.csv"))}
+    mine = rows[f"malignant/{image.name}"]
+    assert mine["predicted"] == row["predicted"]
+    for c in CLASSES:
+        assert float(mine[f"p_{c}"]) == pytest.approx(row["probabilities"][c], abs=2e-6)
+    assert float(mine["lesion_score"]) == pytest.approx(row["lesion"]["score"], abs=1e-4)
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    lesion = metrics["lesion"]
+    assert lesion["n_lesion_masks"] == 12 and 0 <= lesion["dice_mean"] <= 1 and "normal_vs_lesion_auroc" in lesion
+    assert mine["lesion_dice"] != ""  # its mask is known: its Dice is written beside its prediction
+
+
+def test_predict_json_and_table_show_the_outline(lesion_model, capsys):
+    data, ckpt, _ = lesion_model
+    image = sorted((data / "benign").glob("*[0-9]).png"))[0]
+    assert main(["predict", "--checkpoint", str(ckpt), str(image), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert "score" in row["lesion"] and ("polygon" in row["lesion"] or row["lesion"]["box"] is None)
+    assert main(["predict", "--checkpoint", str(ckpt), str(image)]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "lesion (width x depth, depth/width)" in header
+
+
+def test_evaluate_without_masks_reports_everything_but_dice_and_says_why(lesion_model, tmp_path):
+    import shutil
+    data, ckpt, _ = lesion_model
+    bare = tmp_path / "bare"
+    for cls in CLASSES:
+        (bare / cls).mkdir(parents=True)
+        for p in (data / cls).glob("*[0-9]).png"):
+            shutil.copy(p, bare / cls / p.name)
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(bare), "--out", str(tmp_path / "ev"),
+                 "--no-progress"]) == 0
+    lesion = json.loads((tmp_path / "ev" / "metrics.json").read_text())["lesion"]
+    assert "dice_mean" not in lesion and "no lesion masks" in lesion["dice_note"]
+    assert "normal_vs_lesion_auroc" in lesion and lesion["masks_not_used"] == {"missing": 18}
