@@ -26,7 +26,7 @@ import yaml
 from busi.audit import audit
 from busi.crossval import write_csv
 from busi.data import scan
-from busi.evaluate import bootstrap_ci, compute_metrics
+from busi.metrics import bootstrap_ci, compute_metrics
 from busi.external import figures
 from busi.split import group_ids
 

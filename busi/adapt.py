@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__, checkpoint, preprocess
-from .data import model_input, normalize, read_image, warn
+from . import __version__, checkpoint
+from .data import normalize, warn
 from .errors import BusiError
+from .inference import LoadedModel, image_files
 from .runs import run_dir
 
 MIN_IMAGES = 16  # fewer images than this measure no scanner's statistics
@@ -45,21 +46,19 @@ def adapt_batchnorm(model: nn.Module, images: torch.Tensor, mean, std, batch_siz
     return adapted.eval()
 
 
-def read_folder(inputs, config: dict, progress: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """Every readable image under inputs (folders searched, masks left out) as the model sees it; unreadable files
-    are named and skipped. -> (uint8 NCHW images, their paths)."""
+def read_folder(inputs, loaded, progress: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """Every readable image under inputs (folders searched, masks left out) as the model sees it (LoadedModel.prepare);
+    unreadable files are named and skipped. -> (uint8 NCHW images, their paths)."""
     from tqdm import tqdm
 
-    from .inference import image_files
     files = image_files(inputs)
     images, paths = [], []
     for path in tqdm(files, desc="reading images", unit="image", disable=not progress or len(files) < 8, leave=False):
         try:
-            image = preprocess.apply(read_image(path), config.get("preprocess", ()))
+            images.append(loaded.prepare(path).input)
         except BusiError as e:
             warn(f"skipping {e}")
             continue
-        images.append(model_input(image, config["image_size"]))
         paths.append(str(path))
     where = ", ".join(map(str, inputs))
     if not files:
@@ -92,9 +91,10 @@ def run_adapt(checkpoint_path: str | Path, data, out: str | Path | None = None, 
     The operating point is the parent's threshold for adapted models where it has one (the bundled model: fitted on
     hospital-out predictions after adaptation), else the parent's own; re-set it with run_calibrate on labelled images
     of the same hospital."""
-    model, config, extras = checkpoint.load(checkpoint_path, extras=True)
+    loaded = LoadedModel(checkpoint_path)
+    model, config, extras = loaded.checkpoint("busi adapt")
     inputs = data if isinstance(data, (list, tuple)) else [data]
-    images, paths = read_folder(inputs, config, progress)
+    images, paths = read_folder(inputs, loaded, progress)
     if len(paths) < MIN_IMAGES:
         raise BusiError(f"{', '.join(map(str, inputs))}: {len(paths)} readable image(s); adapting needs at least "
                         f"{MIN_IMAGES} of the new scanner's images")
@@ -123,14 +123,14 @@ def run_calibrate(checkpoint_path: str | Path, data, target_recall: float, out: 
     sub-folder per class, some of the model's classes or all), with the recall it can promise new patients."""
     from .data import load, scan
     from .external import relabel
-    from .inference import run_model
     from .meta import read_meta
     from .operating import LESION_FIRST, decide, fit_with_ci, lesion_given
     if not 0 < target_recall <= 1:
         raise BusiError(f"--malignant-recall must be in (0, 1], got {target_recall}")
     if patient_column and not meta:
         raise BusiError("--patient-column needs --meta FILE.csv")
-    model, config, extras = checkpoint.load(checkpoint_path, extras=True)
+    loaded = LoadedModel(checkpoint_path)
+    model, config, extras = loaded.checkpoint("busi calibrate")
     dataset, _ = relabel(scan(data), config["classes"], str(checkpoint_path))
     images, labels, dataset = load(dataset, config["image_size"], progress, config.get("preprocess", ()))
     paths = [s.path for s in dataset.samples]
@@ -140,7 +140,7 @@ def run_calibrate(checkpoint_path: str | Path, data, target_recall: float, out: 
         for line in notes:
             warn(line)
         patients = [rows.get(p, {}).get(patient_column) or f"image:{p}" for p in paths]
-    said = run_model(model, config, {}, images)
+    said = loaded.run(images)
     before = config.get("operating_point")
     scored = said.probs
     lesion_first = bool(before) and before.get("rule") == LESION_FIRST

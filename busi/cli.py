@@ -319,164 +319,205 @@ def _dispatch(args) -> int:
     if getattr(args, "checkpoint", "unset") is None:  # left out: the model that ships with busi
         from .bundled import default_checkpoint
         args.checkpoint = str(default_checkpoint())
-    if args.command == "finetune":
-        from . import workflow
-        from .finetune import finetune_config
-        cfg = finetune_config(args.checkpoint, _overrides(args), args.config)
-        _caution(cfg)
-        folder = workflow.run_train(cfg, args.out or workflow.run_dir(None, "finetune"), args.overwrite,
-                                    progress=args.progress)
-        _print_finetuned(folder / cfg.models[0] / "checkpoint.pth")
-    elif args.command == "adapt":
-        from .adapt import run_adapt
-        record, folder = run_adapt(args.checkpoint, args.data, args.out, args.overwrite, args.progress)
-        print(f"adapted to {record['n_images']} images of {', '.join(args.data)}: BatchNorm statistics re-estimated, "
-              f"no labels used; wrote {folder / 'checkpoint.pth'}")
-        which = ("the parent's threshold for adapted models (fitted on adapted models' predictions at hospitals they "
-                 "never saw)" if "operating_point" in record else "the parent's")
-        print(f"its decision threshold is {which}: re-set it on labelled images of this hospital with "
-              f"`busi calibrate --checkpoint {folder / 'checkpoint.pth'} --data LABELLED`")
-    elif args.command == "calibrate":
-        from .adapt import run_calibrate
-        record, folder = run_calibrate(args.checkpoint, args.data, args.malignant_recall, args.out, args.overwrite,
-                                       args.meta, args.id_column, args.patient_column, args.progress)
-        op, before = record["operating_point"], record["previous_operating_point"]
-        was = (f" (was {before['threshold']:.3f}, which found {record['previous_recall_here']:.1%} of them here)"
-               if before else "")
-        ci = op["recall_ci"]
-        print(f"threshold on p(malignant) {op['threshold']:.3f}{was}: finds {op['recall_where_fitted']:.1%} of the "
-              f"{op['fitted_on_positives']} malignant images of {args.data}, and calls "
-              f"{op['others_called_malignant']:.1%} of the others malignant")
-        if ci:
-            print(f"recall to expect on new patients like these: {op['expected_recall']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
-                  f"({op['ci_method']})")
-        print(f"wrote {folder / 'checkpoint.pth'}")
-    elif args.command == "model":
-        from .bundled import card_text
-        print(card_text(), end="")
-    elif args.command == "audit":
-        from .audit import run_audit, summary
-        result, folder = run_audit(args.data, args.out, args.classes, args.overwrite, args.progress)
-        print(summary(result))
-        print(f"wrote {folder / 'audit.json'}")
-    elif args.command == "train":
-        from . import workflow
-        if args.config is None and not args.models:
-            workflow.run_dir(args.out, "seed", args.overwrite, args.resume)  # a folder it may not write: said first
-            _seed_experiment(cfg)
-        if args.resume and workflow.run_finished(args.out, cfg):
-            print(f"{args.out}: this run already finished; nothing to resume (its files are unchanged)")
-            return 0
-        folder = workflow.run_train(cfg, args.out, args.overwrite, args.resume, args.progress)
-        if not workflow.is_main_process():
-            return 0
-        if cfg.test_size == 0:
-            print(f"no test part (test_size 0); measure on images the model never saw with "
-                  f"`busi evaluate --checkpoint {folder}/{cfg.models[0]}/checkpoint.pth --data HELDOUT`")
-            print(f"results in {folder}/ (<model>/checkpoint.pth, history.csv, loss.png); report: {folder / 'report.html'}")
-            return 0
-        for arch in cfg.models:
-            _print_metrics(arch, json.loads((folder / arch / "metrics.json").read_text()))
-        print(f"results in {folder}/ (summary.md, loss.png, <model>/metrics.json, checkpoint.pth); report: {folder / 'report.html'}")
-    elif args.command == "cv":
-        from .crossval import format_cv, run_cv
-        folder = run_cv(cfg, args.out, args.overwrite, args.progress, keep_models=args.keep_fold_models)
-        print(format_cv(json.loads((folder / "cv_metrics.json").read_text())))
-        print(f"results in {folder}/ (cv_metrics.json, fold_metrics.csv, oof_predictions.csv); report: {folder / 'report.html'}")
-    elif args.command == "evaluate":
-        from .inference import run_evaluate
-        metrics, folder = run_evaluate(args.checkpoint, args.data, args.out, args.overwrite, args.progress,
-                                                args.train_data, args.meta, args.id_column, args.group_column,
-                                                args.patient_column)
-        _print_metrics(metrics["model"], metrics)
-        if "outside" in metrics["shift"]:
-            from .shift import describe
-            print(describe(metrics["shift"], f"the images of {args.data}"))
-        if metrics.get("absent_classes"):
-            print(f"no {', '.join(metrics['absent_classes'])} images here: figures are over the classes present")
-        mvb = metrics.get("malignant_vs_benign")
-        if mvb and mvb.get("auroc"):
-            a = mvb["auroc"]
-            from .report import interval_text
-            line = f"malignant vs benign: AUROC {a['estimate']:.3f} {interval_text(a, mvb)}"
-            for at in ("argmax", "operating_point"):
-                if mvb.get(f"sensitivity_{at}"):
-                    line += (f"; at {at.replace('_', ' ')}: sensitivity {mvb[f'sensitivity_{at}']['estimate']:.3f}, "
-                             f"specificity {mvb[f'specificity_{at}']['estimate']:.3f}")
-            print(line + f" ({mvb['ci_method']})")
-        if "operating_point" in metrics:
-            op = metrics["operating_point"]
-            mal = op["per_class"][op["class"]]
-            fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-            print(f"at the operating point ({op['rule']}): accuracy {fmt(op['accuracy'])}, {op['class']} recall "
-                  f"{fmt(mal['recall'])}, precision {fmt(mal['precision'])}")
-        overlap = metrics["training_overlap"]
-        if not overlap["checked"]:
-            print(f"not checked for copies of training images: {overlap['note']}")
-        elif overlap["n_with_near_duplicate_in_training"] == 0:
-            print(f"none of the {metrics['n']} images is a near-duplicate of the {overlap['n_training_images']} training images")
-        else:
-            line = (f"{overlap['n_with_near_duplicate_in_training']} of the {metrics['n']} images are near-duplicates of "
-                    f"training images (listed in metrics.json)")
-            rest = overlap.get("metrics_without_them")
-            if rest:
-                line += (f"; without them (n={rest['n']}): accuracy {rest['accuracy']:.3f}, macro-F1 {rest['macro_f1']:.3f}, "
-                         + ", ".join(f"recall {c} {v:.2f}" for c, v in rest["recall"].items() if v is not None))
-            print(line)
-        print(f"results in {folder}/; report: {folder / 'report.html'}")
-    elif args.command == "predict":
-        from .inference import operating_point_of, run_predict
-        from .runs import run_dir
-        explain_dir = None
-        if args.explain:
-            explain_dir = run_dir(args.out, "predict")
-        elif args.out:
-            raise BusiError("--out is only used with --explain")
-        rows = run_predict(args.checkpoint, args.inputs, explain_dir, progress=True)
-        operating_point = operating_point_of(args.checkpoint)
-        if operating_point:
-            from .operating import describe
-            print(f"busi: decision rule: {describe(operating_point)}", file=sys.stderr)
-        if args.json:
-            print(json.dumps(rows, indent=2))
-        else:
-            ok = [r for r in rows if "error" not in r]
-            if ok:
-                classes = list(ok[0]["probabilities"])
-                lesion, shifted = "lesion" in ok[0], "outside_training" in ok[0]
-                print("\t".join(["image", "predicted", *classes, *(["lesion (width x depth, depth/width)"] * lesion),
-                                 *(["unlike training images"] * shifted)]))
-                for r in ok:
-                    print("\t".join([r["path"], r["predicted"], *[f"{r['probabilities'][c]:.3f}" for c in classes],
-                                     *([_lesion_cell(r["lesion"])] if lesion else []),
-                                     *((["yes" if r["outside_training"] else "no"]) if shifted else [])]))
-        for r in rows:
-            if "error" in r:
-                print(f"busi: error: {r['error']}", file=sys.stderr)
-        if not rows:
-            raise BusiError("no images found in " + ", ".join(args.inputs))
-        if explain_dir is not None:
-            print(f"Grad-CAM overlays in {explain_dir}/", file=sys.stderr)
-        return 1 if any("error" in r for r in rows) else 0
-    elif args.command == "serve":
-        try:
-            import gradio  # noqa: F401
-        except ImportError:
-            raise BusiError('the web app needs Gradio: pip install -e ".[app]"') from None
-        from .app import serve
-        serve(args.checkpoint, args.host, args.port)
-    elif args.command == "export":
-        from .export import export
-        print(f"wrote {export(args.checkpoint, args.format, args.out, args.overwrite)}")
-        from .inference import operating_point_of
-        operating_point = operating_point_of(args.checkpoint)
-        if operating_point:
-            from .operating import describe
-            print(f"its decision rule, kept in the file's metadata and applied by `busi predict`: {describe(operating_point)}")
-    elif args.command == "report":
-        from .report import render
-        print(f"wrote {render(args.run)}")
-    return 0
+    return COMMANDS[args.command](args, cfg) or 0
+
+
+def _finetune(args, cfg) -> int | None:
+    """busi finetune."""
+    from . import workflow
+    from .finetune import finetune_config
+    cfg = finetune_config(args.checkpoint, _overrides(args), args.config)
+    _caution(cfg)
+    folder = workflow.run_train(cfg, args.out or workflow.run_dir(None, "finetune"), args.overwrite,
+                                progress=args.progress)
+    _print_finetuned(folder / cfg.models[0] / "checkpoint.pth")
+
+
+def _adapt(args, cfg) -> int | None:
+    """busi adapt."""
+    from .adapt import run_adapt
+    record, folder = run_adapt(args.checkpoint, args.data, args.out, args.overwrite, args.progress)
+    print(f"adapted to {record['n_images']} images of {', '.join(args.data)}: BatchNorm statistics re-estimated, "
+          f"no labels used; wrote {folder / 'checkpoint.pth'}")
+    which = ("the parent's threshold for adapted models (fitted on adapted models' predictions at hospitals they "
+             "never saw)" if "operating_point" in record else "the parent's")
+    print(f"its decision threshold is {which}: re-set it on labelled images of this hospital with "
+          f"`busi calibrate --checkpoint {folder / 'checkpoint.pth'} --data LABELLED`")
+
+
+def _calibrate(args, cfg) -> int | None:
+    """busi calibrate."""
+    from .adapt import run_calibrate
+    record, folder = run_calibrate(args.checkpoint, args.data, args.malignant_recall, args.out, args.overwrite,
+                                   args.meta, args.id_column, args.patient_column, args.progress)
+    op, before = record["operating_point"], record["previous_operating_point"]
+    was = (f" (was {before['threshold']:.3f}, which found {record['previous_recall_here']:.1%} of them here)"
+           if before else "")
+    ci = op["recall_ci"]
+    print(f"threshold on p(malignant) {op['threshold']:.3f}{was}: finds {op['recall_where_fitted']:.1%} of the "
+          f"{op['fitted_on_positives']} malignant images of {args.data}, and calls "
+          f"{op['others_called_malignant']:.1%} of the others malignant")
+    if ci:
+        print(f"recall to expect on new patients like these: {op['expected_recall']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
+              f"({op['ci_method']})")
+    print(f"wrote {folder / 'checkpoint.pth'}")
+
+
+def _model(args, cfg) -> int | None:
+    """busi model."""
+    from .bundled import card_text
+    print(card_text(), end="")
+
+
+def _audit(args, cfg) -> int | None:
+    """busi audit."""
+    from .audit import run_audit, summary
+    result, folder = run_audit(args.data, args.out, args.classes, args.overwrite, args.progress)
+    print(summary(result))
+    print(f"wrote {folder / 'audit.json'}")
+
+
+def _train(args, cfg) -> int | None:
+    """busi train."""
+    from . import workflow
+    if args.config is None and not args.models:
+        workflow.run_dir(args.out, "seed", args.overwrite, args.resume)  # a folder it may not write: said first
+        _seed_experiment(cfg)
+    if args.resume and workflow.run_finished(args.out, cfg):
+        print(f"{args.out}: this run already finished; nothing to resume (its files are unchanged)")
+        return 0
+    folder = workflow.run_train(cfg, args.out, args.overwrite, args.resume, args.progress)
+    if not workflow.is_main_process():
+        return 0
+    if cfg.test_size == 0:
+        print(f"no test part (test_size 0); measure on images the model never saw with "
+              f"`busi evaluate --checkpoint {folder}/{cfg.models[0]}/checkpoint.pth --data HELDOUT`")
+        print(f"results in {folder}/ (<model>/checkpoint.pth, history.csv, loss.png); report: {folder / 'report.html'}")
+        return 0
+    for arch in cfg.models:
+        _print_metrics(arch, json.loads((folder / arch / "metrics.json").read_text()))
+    print(f"results in {folder}/ (summary.md, loss.png, <model>/metrics.json, checkpoint.pth); report: {folder / 'report.html'}")
+
+
+def _cv(args, cfg) -> int | None:
+    """busi cv."""
+    from .crossval import format_cv, run_cv
+    folder = run_cv(cfg, args.out, args.overwrite, args.progress, keep_models=args.keep_fold_models)
+    print(format_cv(json.loads((folder / "cv_metrics.json").read_text())))
+    print(f"results in {folder}/ (cv_metrics.json, fold_metrics.csv, oof_predictions.csv); report: {folder / 'report.html'}")
+
+
+def _evaluate(args, cfg) -> int | None:
+    """busi evaluate."""
+    from .evaluate import run_evaluate
+    metrics, folder = run_evaluate(args.checkpoint, args.data, args.out, args.overwrite, args.progress,
+                                            args.train_data, args.meta, args.id_column, args.group_column,
+                                            args.patient_column)
+    _print_metrics(metrics["model"], metrics)
+    if "outside" in metrics["shift"]:
+        from .shift import describe
+        print(describe(metrics["shift"], f"the images of {args.data}"))
+    if metrics.get("absent_classes"):
+        print(f"no {', '.join(metrics['absent_classes'])} images here: figures are over the classes present")
+    mvb = metrics.get("malignant_vs_benign")
+    if mvb and mvb.get("auroc"):
+        a = mvb["auroc"]
+        from .report import interval_text
+        line = f"malignant vs benign: AUROC {a['estimate']:.3f} {interval_text(a, mvb)}"
+        for at in ("argmax", "operating_point"):
+            if mvb.get(f"sensitivity_{at}"):
+                line += (f"; at {at.replace('_', ' ')}: sensitivity {mvb[f'sensitivity_{at}']['estimate']:.3f}, "
+                         f"specificity {mvb[f'specificity_{at}']['estimate']:.3f}")
+        print(line + f" ({mvb['ci_method']})")
+    if "operating_point" in metrics:
+        op = metrics["operating_point"]
+        mal = op["per_class"][op["class"]]
+        fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+        print(f"at the operating point ({op['rule']}): accuracy {fmt(op['accuracy'])}, {op['class']} recall "
+              f"{fmt(mal['recall'])}, precision {fmt(mal['precision'])}")
+    overlap = metrics["training_overlap"]
+    if not overlap["checked"]:
+        print(f"not checked for copies of training images: {overlap['note']}")
+    elif overlap["n_with_near_duplicate_in_training"] == 0:
+        print(f"none of the {metrics['n']} images is a near-duplicate of the {overlap['n_training_images']} training images")
+    else:
+        line = (f"{overlap['n_with_near_duplicate_in_training']} of the {metrics['n']} images are near-duplicates of "
+                f"training images (listed in metrics.json)")
+        rest = overlap.get("metrics_without_them")
+        if rest:
+            line += (f"; without them (n={rest['n']}): accuracy {rest['accuracy']:.3f}, macro-F1 {rest['macro_f1']:.3f}, "
+                     + ", ".join(f"recall {c} {v:.2f}" for c, v in rest["recall"].items() if v is not None))
+        print(line)
+    print(f"results in {folder}/; report: {folder / 'report.html'}")
+
+
+def _predict(args, cfg) -> int | None:
+    """busi predict."""
+    from .inference import operating_point_of, run_predict
+    from .runs import run_dir
+    explain_dir = None
+    if args.explain:
+        explain_dir = run_dir(args.out, "predict")
+    elif args.out:
+        raise BusiError("--out is only used with --explain")
+    rows = run_predict(args.checkpoint, args.inputs, explain_dir, progress=True)
+    operating_point = operating_point_of(args.checkpoint)
+    if operating_point:
+        from .operating import describe
+        print(f"busi: decision rule: {describe(operating_point)}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        ok = [r for r in rows if "error" not in r]
+        if ok:
+            classes = list(ok[0]["probabilities"])
+            lesion, shifted = "lesion" in ok[0], "outside_training" in ok[0]
+            print("\t".join(["image", "predicted", *classes, *(["lesion (width x depth, depth/width)"] * lesion),
+                             *(["unlike training images"] * shifted)]))
+            for r in ok:
+                print("\t".join([r["path"], r["predicted"], *[f"{r['probabilities'][c]:.3f}" for c in classes],
+                                 *([_lesion_cell(r["lesion"])] if lesion else []),
+                                 *((["yes" if r["outside_training"] else "no"]) if shifted else [])]))
+    for r in rows:
+        if "error" in r:
+            print(f"busi: error: {r['error']}", file=sys.stderr)
+    if not rows:
+        raise BusiError("no images found in " + ", ".join(args.inputs))
+    if explain_dir is not None:
+        print(f"Grad-CAM overlays in {explain_dir}/", file=sys.stderr)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def _serve(args, cfg) -> int | None:
+    """busi serve."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise BusiError('the web app needs Gradio: pip install -e ".[app]"') from None
+    from .app import serve
+    serve(args.checkpoint, args.host, args.port)
+
+
+def _export(args, cfg) -> int | None:
+    """busi export."""
+    from .export import export
+    print(f"wrote {export(args.checkpoint, args.format, args.out, args.overwrite)}")
+    from .inference import operating_point_of
+    operating_point = operating_point_of(args.checkpoint)
+    if operating_point:
+        from .operating import describe
+        print(f"its decision rule, kept in the file's metadata and applied by `busi predict`: {describe(operating_point)}")
+
+
+def _report(args, cfg) -> int | None:
+    """busi report."""
+    from .report import render
+    print(f"wrote {render(args.run)}")
+
+
+COMMANDS = {"finetune": _finetune, "adapt": _adapt, "calibrate": _calibrate, "model": _model, "audit": _audit,
+            "train": _train, "cv": _cv, "evaluate": _evaluate, "predict": _predict, "serve": _serve, "export": _export,
+            "report": _report}
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ import torch
 
 from . import __version__, checkpoint, hardware, shift
 from .config import RunConfig, save_config
-from .calibrate import ece
+from .confidence import ece
 from .data import load_masks
-from .evaluate import bootstrap_ci, compute_metrics
+from .metrics import bootstrap_ci, compute_metrics
 from .operating import decide, decision_metrics
 from .adapt import adapt_batchnorm
 from .explain import gradcam, summarize_localization
@@ -21,7 +21,7 @@ from .models import Ensemble, count_parameters
 from .plots import confusion_matrix
 from .report import interval_text, render
 from .split import group_ids, kfold, source_folds, train_test
-from .inference import logits_of, outputs_of
+from .inference import logits_of, outputs_of, probabilities
 from .lesion import dice_iou, lesion_scores
 from .train import check_hardware
 from .workflow import check_models, prepare, run_dir, train_one, training_tensors
@@ -44,12 +44,7 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
     image_groups = [dataset.info.get(p, {}).get("group", "unknown") for p in paths] if cfg.group_column else None
     sources = np.asarray([dataset.source_of(s) for s in dataset.samples])
     grouped = cfg.split != "random"
-    # All folds are made (and checked) before any training, so a bad --folds fails at once.
-    if cfg.split == "source":  # hospital-out: the same folds each repeat; repeats differ by training seed only
-        plans = [source_folds(sources, labels.numpy(), together, classes)] * cfg.repeats
-    else:
-        plans = [kfold(labels.numpy(), together if grouped else np.arange(len(paths)), cfg.folds, cfg.seed + r,
-                       grouped, sources) for r in range(cfg.repeats)]
+    plans = fold_plans(cfg, labels, together, sources, classes)
     check_models(cfg, classes)
     masks, status = load_masks(dataset, cfg.image_size, cfg.preprocess)
     part = training_tensors(cfg, images, labels, masks, status)
@@ -87,7 +82,7 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                     checkpoint.save(folder / arch / f"repeat{r}-fold{k}" / "checkpoint.pth", model, config, extras=extras)
                 logits, maps = outputs_of(model, images[test_idx], *norm, tta=cfg.tta)
                 scores = lesion_scores(maps) if maps is not None else None
-                probs = torch.softmax(logits / config["temperature"], 1)
+                probs = probabilities(logits, config)
                 m = compute_metrics(probs, labels[test_idx], classes)
                 if config.get("operating_point"):
                     oof_decided.append(decide(probs, classes, config["operating_point"], scores))
@@ -117,7 +112,7 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                     held_out = str(sources[test_idx[0]])
                     adapted = adapt_batchnorm(model, images[test_idx], *norm)
                     adapted_logits, adapted_maps = outputs_of(adapted, images[test_idx], *norm, tta=cfg.tta)
-                    adapted_probs.append(torch.softmax(adapted_logits / config["temperature"], 1))
+                    adapted_probs.append(probabilities(adapted_logits, config))
                     if config.get("operating_point"):
                         adapted_decided.append(decide(adapted_probs[-1], classes, config["operating_point"],
                                                       lesion_scores(adapted_maps) if adapted_maps is not None else None))
@@ -126,8 +121,7 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
                     untrained[held_out] = [c for i, c in enumerate(classes) if not bool((labels[train_idx] == i).any())
                                            and not (c == "normal" and cfg.lesion_windows > 0)]  # windows teach it
                 if external is not None:
-                    external_probs.append(torch.softmax(
-                        logits_of(model, external["images"], *norm, tta=cfg.tta) / config["temperature"], 1))
+                    external_probs.append(probabilities(logits_of(model, external["images"], *norm, tta=cfg.tta), config))
                 if isinstance(model, Ensemble):  # each member alone: the spread over training seeds, at no training cost
                     for k_m, member in enumerate(model.members):
                         member_probs[k_m].append(torch.softmax(logits_of(member, images[test_idx], *norm, tta=cfg.tta), 1))
@@ -205,6 +199,16 @@ def run_cv(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = Fals
     (folder / "cv_metrics.json").write_text(json.dumps(summary, indent=2))
     render(folder)
     return folder
+
+
+def fold_plans(cfg: RunConfig, labels: torch.Tensor, together: np.ndarray, sources: np.ndarray, classes) -> list:
+    """Per repeat, the (train, test) index pairs of its folds: grouped, random or hospital-out. All are made (and
+    checked) before any training, so a bad --folds fails at once."""
+    if cfg.split == "source":  # hospital-out: the same folds each repeat; repeats differ by training seed only
+        return [source_folds(sources, labels.numpy(), together, classes)] * cfg.repeats
+    grouped = cfg.split != "random"
+    return [kfold(labels.numpy(), together if grouped else np.arange(len(labels)), cfg.folds, cfg.seed + r, grouped,
+                  sources) for r in range(cfg.repeats)]
 
 
 def per_source_cv(probs: torch.Tensor, labels: torch.Tensor, groups: np.ndarray, sources: np.ndarray, classes,

@@ -1,102 +1,121 @@
-"""Predicted probabilities -> metrics.json (torchmetrics, averages always explicit)."""
+"""busi evaluate: a saved model on a labelled folder -> a run folder (metrics, predictions, pictures, report), and
+which of the folder's images the model has seen copies of."""
 from __future__ import annotations
 
-import math
-import warnings
+import json
+from pathlib import Path
 
 import torch
-from torchmetrics.classification import (MulticlassAccuracy, MulticlassAUROC, MulticlassConfusionMatrix,
-                                         MulticlassF1Score, MulticlassPrecision, MulticlassRecall)
+
+from . import __version__, shift
+from .data import Dataset, load, load_masks, scan
+from .errors import BusiError
+from .folders import scan_sources
+from .inference import LoadedModel
+from .runs import run_dir
 
 
-def _clean(x: float) -> float | None:
-    return None if x is None or math.isnan(x) else round(float(x), 6)
+def training_overlap(checkpoint_path: str | Path, config: dict, dataset: Dataset, train_data: str | Path | None = None,
+                     progress: bool = True, extras: dict | None = None) -> dict:
+    """Which images of dataset have a near-duplicate among the images the checkpoint's model trained on: against the
+    training folder when it is here (copies, resizes, crops and zooms), and against the fingerprints the checkpoint
+    carries of every image that shaped it, its parent's too (copies and resizes)."""
+    from .audit import copies_of_fingerprints, near_duplicates_across
+    from .external import relabel
+    if train_data is not None and not Path(train_data).is_dir():
+        raise BusiError(f"{train_data}: --train-data folder does not exist")
+    given = train_data or config.get("trained_on")
+    roots = given if isinstance(given, list) else [given] if given else []  # a list: several sources pooled
+    here = bool(roots) and all(Path(r).is_dir() for r in roots)
+    fingerprinted = bool(extras and "fingerprints.phash" in extras and config.get("fingerprint_paths"))
+    if not here and not fingerprinted:
+        return {"checked": False, "note": f"the training data ({', '.join(map(str, roots)) or 'unnamed'}) is not here and the "
+                                          "model carries no fingerprints of it: pass --train-data DIR to check"}
+    seen, methods, counted = {}, [], 0
+    if fingerprinted:
+        seen = copies_of_fingerprints(extras, config["fingerprint_paths"], dataset, progress)
+        counted = len(config["fingerprint_paths"])
+        methods.append("the fingerprints the model carries of the images that shaped it: copies and resizes")
+    if here:
+        reference, _ = relabel(scan_sources(roots), config["classes"], str(checkpoint_path))  # may hold some classes
+        split = Path(checkpoint_path).parent.parent / "split.json"
+        if split.is_file():  # only what trained the model (training and validation part), not its own test part
+            parts = json.loads(split.read_text())
+            used = set(parts["train"]) | set(parts["val"])
+            if used <= {s.path for s in reference.samples}:
+                reference = reference.with_samples([s for s in reference.samples if s.path in used])
+        for path, refs in near_duplicates_across(reference, dataset, progress).items():
+            seen[path] = sorted(set(seen.get(path, [])) | set(refs))
+        counted = max(counted, len(reference.samples))
+        methods.append("its training folder: copies, resizes, crops and zooms")
+    elif fingerprinted:
+        methods.append("crops and zooms need the training folder: --train-data DIR")
+    return {"checked": True, "method": "; ".join(methods),
+            "training_data": ([str(Path(r).resolve()) for r in roots] if len(roots) > 1 else str(Path(roots[0]).resolve()))
+            if here else "fingerprints", "n_training_images": counted,
+            "n_with_near_duplicate_in_training": len(seen), "near_duplicates": seen}
 
 
-def compute_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: list[str] | tuple[str, ...]) -> dict:
-    """Accuracy (micro), macro precision/recall/F1/AUROC (one-vs-rest), per-class scores, confusion matrix."""
-    k = len(classes)
-    probs, labels = probs.float(), labels.long()
-    kw = dict(num_classes=k, zero_division=0)
-    per_precision = MulticlassPrecision(average="none", **kw)(probs, labels)
-    per_recall = MulticlassRecall(average="none", **kw)(probs, labels)
-    per_f1 = MulticlassF1Score(average="none", **kw)(probs, labels)
-    support = torch.bincount(labels, minlength=k)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # AUROC warns when a class is absent; we report null instead
-        per_auroc = MulticlassAUROC(num_classes=k, average="none")(probs, labels)
-        auroc = MulticlassAUROC(num_classes=k, average="macro")(probs, labels)
-    present = support > 0
-    macro = {"macro_precision": MulticlassPrecision(average="macro", **kw)(probs, labels),
-             "macro_recall": MulticlassRecall(average="macro", **kw)(probs, labels),
-             "macro_f1": MulticlassF1Score(average="macro", **kw)(probs, labels)}
-    if not bool(present.all()):  # a folder with a subset of the classes: average over the classes it has
-        macro = {"macro_precision": per_precision[present].mean(), "macro_recall": per_recall[present].mean(),
-                 "macro_f1": per_f1[present].mean()}
-    out = {
-        "n": int(len(labels)),
-        "classes": list(classes),
-        "accuracy": _clean(MulticlassAccuracy(num_classes=k, average="micro")(probs, labels)),
-        **{k: _clean(v) for k, v in macro.items()},
-        # one-vs-rest AUROC is undefined for a class with no positive (or no negative) example
-        "auroc": _clean(auroc) if bool(present.all()) and int(present.sum()) > 1 else None,
-        "per_class": {
-            c: {"precision": _clean(per_precision[i]), "recall": _clean(per_recall[i]) if present[i] else None,
-                "f1": _clean(per_f1[i]) if present[i] else None,
-                "auroc": _clean(per_auroc[i]) if present[i] and support[i] < len(labels) else None,
-                "support": int(support[i])}
-            for i, c in enumerate(classes)
-        },
-        "confusion_matrix": MulticlassConfusionMatrix(num_classes=k)(probs, labels).tolist(),
-    }
-    if not bool(present.all()):
-        out["absent_classes"] = [c for i, c in enumerate(classes) if not present[i]]
-        out["note"] = ("macro averages over the classes present; an absent class's precision counts the images "
-                       "wrongly called it")
-    return out
+def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path | None = None, overwrite: bool = False,
+                 progress: bool = True, train_data: str | Path | None = None, meta: str | Path | None = None,
+                 id_column: str = "ID", group_column: str | None = None, patient_column: str | None = None
+                 ) -> tuple[dict, Path]:
+    """Evaluate a saved model on every readable image of a folder, and again without the images it has seen copies of.
 
-
-def majority_baseline(labels: torch.Tensor, num_classes: int) -> float:
-    """Accuracy of always answering the most common class: the floor any model must beat."""
-    return float(torch.bincount(labels, minlength=num_classes).max()) / max(1, len(labels))
-
-
-def _point_metrics(probs: torch.Tensor, labels: torch.Tensor, k: int) -> dict[str, float]:
-    from torchmetrics.functional.classification import multiclass_auroc, multiclass_f1_score, multiclass_recall
-    out = {"accuracy": float((probs.argmax(1) == labels).float().mean()),
-           "macro_f1": float(multiclass_f1_score(probs, labels, k, average="macro", zero_division=0))}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out["auroc"] = float(multiclass_auroc(probs, labels, k, average="macro"))
-    recall = multiclass_recall(probs, labels, k, average="none", zero_division=0)
-    for i in range(k):
-        out[f"recall_{i}"] = float(recall[i])
-    return out
-
-
-def bootstrap_ci(probs: torch.Tensor, labels: torch.Tensor, groups, classes, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> dict:
-    """Point estimate and percentile CI of accuracy, macro-F1, macro-AUROC and per-class recall.
-
-    Resamples whole duplicate groups (a cluster bootstrap), not single images: near-copies of one scan
-    are not independent evidence, and treating them so would make the interval too narrow.
+    The folder may hold a subset of the model's classes (another hospital's benign/malignant set); a meta CSV adds
+    per-group figures (e.g. per scanner) and a bootstrap over patients instead of images.
     """
-    import numpy as np
-
-    k = len(classes)
-    groups = np.asarray(groups)
-    unique, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
-    rng = np.random.default_rng(seed)
-    samples: dict[str, list[float]] = {}
-    for _ in range(n_boot):
-        pick = np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))])
-        for name, value in _point_metrics(probs[pick], labels[pick], k).items():
-            samples.setdefault(name, []).append(value)
-    point = _point_metrics(probs, labels, k)
-    rename = {f"recall_{i}": f"recall_{c}" for i, c in enumerate(classes)}
-    alpha = (1 - level) / 2
-    return {rename.get(name, name): {"estimate": round(point[name], 4),
-                                     "ci_low": round(float(np.nanquantile(v, alpha)), 4),
-                                     "ci_high": round(float(np.nanquantile(v, 1 - alpha)), 4)}
-            for name, v in samples.items()}
+    import yaml
+    from .metrics import compute_metrics
+    from .report import render
+    from .results import write_results
+    if (group_column or patient_column) and not meta:
+        raise BusiError("--group-column and --patient-column need --meta FILE.csv")
+    loaded = LoadedModel(checkpoint_path)
+    model, config, extras = loaded.checkpoint("busi evaluate (Grad-CAM, the shift check)")
+    from .external import figures, relabel
+    # labels re-numbered in the model's class order, so every figure speaks of the model's classes
+    dataset, absent = relabel(scan(data), config["classes"], str(checkpoint_path))
+    folder = run_dir(out, f"evaluate-{config['arch']}", overwrite)
+    steps = config.get("preprocess", ())
+    images, labels, dataset = load(dataset, config["image_size"], progress, steps)
+    masks, status = load_masks(dataset, config["image_size"], steps)
+    overlap = training_overlap(checkpoint_path, config, dataset, train_data, progress, extras)
+    said = loaded.run(images)  # once, for every figure below
+    probs, distances = said.probs, said.distances
+    lesion = {}
+    if said.lesion_maps is not None:
+        from .lesion import dice_iou, lesion_figures
+        dice, iou = dice_iou(said.lesion_maps, masks)
+        usable = torch.tensor([st in ("lesion", "empty") for st in status])
+        dice = torch.where(usable, dice, torch.tensor(float("nan")))
+        lesion = {"lesion": lesion_figures(said.lesion_scores, dice, iou, status, labels, config["classes"],
+                                           config.get("operating_point"))}
+    if overlap["checked"] and overlap["near_duplicates"]:
+        unseen = [i for i, s in enumerate(dataset.samples) if s.path not in overlap["near_duplicates"]]
+        if unseen:
+            m = compute_metrics(probs[unseen], labels[unseen], config["classes"])
+            overlap["metrics_without_them"] = {"n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                                               "auroc": m["auroc"],
+                                               "recall": {c: v["recall"] for c, v in m["per_class"].items()}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"command": "evaluate", "checkpoint": str(checkpoint_path),
+                                                     "data": str(data), "busi_version": __version__}, sort_keys=False))
+    if distances is not None:
+        extra_shift = {"shift": {**shift.verdict(distances > config["shift"]["threshold"]),
+                                 "threshold": config["shift"]["threshold"],
+                                 "method": f"distance to the {config['shift']['k']}th nearest training image in the "
+                                           f"model's feature space; {config['shift']['quantile']:.0%} of "
+                                           f"{config['shift']['n_heldout']} held-out images of its training sources "
+                                           "lie within the threshold"}}
+    else:
+        extra_shift = {"shift": {"note": "this checkpoint carries no summary of its training images (trained "
+                                         "without a validation part, or by busi before 0.2)"}}
+    extra = {**extra_shift, "model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped,
+             "training_overlap": overlap, **lesion, **figures(probs, config, labels, dataset, meta, id_column,
+                                                              group_column, patient_column, said.lesion_scores)}
+    metrics = write_results(folder, model, config, images, labels, [s.path for s in dataset.samples], masks, status, extra,
+                            logits=said.logits, shift_distances=distances, lesion_scores=said.lesion_scores,
+                            lesion_dice=dice if lesion else None, lesion_maps=said.lesion_maps)
+    render(folder)
+    return metrics, folder

@@ -1,7 +1,7 @@
-"""Using a trained model: predictions in batches, its shift flag, evaluation on a folder (no Lightning imported)."""
+"""The one road for a trained model: load any busi model, prepare images as in training, run them in batches and say
+everything the model says (probabilities, decision, lesion outline, shift flag). No Lightning imported."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,16 +11,13 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__, checkpoint, preprocess, shift
-from .data import (IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MASK_NAME, Dataset, load, load_masks, model_input,
-                   normalize, read_image, scan)
+from . import checkpoint, preprocess, shift
+from .data import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MASK_NAME, model_input, normalize, read_image
 from .errors import BusiError
 from .export import ExportedModel, is_exported
-from .folders import scan_sources
 from .lesion import lesion_scores, outline
 from .models import has_segmenter
 from .operating import decide
-from .runs import run_dir
 
 # Metrics (torchmetrics), figures (matplotlib) and the audit (OpenCV) are imported where they are used: predicting
 # one image needs none of them, and they take seconds to import.
@@ -74,116 +71,6 @@ def logits_of(model: nn.Module, images: torch.Tensor, mean=IMAGENET_MEAN, std=IM
     out = [score(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)]
     model.train(was_training)
     return torch.cat(out)
-
-
-def checkpoint_logits(model: nn.Module, images: torch.Tensor, config: dict) -> torch.Tensor:
-    """logits_of with a checkpoint config's normalisation and test-time augmentation (before its temperature)."""
-    return logits_of(model, images, config["mean"], config["std"], tta=bool(config.get("tta", False)))
-
-
-def training_overlap(checkpoint_path: str | Path, config: dict, dataset: Dataset, train_data: str | Path | None = None,
-                     progress: bool = True, extras: dict | None = None) -> dict:
-    """Which images of dataset have a near-duplicate among the images the checkpoint's model trained on: against the
-    training folder when it is here (copies, resizes, crops and zooms), and against the fingerprints the checkpoint
-    carries of every image that shaped it, its parent's too (copies and resizes)."""
-    from .audit import copies_of_fingerprints, near_duplicates_across
-    from .external import relabel
-    if train_data is not None and not Path(train_data).is_dir():
-        raise BusiError(f"{train_data}: --train-data folder does not exist")
-    given = train_data or config.get("trained_on")
-    roots = given if isinstance(given, list) else [given] if given else []  # a list: several sources pooled
-    here = bool(roots) and all(Path(r).is_dir() for r in roots)
-    fingerprinted = bool(extras and "fingerprints.phash" in extras and config.get("fingerprint_paths"))
-    if not here and not fingerprinted:
-        return {"checked": False, "note": f"the training data ({', '.join(map(str, roots)) or 'unnamed'}) is not here and the "
-                                          "model carries no fingerprints of it: pass --train-data DIR to check"}
-    seen, methods, counted = {}, [], 0
-    if fingerprinted:
-        seen = copies_of_fingerprints(extras, config["fingerprint_paths"], dataset, progress)
-        counted = len(config["fingerprint_paths"])
-        methods.append("the fingerprints the model carries of the images that shaped it: copies and resizes")
-    if here:
-        reference, _ = relabel(scan_sources(roots), config["classes"], str(checkpoint_path))  # may hold some classes
-        split = Path(checkpoint_path).parent.parent / "split.json"
-        if split.is_file():  # only what trained the model (training and validation part), not its own test part
-            parts = json.loads(split.read_text())
-            used = set(parts["train"]) | set(parts["val"])
-            if used <= {s.path for s in reference.samples}:
-                reference = reference.with_samples([s for s in reference.samples if s.path in used])
-        for path, refs in near_duplicates_across(reference, dataset, progress).items():
-            seen[path] = sorted(set(seen.get(path, [])) | set(refs))
-        counted = max(counted, len(reference.samples))
-        methods.append("its training folder: copies, resizes, crops and zooms")
-    elif fingerprinted:
-        methods.append("crops and zooms need the training folder: --train-data DIR")
-    return {"checked": True, "method": "; ".join(methods),
-            "training_data": ([str(Path(r).resolve()) for r in roots] if len(roots) > 1 else str(Path(roots[0]).resolve()))
-            if here else "fingerprints", "n_training_images": counted,
-            "n_with_near_duplicate_in_training": len(seen), "near_duplicates": seen}
-
-
-def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path | None = None, overwrite: bool = False,
-                 progress: bool = True, train_data: str | Path | None = None, meta: str | Path | None = None,
-                 id_column: str = "ID", group_column: str | None = None, patient_column: str | None = None
-                 ) -> tuple[dict, Path]:
-    """Evaluate a saved model on every readable image of a folder, and again without the images it has seen copies of.
-
-    The folder may hold a subset of the model's classes (another hospital's benign/malignant set); a meta CSV adds
-    per-group figures (e.g. per scanner) and a bootstrap over patients instead of images.
-    """
-    import yaml
-    from .evaluate import compute_metrics
-    from .report import render
-    from .results import write_results
-    if (group_column or patient_column) and not meta:
-        raise BusiError("--group-column and --patient-column need --meta FILE.csv")
-    model, config, extras = checkpoint.load(checkpoint_path, extras=True)
-    from .external import figures, relabel
-    # labels re-numbered in the model's class order, so every figure speaks of the model's classes
-    dataset, absent = relabel(scan(data), config["classes"], str(checkpoint_path))
-    folder = run_dir(out, f"evaluate-{config['arch']}", overwrite)
-    steps = config.get("preprocess", ())
-    images, labels, dataset = load(dataset, config["image_size"], progress, steps)
-    masks, status = load_masks(dataset, config["image_size"], steps)
-    overlap = training_overlap(checkpoint_path, config, dataset, train_data, progress, extras)
-    said = run_model(model, config, extras, images)  # once, for every figure below
-    probs, distances = said.probs, said.distances
-    lesion = {}
-    if said.lesion_maps is not None:
-        from .lesion import dice_iou, lesion_figures
-        dice, iou = dice_iou(said.lesion_maps, masks)
-        usable = torch.tensor([st in ("lesion", "empty") for st in status])
-        dice = torch.where(usable, dice, torch.tensor(float("nan")))
-        lesion = {"lesion": lesion_figures(said.lesion_scores, dice, iou, status, labels, config["classes"],
-                                           config.get("operating_point"))}
-    if overlap["checked"] and overlap["near_duplicates"]:
-        unseen = [i for i, s in enumerate(dataset.samples) if s.path not in overlap["near_duplicates"]]
-        if unseen:
-            m = compute_metrics(probs[unseen], labels[unseen], config["classes"])
-            overlap["metrics_without_them"] = {"n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-                                               "auroc": m["auroc"],
-                                               "recall": {c: v["recall"] for c, v in m["per_class"].items()}}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump({"command": "evaluate", "checkpoint": str(checkpoint_path),
-                                                     "data": str(data), "busi_version": __version__}, sort_keys=False))
-    if distances is not None:
-        extra_shift = {"shift": {**shift.verdict(distances > config["shift"]["threshold"]),
-                                 "threshold": config["shift"]["threshold"],
-                                 "method": f"distance to the {config['shift']['k']}th nearest training image in the "
-                                           f"model's feature space; {config['shift']['quantile']:.0%} of "
-                                           f"{config['shift']['n_heldout']} held-out images of its training sources "
-                                           "lie within the threshold"}}
-    else:
-        extra_shift = {"shift": {"note": "this checkpoint carries no summary of its training images (trained "
-                                         "without a validation part, or by busi before 0.2)"}}
-    extra = {**extra_shift, "model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped,
-             "training_overlap": overlap, **lesion, **figures(probs, config, labels, dataset, meta, id_column,
-                                                              group_column, patient_column, said.lesion_scores)}
-    metrics = write_results(folder, model, config, images, labels, [s.path for s in dataset.samples], masks, status, extra,
-                            logits=said.logits, shift_distances=distances, lesion_scores=said.lesion_scores,
-                            lesion_dice=dice if lesion else None, lesion_maps=said.lesion_maps)
-    render(folder)
-    return metrics, folder
 
 
 @dataclass
@@ -278,6 +165,12 @@ class LoadedModel:
             self.model, self.config, self.extras = checkpoint.load(path, extras=True)
         self.classes = list(self.config["classes"])
 
+    def checkpoint(self, needed_for: str):
+        """(model, config, extras) of a checkpoint.pth; an exported model is a one-line error saying what needs more."""
+        if self.model is None:
+            raise BusiError(f"{self.path}: {needed_for} needs the checkpoint.pth, not an exported model")
+        return self.model, self.config, self.extras
+
     def prepare(self, path: str | Path) -> Prepared:
         """Read and clean one file (BusiError naming it when it cannot be read)."""
         origin: list = []
@@ -293,8 +186,8 @@ class LoadedModel:
     def describe(self, prepared: list[Prepared], explain: bool = False) -> list[dict]:
         """One row per prepared image: predicted class, probabilities, the shift flag, the lesion outline and its
         measurements; with explain, 'overlay': Grad-CAM of the class said with the outline and a caption drawn on."""
-        if explain and self.model is None:
-            raise BusiError(f"{self.path}: Grad-CAM needs the checkpoint.pth, not an exported model")
+        if explain:
+            self.checkpoint("Grad-CAM")
         said = self.run(torch.cat([p.input for p in prepared]))
         rows = []
         for j, item in enumerate(prepared):
@@ -328,8 +221,7 @@ def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_d
     """
     loaded = LoadedModel(checkpoint_path)
     if explain_dir is not None:
-        if loaded.model is None:
-            raise BusiError(f"{checkpoint_path}: Grad-CAM needs the checkpoint.pth, not an exported model")
+        loaded.checkpoint("Grad-CAM")
         explain_dir = Path(explain_dir)
         explain_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 from torchmetrics.functional.classification import multiclass_roc
 
-from .calibrate import ece, nll, reliability_bins
+from .confidence import ece, nll, reliability_bins
 from .errors import BusiError
-from .evaluate import compute_metrics, majority_baseline
+from .metrics import compute_metrics, majority_baseline
 from .operating import decide, describe, metrics_at
 from .explain import gradcam, overlay, summarize_localization
+from .inference import probabilities, run_model
 from .lesion import dice_iou, lesion_figures, outlines_drawn
 from .plots import confusion_matrix, gallery, reliability_diagram, roc_curves
 
@@ -58,7 +59,6 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
     classes = list(config["classes"])
     temperature = float(config.get("temperature", 1.0))
     if logits is None:
-        from .inference import run_model  # late: inference imports this module
         said = run_model(model, config, {}, images)
         logits, lesion_scores, lesion_maps = said.logits, said.lesion_scores, said.lesion_maps
         if lesion_maps is not None and masks is not None and mask_status is not None:
@@ -68,7 +68,7 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
             extra = {**(extra or {}), "lesion": lesion_figures(lesion_scores, lesion_dice, iou, mask_status, labels,
                                                                classes, config.get("operating_point"))}
     raw = torch.softmax(logits, 1)
-    probs = torch.softmax(logits / temperature, 1)
+    probs = probabilities(logits, config)
     metrics = {**compute_metrics(probs, labels, classes), "majority_baseline": round(majority_baseline(labels, len(classes)), 6)}
     metrics["calibration"] = {
         "temperature": round(temperature, 4), "bins": 15,

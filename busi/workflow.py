@@ -21,7 +21,7 @@ from .config import SPLIT_SOURCE_TRAIN, RunConfig, save_config
 from .data import MASK_USABLE, Dataset, load, load_masks, scan, warn
 from .folders import scan_sources
 from .meta import source_meta
-from .calibrate import fit_temperature
+from .confidence import fit_temperature
 from .lesion import lesion_scores
 from .operating import MIN_POSITIVES, fit_lesion_rule, fit_threshold
 from .errors import BusiError
@@ -30,7 +30,7 @@ from .plots import loss_curves
 from .report import render
 from .results import write_results
 from .split import group_ids, train_test
-from .inference import outputs_of
+from .inference import outputs_of, probabilities
 from .runs import is_main_process, run_dir
 from .train import check_hardware, fit
 
@@ -148,7 +148,7 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
     config["train_seconds"] = round(time.perf_counter() - start, 1)
     extras = {}
     if val is not None:
-        calibrate(model, config, cfg, val)
+        fit_temperature_and_rule(model, config, cfg, val)
         if len(val[1]) >= shift.MIN_HELDOUT:  # enough held-out images to say where 'like the training images' ends
             extras, config["shift"] = shift.summarize(shift.features(model, training[0], config["mean"], config["std"]),
                                                       shift.features(model, val[0], config["mean"], config["std"]))
@@ -158,13 +158,14 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
     return model, config, history, extras
 
 
-def calibrate(model, config: dict, cfg: RunConfig, val) -> None:
-    """On the validation part (images, labels): the temperature (if cfg fits one) and the malignant threshold."""
+def fit_temperature_and_rule(model, config: dict, cfg: RunConfig, val) -> None:
+    """On the validation part (images, labels): the temperature (if cfg fits one) and the decision rule (the malignant
+    threshold; with a segmenter, the lesion-first rule)."""
     val_logits, val_maps = outputs_of(model, val[0], config["mean"], config["std"], tta=cfg.tta)
     config["temperature"] = fit_temperature(val_logits, val[1]) if cfg.fit_temperature else 1.0
     config["temperature_fitted_on"] = len(val[1]) if cfg.fit_temperature else 0
     if cfg.malignant_recall is not None:
-        val_probs = torch.softmax(val_logits / config["temperature"], 1)
+        val_probs = probabilities(val_logits, config)
         point = fit_threshold(val_probs, val[1], list(config["classes"]), cfg.malignant_recall)
         if val_maps is not None and "benign" in config["classes"] and point is not None:
             try:  # a segmenter decides 'normal' and where malignancy is judged (busi.operating's lesion-first rule)

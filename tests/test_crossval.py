@@ -7,7 +7,7 @@ import torch
 
 from busi.cli import main
 from conftest import synthetic_scan
-from busi.evaluate import bootstrap_ci
+from busi.metrics import bootstrap_ci
 
 TINY = ["--epochs", "1", "--image-size", "32", "--batch-size", "8", "--no-progress"]
 

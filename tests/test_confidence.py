@@ -1,6 +1,6 @@
 import torch
 
-from busi.calibrate import ece, fit_temperature, nll, reliability_bins
+from busi.confidence import ece, fit_temperature, nll, reliability_bins
 
 
 def test_ece_of_a_perfectly_calibrated_set_is_about_zero():
