@@ -122,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--explain", action="store_true", help="also write a Grad-CAM overlay per image into --out")
     p.add_argument("--out", help="folder for --explain overlays (default: runs/<timestamp>-predict)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
     p = sub.add_parser("serve", help="a local web page to try a checkpoint (needs: pip install -e \".[app]\")")
     p.add_argument("--checkpoint", help="checkpoint.pth (default: the bundled model, see `busi model`)")
@@ -257,6 +258,7 @@ def _check_before_imports(args):
     -> the config of train and cv (None for the other commands)."""
     from .config import SPLIT_SOURCE_TRAIN, make_config
     from .folders import scan, scan_sources
+    from .meta import check_columns
     cfg = None
     if args.command in ("train", "cv"):
         cfg = make_config(_overrides(args), args.config)
@@ -275,19 +277,23 @@ def _check_before_imports(args):
         if cfg.external:
             scan(cfg.external)
         for meta in cfg.meta:
-            if not Path(meta).is_file():
-                raise BusiError(f"{meta}: meta CSV does not exist")
-        if cfg.external_meta and not Path(cfg.external_meta).is_file():
-            raise BusiError(f"{cfg.external_meta}: external meta CSV does not exist")
+            check_columns(meta, [cfg.id_column, cfg.patient_column, cfg.group_column])
+        if cfg.external_meta:
+            check_columns(cfg.external_meta, [cfg.external_id_column, cfg.external_patient_column,
+                                              cfg.external_group_column])
     if args.command == "finetune":
         if not args.data:
             raise BusiError("no data folder: pass --data MY_LABELLED (one sub-folder per class, e.g. benign/ and malignant/)")
         scan_sources(args.data)
         for meta in args.meta or []:
-            if not Path(meta).is_file():
-                raise BusiError(f"{meta}: meta CSV does not exist")
+            check_columns(meta, [getattr(args, "id_column", None) or "ID", getattr(args, "patient_column", None),
+                                 getattr(args, "group_column", None)])
     if args.command in ("evaluate", "calibrate"):
         scan(args.data)
+        if (getattr(args, "group_column", None) or args.patient_column) and not args.meta:
+            raise BusiError("--group-column and --patient-column need --meta FILE.csv")
+        if args.meta:
+            check_columns(args.meta, [args.id_column, args.patient_column, getattr(args, "group_column", None)])
     if args.command == "audit":
         scan(args.data, args.classes)
     if args.command == "adapt":
@@ -354,9 +360,12 @@ def _calibrate(args, cfg) -> int | None:
     was = (f" (was {before['threshold']:.3f}, which found {record['previous_recall_here']:.1%} of them here)"
            if before else "")
     ci = op["recall_ci"]
-    print(f"threshold on p(malignant) {op['threshold']:.3f}{was}: finds {op['recall_where_fitted']:.1%} of the "
-          f"{op['fitted_on_positives']} malignant images of {args.data}, and calls "
-          f"{op['others_called_malignant']:.1%} of the others malignant")
+    others = op.get("others_called_malignant")
+    score = "p(malignant | lesion)" if op.get("rule") == "lesion-first" else "p(malignant)"
+    print(f"threshold on {score} {op['threshold']:.3f}{was}: finds {op['recall_where_fitted']:.1%} of the "
+          f"{op['fitted_on_positives']} malignant images of {args.data}"
+          + (f", and calls {others:.1%} of the others malignant" if others is not None else
+             "; no benign or normal images there, so what it does to them is not measured"))
     if ci:
         print(f"recall to expect on new patients like these: {op['expected_recall']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
               f"({op['ci_method']})")
@@ -460,7 +469,7 @@ def _predict(args, cfg) -> int | None:
         explain_dir = run_dir(args.out, "predict")
     elif args.out:
         raise BusiError("--out is only used with --explain")
-    rows = run_predict(args.checkpoint, args.inputs, explain_dir, progress=True)
+    rows = run_predict(args.checkpoint, args.inputs, explain_dir, progress=args.progress)
     operating_point = operating_point_of(args.checkpoint)
     if operating_point:
         from .operating import describe

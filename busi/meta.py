@@ -7,6 +7,19 @@ from pathlib import Path
 from .errors import BusiError
 
 
+def check_columns(path: str | Path, columns: list[str | None]) -> None:
+    """The CSV exists and has every named column (None: not asked for); else one line naming what it does have. Cheap:
+    only the header is read, so a wrong column fails before any model or image is loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise BusiError(f"{path}: meta CSV does not exist")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    missing = [c for c in columns if c and c not in header]
+    if missing:
+        raise BusiError(f"{path}: no column(s) {', '.join(missing)} (it has: {', '.join(header) or 'no header'})")
+
+
 def read_meta(path: str | Path, id_column: str, columns: list[str], image_paths: list[str]) -> tuple[dict, list[str]]:
     """{image path: {column: value}} for the images of the folder, matched by file stem; and warnings.
 

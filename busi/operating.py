@@ -183,7 +183,8 @@ def fit_with_ci(probs: torch.Tensor, labels: torch.Tensor, classes, target_recal
     if POSITIVE not in classes:
         raise BusiError(f"the model has no '{POSITIVE}' class to set a threshold for")
     k = list(classes).index(POSITIVE)
-    clusters = np.asarray([str(c) for c in clusters] if clusters is not None else np.arange(len(labels)).astype(str))
+    given_clusters = clusters is not None  # patients: the interval resamples them, however many images each has
+    clusters = np.asarray([str(c) for c in clusters] if given_clusters else np.arange(len(labels)).astype(str))
     positive = (labels == k).numpy()
     n_pos, n_pos_clusters = int(positive.sum()), len(set(clusters[positive].tolist()))
     if min(n_pos, n_pos_clusters) < MIN_POSITIVES:
@@ -203,13 +204,14 @@ def fit_with_ci(probs: torch.Tensor, labels: torch.Tensor, classes, target_recal
             continue
         recalls.append(float((probs[torch.from_numpy(left_out), k] >= fitted["threshold"]).float().mean()))
     negatives = labels != k
+    unit = "patients" if given_clusters else "images"
     point.update({
-        "fitted_on_patients": len(names) if len(names) < len(labels) else None,
+        "fitted_on_patients": len(names) if given_clusters else None,
         "expected_recall": round(float(np.median(recalls)), 4) if recalls else None,
         "recall_ci": [round(float(np.quantile(recalls, 0.025)), 4), round(float(np.quantile(recalls, 0.975)), 4)]
         if recalls else None,
         "ci_method": f"threshold refitted on {len(recalls)} bootstrap resamples of "
-                     f"{'patients' if len(names) < len(labels) else 'images'}, recall measured on the malignant images "
+                     f"{unit}, recall measured on the malignant images "
                      "each left out; 2.5-97.5% range",
         "others_called_malignant": round(float((probs[negatives, k] >= point["threshold"]).float().mean()), 4)
         if negatives.any() else None})

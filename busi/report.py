@@ -189,7 +189,8 @@ def _localization(loc: dict) -> str:
         status += f". A heatmap spread evenly would score {loc['uniform_baseline']:.3f} on both (the lesions' mean area share)"
     return ("<h3>Where the model looked (Grad-CAM vs lesion masks)</h3>"
             + _table(["class", "images with lesion mask", "heatmap energy in lesion", "pointing game"], rows)
-            + f'<p class="muted">masks: {html.escape(status)}. {html.escape(loc.get("method", ""))}</p>')
+            + f'<p class="muted">masks: {html.escape(status)}. {html.escape(loc.get("method", ""))}'
+            + (f". {html.escape(loc['sample'])}" if loc.get("sample") else "") + "</p>")
 
 
 def render(run: str | Path) -> Path:

@@ -22,6 +22,7 @@ from .lesion import dice_iou, lesion_figures, outlines_drawn
 from .plots import confusion_matrix, gallery, reliability_diagram, roc_curves
 
 GALLERY_SIZE = 8  # per kind (right, wrong) in gradcam.png
+LOCALIZATION_SAMPLE = 64  # images with a lesion mask whose Grad-CAM the localisation figure is measured on
 
 
 def _caption(path: str, classes, true: int, predicted: int, probability: float) -> str:
@@ -160,8 +161,12 @@ def _explain(folder, model, config, images, labels, predicted, confidence, paths
     right = [i for batch in itertools.zip_longest(*by_class) for i in batch if i is not None]  # every class shown
     wrong = sorted((predicted != labels).nonzero().flatten().tolist(), key=lambda i: -float(confidence[i]))
     chosen = right[:GALLERY_SIZE] + wrong[:GALLERY_SIZE]
-    # Localisation needs a heatmap for every image with a lesion mask; the gallery only for the chosen ones.
+    # Localisation needs a heatmap per image with a lesion mask (a fixed sample of them: Grad-CAM costs a backward
+    # pass per image, and a folder of thousands would wait minutes for one figure); the gallery only the chosen ones.
     with_lesion = [i for i, s in enumerate(mask_status or []) if s == "lesion"]
+    n_masked = len(with_lesion)
+    if n_masked > LOCALIZATION_SAMPLE:
+        with_lesion = sorted(np.random.default_rng(0).choice(with_lesion, LOCALIZATION_SAMPLE, replace=False).tolist())
     needed = sorted(set(chosen) | set(with_lesion))
     heat = dict(zip(needed, gradcam(model, images[needed], predicted[needed].tolist(), config["mean"], config["std"]))) if needed else {}
     gallery([overlay(images[i].permute(1, 2, 0).numpy(), heat[i]) for i in chosen],
@@ -174,3 +179,6 @@ def _explain(folder, model, config, images, labels, predicted, confidence, paths
             np.stack([heat[i] for i in with_lesion]) if with_lesion else np.zeros((0, 1, 1)),
             [masks[i, 0].numpy().astype(bool) for i in with_lesion], [int(labels[i]) for i in with_lesion],
             classes, mask_status)
+        if n_masked > len(with_lesion):
+            metrics["localization"]["sample"] = (f"Grad-CAM of a fixed random sample of {len(with_lesion)} of the "
+                                                 f"{n_masked} images with a lesion mask")
