@@ -73,6 +73,18 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--version", action="version", version=f"busi {__version__}")
     sub = root.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("split", help="cut a labelled folder into adapt/ and test/ parts by patient (for `busi "
+                                     "calibrate`/`finetune` on one, `busi evaluate` on the other)")
+    p.add_argument("data", help="labelled folder, one sub-folder per class")
+    p.add_argument("--out", required=True, help="folder to write adapt/, test/ (and adapt.csv, test.csv) into")
+    p.add_argument("--test-size", type=float, default=0.5, help="share of the images in test/ (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same cut (default 0)")
+    p.add_argument("--meta", help="CSV with a row per image (its rows follow their images)")
+    p.add_argument("--id-column", default="ID", help="its column of file names without extension (default: ID)")
+    p.add_argument("--patient-column", help="its patient column: a patient's images stay on one side")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out folder that already holds files")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
     p = sub.add_parser("audit", help="count images, find near-duplicates and label conflicts")
     p.add_argument("data", help="dataset folder with one sub-folder per class")
     p.add_argument("--classes", nargs="+", help="class folder names (default: every sub-folder)")
@@ -518,6 +530,20 @@ def _export(args, cfg) -> int | None:
         print(f"its decision rule, kept in the file's metadata and applied by `busi predict`: {describe(operating_point)}")
 
 
+def _split(args, cfg) -> int | None:
+    """busi split."""
+    from .partition import run_split
+    summary = run_split(args.data, args.out, args.test_size, args.seed, args.meta, args.id_column,
+                        args.patient_column, args.overwrite, args.progress)
+    for part in ("adapt", "test"):
+        s = summary[part]
+        who = f" of {s['patients']} patients" if s["patients"] is not None else ""
+        print(f"{args.out}/{part}/: {s['images']} images{who} ("
+              + ", ".join(f"{c} {n}" for c, n in s["classes"].items()) + ")")
+    print(f"grouped by {summary['grouped_by']}; next: `busi calibrate --data {args.out}/adapt …` (or finetune), then "
+          f"`busi evaluate --data {args.out}/test …`")
+
+
 def _report(args, cfg) -> int | None:
     """busi report."""
     from .report import render
@@ -526,7 +552,7 @@ def _report(args, cfg) -> int | None:
 
 COMMANDS = {"finetune": _finetune, "adapt": _adapt, "calibrate": _calibrate, "model": _model, "audit": _audit,
             "train": _train, "cv": _cv, "evaluate": _evaluate, "predict": _predict, "serve": _serve, "export": _export,
-            "report": _report}
+            "report": _report, "split": _split}
 
 
 if __name__ == "__main__":
