@@ -48,6 +48,56 @@ def card_text() -> str:
     return CARD.read_text()
 
 
+def for_terminal(markdown: str, width: int | None = None) -> str:
+    """A Markdown card as plain text for a terminal: headings underlined, emphasis and code marks dropped, paragraphs
+    and list items wrapped to the window."""
+    import re
+    import shutil
+    import textwrap
+    width = width or min(100, shutil.get_terminal_size((100, 24)).columns)
+    out = []
+    for line in markdown.splitlines():
+        text = re.sub(r"\*\*(.+?)\*\*", r"\1", line).replace("`", "")
+        if text.startswith("#"):
+            title = text.lstrip("#").strip()
+            out += ["", title, ("=" if line.startswith("# ") else "-") * len(title)]
+        elif text.lstrip().startswith("- "):
+            indent = len(text) - len(text.lstrip())
+            out += textwrap.wrap(text.strip(), width, initial_indent=" " * indent,
+                                 subsequent_indent=" " * (indent + 2))
+        else:
+            out += textwrap.wrap(text, width) or [""]
+    return "\n".join(out).strip() + "\n"
+
+
+def card_summary() -> str:
+    """What `busi model` prints: what the model is, what to expect at another hospital, its rule and how to re-set
+    it, in a few lines; `busi model --full` prints the whole card."""
+    import textwrap
+    from .operating import describe
+    if not CARD_DATA.is_file():
+        raise BusiError(f"{CARD_DATA}: no model card in this installation (rebuild: {REBUILD})")
+    data = json.loads(CARD_DATA.read_text())
+    op = data.get("operating_point") or {}
+    sources = ", ".join(data.get("trained_on", []))
+    lines = [f"busi's bundled model: {data['model']}"
+             + (" with a lesion segmenter" if (data.get("recipe") or {}).get("lesion_size") else "")
+             + f", classes {', '.join(data['classes'])}, trained on {sources}. Research tool, not a diagnosis."]
+    if data.get("hospitals_never_seen"):
+        lines.append(f"At a hospital it never saw (hospital-out cross-validation): {data['hospitals_never_seen']}; "
+                     "at your hospital expect figures like these, not the home ones.")
+    seg = op.get("segmentation_hospital_out") or {}
+    for run, per in list(seg.items())[:1]:
+        lines.append("Lesion outline at a hospital its segmenter never saw: " + "; ".join(
+            f"{name} Dice {v['dice_mean']:.2f}" + (f", normal vs lesion AUROC {v['normal_vs_lesion_auroc']:.2f}"
+                                                   if "normal_vs_lesion_auroc" in v else "") for name, v in per.items()))
+    lines.append(f"Decision rule: {describe(op)}.")
+    lines.append("Re-set it on your own labelled images: busi split MY_LABELLED --out parts --meta MY.csv "
+                 "--patient-column PATIENT, then busi calibrate --data parts/adapt and busi evaluate --data parts/test.")
+    lines.append("The whole card (data, recipe, figures, limits, citations): busi model --full")
+    return "\n".join(textwrap.fill(line, 100, subsequent_indent="  ", break_on_hyphens=False) for line in lines)
+
+
 def recipe_of(config: dict) -> dict:
     """The recipe part of a run's config: every key but those that only say where and on what hardware it ran."""
     return {k: v for k, v in config.items() if k not in RUN_ONLY_KEYS}

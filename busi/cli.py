@@ -191,7 +191,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
-    sub.add_parser("model", help="print the bundled model's card: data, recipe, figures, intended use and limits")
+    p = sub.add_parser("model", help="what the bundled model is, what to expect elsewhere, its decision rule")
+    p.add_argument("--full", action="store_true", help="the whole card: data, recipe, figures, intended use and limits")
 
     p = sub.add_parser("report", help="rebuild report.html of a run folder from its files")
     p.add_argument("run", metavar="RUN_DIR", help="a folder written by train, cv or evaluate")
@@ -386,8 +387,8 @@ def _calibrate(args, cfg) -> int | None:
 
 def _model(args, cfg) -> int | None:
     """busi model."""
-    from .bundled import card_text
-    print(card_text(), end="")
+    from .bundled import card_summary, card_text, for_terminal
+    print(for_terminal(card_text()) if args.full else card_summary())
 
 
 def _audit(args, cfg) -> int | None:

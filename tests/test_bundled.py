@@ -44,10 +44,15 @@ def test_commands_default_to_the_bundled_model(capsys):
     out = capsys.readouterr()
     assert len(json.loads(out.out)) == 2 and "using the bundled model" in out.err
     assert main(["model"]) == 0
+    summary = capsys.readouterr().out
+    assert summary.count("\n") <= 20 and "Research tool" in summary and "hospital it never saw" in summary
+    assert "Decision rule:" in summary and "busi calibrate" in summary and "busi model --full" in summary
+    assert main(["model", "--full"]) == 0
     card = capsys.readouterr().out
     assert "Research tool, not a medical device" in card and "cross-validation" in card
     assert card.index("hospital it never saw") < card.index("At home")  # the home figure never alone, nor first
     assert "BUSI" in card and "examples/" in card
+    assert "**" not in card and "`" not in card and "\n## " not in card  # rendered for a terminal, not raw Markdown
 
 
 def test_missing_or_damaged_bundled_model_says_how_to_rebuild(tmp_path, monkeypatch, capsys):
