@@ -187,7 +187,8 @@ def _localization(loc: dict) -> str:
     status = ", ".join(f"{k} {v}" for k, v in loc.get("mask_status", {}).items())
     if loc.get("uniform_baseline") is not None:
         status += f". A heatmap spread evenly would score {loc['uniform_baseline']:.3f} on both (the lesions' mean area share)"
-    return ("<h3>Where the model looked (Grad-CAM vs lesion masks)</h3>"
+    against = loc.get("against")
+    return (f"<h3>Where the model looked (Grad-CAM vs {html.escape(against or 'lesion masks')})</h3>"
             + _table(["class", "images with lesion mask", "heatmap energy in lesion", "pointing game"], rows)
             + f'<p class="muted">masks: {html.escape(status)}. {html.escape(loc.get("method", ""))}'
             + (f". {html.escape(loc['sample'])}" if loc.get("sample") else "") + "</p>")

@@ -18,7 +18,7 @@ from .metrics import compute_metrics, majority_baseline
 from .operating import decide, describe, metrics_at
 from .explain import gradcam, overlay, summarize_localization
 from .inference import probabilities, run_model
-from .lesion import dice_iou, lesion_figures, outlines_drawn
+from .lesion import LESION_LEVEL, dice_iou, lesion_figures, outlines_drawn
 from .plots import confusion_matrix, gallery, reliability_diagram, roc_curves
 
 GALLERY_SIZE = 8  # per kind (right, wrong) in gradcam.png
@@ -128,8 +128,17 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
 
     if explain:
         try:
+            against = None
+            if lesion_maps is not None and not any(st == "lesion" for st in (mask_status or [])):
+                # no expert masks here: the model's own outlines say whether its heatmap looked at the lesion it found
+                masks = (torch.nn.functional.interpolate(lesion_maps.float(), size=images.shape[-2:], mode="bilinear")
+                         >= LESION_LEVEL).to(torch.uint8)
+                mask_status = ["lesion" if m.any() else "empty" for m in masks]
+                against = "the model's own lesion outlines (no expert masks in this folder)"
             _explain(folder, model, config, images, labels, predicted, confidence, paths, masks, mask_status, metrics,
                      rule)
+            if against and "localization" in metrics:
+                metrics["localization"]["against"] = against
         except BusiError as e:
             metrics["localization"] = {"error": str(e)}
     metrics.update(extra or {})

@@ -206,3 +206,5 @@ def test_evaluate_without_masks_reports_everything_but_dice_and_says_why(lesion_
     lesion = json.loads((tmp_path / "ev" / "metrics.json").read_text())["lesion"]
     assert "dice_mean" not in lesion and "no lesion masks" in lesion["dice_note"]
     assert "normal_vs_lesion_auroc" in lesion and lesion["masks_not_used"] == {"missing": 18}
+    loc = json.loads((tmp_path / "ev" / "metrics.json").read_text()).get("localization", {})
+    assert "error" in loc or loc.get("against", "").startswith("the model's own lesion outlines")
