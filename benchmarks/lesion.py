@@ -1,4 +1,5 @@
-"""Hospital-out lesion segmentation, and the decision rule it makes possible, judged where no model saw the hospital.
+"""Lesion segmentation judged out of fold: hospital-out (default) or within the pooled sources (--folds K), and the
+decision rule it makes possible.
 
     python benchmarks/lesion.py --data ../shared/data/busi_dev --data ../shared/data/busbra_dev \
         --meta ../shared/data/busbra_dev/bus_data.csv --config configs/lesion.yaml --seed 0 \
@@ -11,6 +12,9 @@ lesion_metrics.json (per held-out source: Dice, normal-vs-lesion AUROC, detectio
 `busi cv --split source` run of the classifier on the same sources), the lesion-first rule is scored on both
 models' out-of-fold predictions: 'normal' below a lesion threshold fitted on the pooled hospital-out lesion scores,
 else malignant from p(malignant | lesion) = p_m / (p_m + p_b) at a threshold fitted the same way, beside today's rule.
+With --folds K the segmenters are cross-validated within the pooled sources instead (grouped by patient and
+near-duplicates: at home, where normal scans are in training); --rule-from a hospital-out run's lesion_metrics.json
+then applies that run's stored rule to these predictions instead of fitting one.
 """
 from __future__ import annotations
 
@@ -34,12 +38,13 @@ from busi.inference import outputs_of  # noqa: E402
 from busi.lesion import dice_iou, lesion_scores  # noqa: E402
 from busi.models import build, normalization  # noqa: E402
 from busi.operating import fit_lesion_rule, lesion_rule_figures  # noqa: E402
-from busi.split import group_ids, source_folds  # noqa: E402
+from busi.crossval import fold_plans  # noqa: E402
+from busi.split import group_ids  # noqa: E402
 from busi.train import fit  # noqa: E402
 from busi.workflow import prepare, training_tensors  # noqa: E402
 
 
-def segment_hospital_out(cfg, out: Path) -> list[dict]:
+def segment_out_of_fold(cfg, out: Path) -> list[dict]:
     cfg, notes = hardware.resolve(cfg)
     dataset, report, images, labels, _ = prepare(cfg, True, notes)
     paths = [s.path for s in dataset.samples]
@@ -48,8 +53,8 @@ def segment_hospital_out(cfg, out: Path) -> list[dict]:
     together = group_ids(paths, report["duplicate_groups"], dataset.patient_groups())
     part = training_tensors(cfg, images, labels, masks, status)
     rows = []
-    for k, (train_idx, test_idx) in enumerate(source_folds(sources, labels.numpy(), together, list(dataset.classes))):
-        held = str(sources[test_idx[0]])
+    for k, (train_idx, test_idx) in enumerate(fold_plans(cfg, labels, together, sources, list(dataset.classes))[0]):
+        held = str(sources[test_idx[0]]) if cfg.split == "source" else f"fold{k}"
         torch.manual_seed(cfg.seed + k)
         start = time.perf_counter()
         model = build(cfg.models[0], len(dataset.classes), pretrained=True, lesion_size=cfg.lesion_size)
@@ -60,7 +65,7 @@ def segment_hospital_out(cfg, out: Path) -> list[dict]:
         scores = lesion_scores(maps)
         dice, iou = dice_iou(maps, masks[test_idx])
         for j, i in enumerate(test_idx.tolist()):
-            rows.append({"fold": k, "held_out": held, "path": paths[i], "true": dataset.classes[int(labels[i])],
+            rows.append({"fold": k, "held_out": held, "source": str(sources[i]), "path": paths[i], "true": dataset.classes[int(labels[i])],
                          "mask": status[i], "lesion_score": round(float(scores[j]), 5),
                          "dice": round(float(dice[j]), 4) if status[i] in ("lesion", "empty") else "",
                          "iou": round(float(iou[j]), 4) if status[i] in ("lesion", "empty") else "",
@@ -73,8 +78,9 @@ def segment_hospital_out(cfg, out: Path) -> list[dict]:
 def summarize(rows: list[dict]) -> dict:
     from sklearn.metrics import roc_auc_score
     out = {}
-    for held in sorted({r["held_out"] for r in rows}):
-        mine = [r for r in rows if r["held_out"] == held]
+    key = lambda r: r.get("source") or r["held_out"]  # noqa: E731  (per source, also when folds mix them)
+    for held in sorted({key(r) for r in rows}):
+        mine = [r for r in rows if key(r) == held]
         lesion = [r for r in mine if r["mask"] == "lesion"]
         normal = [r for r in mine if r["true"] == "normal"]
         dice = np.array([r["dice"] for r in lesion], dtype=float)
@@ -106,6 +112,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--classifier-cv", action="append", default=[], help="busi cv --split source run(s) of the classifier")
+    ap.add_argument("--folds", type=int, help="cross-validate within the pooled sources with K grouped folds")
+    ap.add_argument("--rule-from", type=Path, help="a hospital-out run: apply its fitted rule here instead of fitting")
     ap.add_argument("--out", required=True)
     ap.add_argument("--reuse", action="store_true", help="score an earlier run's lesion_oof.csv again, no training")
     args = ap.parse_args()
@@ -114,12 +122,13 @@ def main():
     if not args.reuse:
         overrides = {"data": args.data, "meta": args.meta, "patient_column": args.patient_column if args.meta else None,
                      "seed": args.seed,
-                     "freeze_classifier": True, "val_size": 0.0, "malignant_recall": None}
+                     "freeze_classifier": True, "val_size": 0.0, "malignant_recall": None,
+                     "split": "grouped" if args.folds else "source", **({"folds": args.folds} if args.folds else {})}
         if args.epochs:
             overrides["epochs"] = args.epochs
         cfg = make_config(overrides, args.config)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        rows = segment_hospital_out(cfg, out)
+        rows = segment_out_of_fold(cfg, out)
         with open(out / "lesion_oof.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
@@ -137,9 +146,12 @@ def main():
         p = torch.tensor([[float(c[f"p_{k}"]) for k in classes] for _, c in joined])
         y = torch.tensor([classes.index(r["true"]) for r, _ in joined])
         scores = torch.tensor([r["lesion_score"] for r, _ in joined])
-        held = [r["held_out"] for r, _ in joined]
-        rule = fit_lesion_rule(p, scores, y, classes, malignant_recall=0.9, lesion_recall=0.95,
-                               where="hospital-out out-of-fold predictions")
+        held = [r["source"] if "source" in r else r["held_out"] for r, _ in joined]
+        if args.rule_from:
+            rule = json.loads(args.rule_from.read_text())[f"rule_with_{run.name}"]["rule"]
+        else:
+            rule = fit_lesion_rule(p, scores, y, classes, malignant_recall=0.9, lesion_recall=0.95,
+                                   where="hospital-out out-of-fold predictions")
         metrics[f"rule_with_{run.name}"] = {"rule": rule, "per_held_out_source": lesion_rule_figures(
             p, scores, y, classes, rule, held)}
     (out / "lesion_metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -158,13 +158,10 @@ def operating_point_from_cv(runs: list[Path], classes: list[str], target_recall:
     return point
 
 
-def lesion_rule_from_cv(classifier_runs: list[Path], lesion_runs: list[Path], classes: list[str],
-                        target_recall: float, lesion_recall: float) -> dict:
-    """The lesion-first rule fitted on hospital-out out-of-fold predictions: class probabilities from `busi cv --split
-    source` runs of the classifier, lesion scores from benchmarks/lesion.py runs of the segmenter (each image scored
-    by models that never saw its hospital), joined by image; with what the rule does per held-out source, and the
-    segmenter's Dice there."""
-    from .operating import fit_lesion_rule, lesion_rule_figures
+def _joined(classifier_runs: list[Path], lesion_runs: list[Path], classes: list[str]):
+    """(probabilities, lesion scores, labels, sources, the segmenter runs' figures): out-of-fold class probabilities of
+    `busi cv` runs joined by image with out-of-fold lesion scores of benchmarks/lesion.py runs; several runs of either
+    (seeds) meet in every combination, as many rows."""
     scores: dict[str, list[float]] = {}
     segmentation = {}
     for run in lesion_runs:
@@ -172,19 +169,32 @@ def lesion_rule_from_cv(classifier_runs: list[Path], lesion_runs: list[Path], cl
             for r in csv.DictReader(f):
                 scores.setdefault(r["path"], []).append(float(r["lesion_score"]))
         segmentation[run.name] = json.loads((run / "lesion_metrics.json").read_text())["segmentation"]
-    rows = [r for r in _oof_rows(classifier_runs) if r["path"] in scores]
-    # several segmenter runs (seeds): each classifier row meets every segmenter score of its image, as many rows
-    pairs = [(r, s) for r in rows for s in scores[r["path"]]]
-    probs = torch.tensor([[float(r[f"p_{c}"]) for c in classes] for r, _ in pairs])
-    labels = torch.tensor([classes.index(r["true"]) for r, _ in pairs])
-    lesion = torch.tensor([s for _, s in pairs])
+    pairs = [(r, s) for r in _oof_rows(classifier_runs) if r["path"] in scores for s in scores[r["path"]]]
+    return (torch.tensor([[float(r[f"p_{c}"]) for c in classes] for r, _ in pairs]),
+            torch.tensor([s for _, s in pairs]), torch.tensor([classes.index(r["true"]) for r, _ in pairs]),
+            [r["path"].split("/", 1)[0] for r, _ in pairs], segmentation)
+
+
+def lesion_rule_from_cv(classifier_runs: list[Path], lesion_runs: list[Path], classes: list[str],
+                        target_recall: float, lesion_recall: float, home: tuple[list[Path], list[Path]] | None = None
+                        ) -> dict:
+    """The lesion-first rule fitted on hospital-out out-of-fold predictions: class probabilities from `busi cv --split
+    source` runs of the classifier, lesion scores from benchmarks/lesion.py runs of the segmenter (each image scored
+    by models that never saw its hospital); with what the rule does per held-out source, and the segmenter's Dice
+    there. home: (within-source cv runs of the classifier, benchmarks/lesion.py --folds runs): what the same rule does
+    at home, where normal scans were in training."""
+    from .operating import fit_lesion_rule, lesion_rule_figures
+    probs, lesion, labels, sources, segmentation = _joined(classifier_runs, lesion_runs, classes)
     where = ("out-of-fold predictions of hospital-out cross-validation (each image's class probabilities and lesion "
              "score from models that never saw its hospital)")
     rule = fit_lesion_rule(probs, lesion, labels, classes, target_recall, lesion_recall, where=where)
     rule["fitted_on_runs"] = [run.name for run in list(classifier_runs) + list(lesion_runs)]
-    rule["per_source"] = lesion_rule_figures(probs, lesion, labels, classes, rule,
-                                             [r["path"].split("/", 1)[0] for r, _ in pairs])
+    rule["per_source"] = lesion_rule_figures(probs, lesion, labels, classes, rule, sources)
     rule["segmentation_hospital_out"] = segmentation
+    if home:
+        probs, lesion, labels, sources, segmentation = _joined(*home, classes)
+        rule["at_home"] = {"runs": [run.name for run in home[0] + home[1]], "segmentation": segmentation,
+                           **lesion_rule_figures(probs, lesion, labels, classes, rule, sources)}
     return rule
 
 
@@ -207,7 +217,8 @@ def data_summary(run: Path, meta: dict[str, dict[str, str]] | None = None) -> di
 
 def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path = MODEL,
            threshold_runs: list[Path] = (), patients: dict[str, str] | None = None, home_runs: list[Path] = (),
-           adapted_threshold_runs: list[Path] = (), lesion_runs: list[Path] = (), lesion_recall: float = 0.95) -> dict:
+           adapted_threshold_runs: list[Path] = (), lesion_runs: list[Path] = (), lesion_recall: float = 0.95,
+           lesion_home_runs: list[Path] = ()) -> dict:
     """Turn a finished `busi train` run of the recommended recipe into the bundled model: fp16 tensors where they move
     no probability of the example images by more than 1e-3, else fp32, with the card's data (card.json) beside it.
 
@@ -231,8 +242,9 @@ def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path
     if config.get("parent"):  # the classifier a segmenter joined: its file's name, not where it lay
         config["parent"]["checkpoint"] = Path(config["parent"]["checkpoint"]).name
     if lesion_runs:  # a segmenter beside the classifier: the lesion-first rule, fitted hospital-out
-        config["operating_point"] = lesion_rule_from_cv(list(threshold_runs), list(lesion_runs), list(config["classes"]),
-                                                        recipe["malignant_recall"], lesion_recall)
+        config["operating_point"] = lesion_rule_from_cv(
+            list(threshold_runs), list(lesion_runs), list(config["classes"]), recipe["malignant_recall"], lesion_recall,
+            (list(home_runs), list(lesion_home_runs)) if home_runs and lesion_home_runs else None)
     elif threshold_runs:
         config["operating_point"] = operating_point_from_cv(list(threshold_runs), list(config["classes"]),
                                                             recipe["malignant_recall"], patients or {},

@@ -121,6 +121,16 @@ def lesion_rule_lines(op: dict, name: dict) -> list[str]:
             f"{op['fitted_on']} {op['fitted_where']}: {op['fitted_on_lesions']} lesions, {op['fitted_on_positives']} "
             "of them malignant.", "",
             "What the rule did there, per held-out hospital: " + "; ".join(per) + ".", "",
+            *([f"At home (segmenters and classifiers cross-validated within the pooled sources, normal scans in "
+               f"training: {', '.join(op['at_home']['runs'])}), the same rule: " + "; ".join(
+                   f"{name.get(k, k)}: sensitivity {pct(v['lesion_first']['sensitivity'])}, specificity "
+                   f"{pct(v['lesion_first']['specificity'])}"
+                   + (f", normal scans called normal {pct(v['lesion_first']['normal_recall'])}, 3-class accuracy "
+                      f"{v['lesion_first']['accuracy']:.3f}" if v['lesion_first'].get('normal_recall') is not None
+                      else "")
+                   + f", lesions called normal {pct(v['lesion_first']['lesions_called_normal'])}"
+                   for k, v in op["at_home"].items() if k not in ("runs", "segmentation")) + ".", ""]
+              if op.get("at_home") else []),
             "**The lesion outline** (a U-Net segmenter beside the classifier, trained on every image's lesion mask; a "
             "normal scan's is empty), measured the same way, each hospital outlined by a segmenter that never saw it: "
             + "; ".join(seg) + ". `busi predict` gives each image's outline (box, polygon, width, depth, "
@@ -277,6 +287,9 @@ def main():
                         help="a benchmarks/lesion.py run (hospital-out segmenters): bundle configs/lesion.yaml, a lesion "
                         "segmenter trained beside --classifier, with the lesion-first rule fitted on these runs and the "
                         "--hospital-cv runs (the classifier's hospital-out predictions)")
+    parser.add_argument("--lesion-home", type=Path, action="append", default=[],
+                        help="a benchmarks/lesion.py --folds run (segmenters cross-validated at home): with --within-cv, "
+                        "what the stored rule does at home")
     parser.add_argument("--classifier", type=Path, default=bundled.MODEL,
                         help="with --lesion-cv: the trained classifier the segmenter joins (kept as it is; default: the "
                         "bundled model, copied into the run folder first)")
@@ -319,7 +332,7 @@ def main():
                           home_runs=[args.within_cv] if args.within_cv else [],
                           adapted_threshold_runs=[r for r in args.hospital_cv if args.adapted_threshold and "adapted_p_"
                                                   in (r / "oof_predictions.csv").open().readline()],
-                          lesion_runs=args.lesion_cv)
+                          lesion_runs=args.lesion_cv, lesion_home_runs=args.lesion_home)
     data["data"] = bundled.data_summary(run, info)
     data["hospital_out"] = hospital_out(args.hospital_cv)
     data["within_source"] = within(args.within_cv)
