@@ -11,13 +11,16 @@ from torch import nn
 
 from . import checkpoint
 from .errors import BusiError
+from .models import has_segmenter
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 METADATA_KEY = "busi"
 
 
 class Deployable(nn.Module):
-    """uint8 images N x 3 x S x S in, class probabilities out: normalisation, mirror TTA and temperature inside."""
+    """uint8 images N x 3 x S x S in, class probabilities out: normalisation, mirror TTA and temperature inside. A
+    model with a lesion segmenter also returns its lesion probability maps (N x 1 x H x W), which the lesion-first
+    rule and the outline need."""
 
     def __init__(self, model: nn.Module, config: dict):
         super().__init__()
@@ -26,13 +29,21 @@ class Deployable(nn.Module):
         self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1) * 255.0)
         self.temperature = float(config.get("temperature", 1.0))
         self.tta = bool(config.get("tta", False))
+        self.segments = has_segmenter(model)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor):
         x = (images.float() - self.mean) / self.std
-        logits = self.model(x)
+        if not self.segments:
+            logits = self.model(x)
+            if self.tta:
+                logits = (logits + self.model(x.flip(-1))) / 2
+            return torch.softmax(logits / self.temperature, dim=1)
+        logits, lesion = self.model.forward_with_lesion(x)
+        lesion = torch.sigmoid(lesion)
         if self.tta:
-            logits = (logits + self.model(x.flip(-1))) / 2
-        return torch.softmax(logits / self.temperature, dim=1)
+            logits_m, lesion_m = self.model.forward_with_lesion(x.flip(-1))
+            logits, lesion = (logits + logits_m) / 2, (lesion + torch.sigmoid(lesion_m).flip(-1)) / 2
+        return torch.softmax(logits / self.temperature, dim=1), lesion
 
 
 def export(checkpoint_path: str | Path, fmt: str, out: str | Path | None = None, overwrite: bool = False) -> Path:
@@ -51,7 +62,8 @@ def export(checkpoint_path: str | Path, fmt: str, out: str | Path | None = None,
               "resized" if steps else "")
     kept = {k: v for k, v in config.items() if k != "fingerprint_paths"}  # the names of its training images stay home
     metadata = json.dumps({**kept, "format": fmt, "input": f"uint8 N x 3 x {side} x {side} RGB{before}",
-                           "output": "probabilities"})
+                           "output": "probabilities, lesion map (N x 1 x H x W)" if wrapped.segments
+                           else "probabilities"})
     tmp = out.with_name(out.name + ".partial")
     try:
         if fmt == "onnx":
@@ -59,6 +71,7 @@ def export(checkpoint_path: str | Path, fmt: str, out: str | Path | None = None,
         else:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, yet still what many viewers load
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the input size is fixed: no branch to miss
                 scripted = torch.jit.trace(wrapped, example)
                 torch.jit.save(scripted, str(tmp), _extra_files={f"{METADATA_KEY}.json": metadata})
         os.replace(tmp, out)
@@ -81,7 +94,8 @@ def _export_onnx(wrapped: nn.Module, example: torch.Tensor, path: Path, metadata
     import contextlib
 
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every step
-        program = torch.onnx.export(wrapped, (example,), input_names=["images"], output_names=["probabilities"],
+        outputs = ["probabilities", "lesion"] if wrapped.segments else ["probabilities"]
+        program = torch.onnx.export(wrapped, (example,), input_names=["images"], output_names=outputs,
                                     dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=4096)}},
                                     dynamo=True, external_data=False)
     proto = program.model_proto
@@ -123,11 +137,18 @@ class ExportedModel:
         self.config = json.loads(meta[METADATA_KEY])
         self.module = None
 
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+    def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(class probabilities, lesion probability maps or None) of uint8 images."""
         if self.module is not None:
             with torch.no_grad():
-                return self.module(images).float()
-        return torch.from_numpy(self.session.run(None, {"images": images.numpy()})[0])
+                out = self.module(images)
+            out = out if isinstance(out, tuple) else (out,)
+        else:
+            out = tuple(torch.from_numpy(o) for o in self.session.run(None, {"images": images.numpy()}))
+        return out[0].float(), (out[1].float() if len(out) > 1 else None)
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        return self.outputs(images)[0]
 
 
 def is_exported(path: str | Path) -> bool:

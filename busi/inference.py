@@ -180,8 +180,10 @@ class LoadedModel:
     def run(self, images: torch.Tensor) -> Said:
         if self.model is not None:
             return run_model(self.model, self.config, self.extras, images)
-        probs = self.exported.probabilities(images)
-        return Said(torch.log(probs), probs, decide(probs, self.classes, self.config.get("operating_point")))
+        probs, maps = self.exported.outputs(images)
+        scores = lesion_scores(maps) if maps is not None else None
+        return Said(torch.log(probs), probs, decide(probs, self.classes, self.config.get("operating_point"), scores),
+                    maps, scores)
 
     def describe(self, prepared: list[Prepared], explain: bool = False) -> list[dict]:
         """One row per prepared image: predicted class, probabilities, the shift flag, the lesion outline and its

@@ -208,3 +208,16 @@ def test_evaluate_without_masks_reports_everything_but_dice_and_says_why(lesion_
     assert "normal_vs_lesion_auroc" in lesion and lesion["masks_not_used"] == {"missing": 18}
     loc = json.loads((tmp_path / "ev" / "metrics.json").read_text()).get("localization", {})
     assert "error" in loc or loc.get("against", "").startswith("the model's own lesion outlines")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_exported_lesion_model_outlines_and_decides_as_the_checkpoint(lesion_model, tmp_path, fmt):
+    from busi.export import export
+    from busi.inference import run_predict
+    data, ckpt, _ = lesion_model
+    images = sorted((data / "malignant").glob("*[0-9]).png"))[:2] + sorted((data / "normal").glob("*[0-9]).png"))[:1]
+    exported = export(ckpt, fmt, tmp_path / f"m{'.onnx' if fmt == 'onnx' else '.pt'}")
+    for mine, theirs in zip(run_predict(exported, images), run_predict(ckpt, images)):
+        assert mine["predicted"] == theirs["predicted"]
+        assert all(abs(mine["probabilities"][c] - theirs["probabilities"][c]) < 1e-4 for c in CLASSES)
+        assert mine["lesion"]["score"] == pytest.approx(theirs["lesion"]["score"], abs=1e-3)
