@@ -87,14 +87,13 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch[:2]
-        if has_segmenter(self.model):
+        if has_segmenter(self.model):  # the classifier's loss (unless frozen) and the segmenter's
             masks = batch[2] if len(batch) == 3 else None
             if self.segmenter_only:
                 loss = self.cfg.mask_weight * self.segmentation_loss(self.model.lesion_logits(x), masks)
-                self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
-                return loss
-            logits, lesion = self.model.forward_with_lesion(x)
-            loss = self.classification_loss(logits, y) + self.cfg.mask_weight * self.segmentation_loss(lesion, masks)
+            else:
+                logits, lesion = self.model.forward_with_lesion(x)
+                loss = self.classification_loss(logits, y) + self.cfg.mask_weight * self.segmentation_loss(lesion, masks)
             self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
             return loss
         logits = self(x)
