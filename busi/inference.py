@@ -25,17 +25,18 @@ from .operating import decide
 
 @torch.no_grad()
 def outputs_of(model: nn.Module, images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch_size: int = 64,
-               device: torch.device | str | None = None, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+               device: torch.device | str | None = None, tta: bool = False, lesion: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(raw scores, lesion probability maps or None) for uint8 NCHW images, in batches, on the model's device, from
     one pass per image (two with tta: the image and its mirror image, averaged); returned on the CPU.
 
     Lesion maps (N1HW float16, at half the segmenter's input size) come from models with a segmenter (busi.models
-    LesionNet); the mirrored pass's map is mirrored back before averaging.
+    LesionNet), unless lesion is False; the mirrored pass's map is mirrored back before averaging.
     """
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    segments = has_segmenter(model)
+    segments = lesion and has_segmenter(model)
 
     def one(x):
         if not segments:
@@ -57,20 +58,10 @@ def outputs_of(model: nn.Module, images: torch.Tensor, mean=IMAGENET_MEAN, std=I
     return logits, torch.cat([o[1] for o in out]) if segments and out else None
 
 
-@torch.no_grad()
 def logits_of(model: nn.Module, images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch_size: int = 64,
               device: torch.device | str | None = None, tta: bool = False) -> torch.Tensor:
-    """Raw scores for uint8 NCHW images (outputs_of without the lesion maps, which are not computed)."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-
-    def score(x):
-        x = normalize(x.to(device), mean, std)
-        return (model(x) + model(x.flip(-1))) / 2 if tta else model(x)
-    out = [score(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)]
-    model.train(was_training)
-    return torch.cat(out)
+    """Raw scores for uint8 NCHW images: outputs_of without the lesion maps (which are then not computed)."""
+    return outputs_of(model, images, mean, std, batch_size, device, tta, lesion=False)[0]
 
 
 @dataclass
