@@ -256,12 +256,17 @@ def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path
     out.parent.mkdir(parents=True, exist_ok=True)
     full = run_predict(source, [examples])
 
-    def saved_as(dtype):  # -> (rows predicted by the saved file, largest change of a probability against the run's)
-        checkpoint.save(out, model, config, dtype=dtype, extras=extras)
+    def saved_as(dtype, only=""):  # -> (rows predicted by the saved file, largest change of a probability or lesion
+        checkpoint.save(out, model, config, dtype=dtype, extras=extras, only=only)  # score against the run's)
         rows = run_predict(out, [examples])
-        return rows, max(abs(a["probabilities"][c] - b["probabilities"][c]) for a, b in zip(full, rows) for c in a["probabilities"])
+        return rows, max([abs(a["probabilities"][c] - b["probabilities"][c]) for a, b in zip(full, rows)
+                          for c in a["probabilities"]]
+                         + [abs(a["lesion"]["score"] - b["lesion"]["score"]) for a, b in zip(full, rows) if "lesion" in a])
     stored = "float16"
     half, drift = saved_as(torch.float16)  # half the size, if it changes no answer noticeably
+    if drift > 1e-3 and "lesion_size" in config:  # the segmenter alone in float16, the classifier as trained
+        stored = "float32 classifier, float16 segmenter"
+        half, drift = saved_as(torch.float16, only="segmenter.")
     if drift > 1e-3:  # fp16 moved a probability by more than 1e-3: ship the fp32 tensors as trained
         stored = "float32"
         half, drift = saved_as(None)

@@ -20,10 +20,11 @@ REQUIRED = ("arch", "classes", "image_size", "mean", "std")
 
 
 def save(path: str | Path, model: nn.Module, config: dict, dtype: torch.dtype | None = None,
-         extras: dict[str, torch.Tensor] | None = None) -> None:
+         extras: dict[str, torch.Tensor] | None = None, only: str = "") -> None:
     """Write atomically, so an interrupted save never leaves a half file under the real name.
 
-    dtype (e.g. float16) stores the model's floating-point tensors smaller; load() casts them back to the model's dtype.
+    dtype (e.g. float16) stores the model's floating-point tensors smaller (only those whose name starts with `only`,
+    e.g. "segmenter."); load() casts them back to the model's dtype.
     extras: tensors that describe the model's training data rather than its weights (busi.shift's summary, busi.audit's
     fingerprints), kept as they are.
     """
@@ -36,7 +37,7 @@ def save(path: str | Path, model: nn.Module, config: dict, dtype: torch.dtype | 
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        state = {k: v.to(dtype) if v.is_floating_point() and k.startswith(only) else v for k, v in state.items()}
     torch.save({"format": FORMAT, "version": __version__, "state_dict": state,
                 "config": {"temperature": 1.0, **config},
                 "extras": {k: v.detach().cpu().contiguous() for k, v in (extras or {}).items()}}, tmp)

@@ -234,9 +234,11 @@ def card(data: dict) -> str:
               f"- It carries fingerprints of its {data['fingerprints']} training images, so `busi evaluate` finds copies "
               "of them in your test folder on any machine.",
               f"- Stored as {data['stored_as']} ({data['size_bytes'] / 1e6:.1f} MB): "
-              + ("float16 moved no probability of the example images by more than "
+              + ("float16 moved no probability (or lesion score) of the example images by more than "
                  f"{data['max_probability_change']:.1e}." if data["stored_as"] == "float16" else
-                 "float16 would have moved a probability of the example images by more than 0.001."), "",
+                 "float16 would have moved a probability of the example images by more than 0.001"
+                 + (f"; the segmenter's float16 tensors move no probability or lesion score by more than "
+                    f"{data['max_probability_change']:.1e}." if "segmenter" in data["stored_as"] else ".")), "",
               "## Data"]
     summary = data.get("data") or {}
     for source, s in (summary.get("sources") or {}).items():
