@@ -31,7 +31,8 @@ def test_bundled_model_loads_without_unpickling_and_is_small():
 
 def test_bundled_model_is_the_recommended_recipe():
     card = json.loads(bundled.CARD_DATA.read_text())
-    recipe = bundled.recipe_of(yaml.safe_load((ROOT / "configs" / "recommended.yaml").read_text()))
+    name = "lesion.yaml" if card["recipe"].get("lesion_size") else "recommended.yaml"  # with a segmenter: its recipe
+    recipe = bundled.recipe_of(yaml.safe_load((ROOT / "configs" / name).read_text()))
     assert {k: card["recipe"].get(k) for k in recipe} == recipe
     assert card["commit"] and card["command"].startswith("python scripts/bundle_model.py")
 
@@ -95,4 +96,7 @@ def test_bundled_model_travels_with_its_checks_and_no_paths_of_the_machine_it_wa
     op = config["operating_point"]
     assert op["fitted_on_positives"] >= 300  # out-of-fold predictions of both sources, not a validation part's few
     assert "never saw its hospital" in op["fitted_where"]  # hospital-out predictions: a threshold that travels
-    assert set(op["per_source"]) == set(op["at_home"]) - {"runs"} == {"busi_dev", "busbra_dev"}
+    assert set(op["per_source"]) == set(op["at_home"]) - {"runs", "segmentation"} == {"busi_dev", "busbra_dev"}
+    if op.get("rule") == "lesion-first":  # both thresholds on hospital-out predictions, with the segmenter's Dice there
+        assert op["fitted_on_lesions"] >= 1000 and 0 < op["lesion_threshold"] < 1
+        assert set(next(iter(op["segmentation_hospital_out"].values()))) == {"busi_dev", "busbra_dev"}
