@@ -13,8 +13,8 @@ lesion_metrics.json (per held-out source: Dice, normal-vs-lesion AUROC, detectio
 models' out-of-fold predictions: 'normal' below a lesion threshold fitted on the pooled hospital-out lesion scores,
 else malignant from p(malignant | lesion) = p_m / (p_m + p_b) at a threshold fitted the same way, beside today's rule.
 With --folds K the segmenters are cross-validated within the pooled sources instead (grouped by patient and
-near-duplicates: at home, where normal scans are in training); --rule-from a hospital-out run's lesion_metrics.json
-then applies that run's stored rule to these predictions instead of fitting one.
+near-duplicates: at home, where normal scans are in training); --rule-from busi/assets/card.json then applies the
+bundled model's stored rule to these predictions instead of fitting one.
 """
 from __future__ import annotations
 
@@ -113,7 +113,8 @@ def main():
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--classifier-cv", action="append", default=[], help="busi cv --split source run(s) of the classifier")
     ap.add_argument("--folds", type=int, help="cross-validate within the pooled sources with K grouped folds")
-    ap.add_argument("--rule-from", type=Path, help="a hospital-out run: apply its fitted rule here instead of fitting")
+    ap.add_argument("--rule-from", type=Path, help="a model's card.json (busi/assets/card.json) or a hospital-out run's "
+                    "lesion_metrics.json: apply that rule here instead of fitting one")
     ap.add_argument("--out", required=True)
     ap.add_argument("--reuse", action="store_true", help="score an earlier run's lesion_oof.csv again, no training")
     args = ap.parse_args()
@@ -147,8 +148,9 @@ def main():
         y = torch.tensor([classes.index(r["true"]) for r, _ in joined])
         scores = torch.tensor([r["lesion_score"] for r, _ in joined])
         held = [r["source"] if "source" in r else r["held_out"] for r, _ in joined]
-        if args.rule_from:
-            rule = json.loads(args.rule_from.read_text())[f"rule_with_{run.name}"]["rule"]
+        if args.rule_from:  # a model's card.json (its stored rule) or a hospital-out run's lesion_metrics.json
+            given = json.loads(args.rule_from.read_text())
+            rule = given.get("operating_point") or next(v["rule"] for k, v in given.items() if k.startswith("rule_with"))
         else:
             rule = fit_lesion_rule(p, scores, y, classes, malignant_recall=0.9, lesion_recall=0.95,
                                    where="hospital-out out-of-fold predictions")
