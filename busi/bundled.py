@@ -256,20 +256,24 @@ def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path
     out.parent.mkdir(parents=True, exist_ok=True)
     full = run_predict(source, [examples])
 
-    def saved_as(dtype, only=""):  # -> (rows predicted by the saved file, largest change of a probability or lesion
-        checkpoint.save(out, model, config, dtype=dtype, extras=extras, only=only)  # score against the run's)
+    def saved_as(dtype, only=""):  # -> (rows predicted by the saved file, largest change of a probability against
+        checkpoint.save(out, model, config, dtype=dtype, extras=extras, only=only)  # the run's, and of a lesion score)
         rows = run_predict(out, [examples])
-        return rows, max([abs(a["probabilities"][c] - b["probabilities"][c]) for a, b in zip(full, rows)
-                          for c in a["probabilities"]]
-                         + [abs(a["lesion"]["score"] - b["lesion"]["score"]) for a, b in zip(full, rows) if "lesion" in a])
+        return (rows, max(abs(a["probabilities"][c] - b["probabilities"][c]) for a, b in zip(full, rows)
+                          for c in a["probabilities"]),
+                max([abs(a["lesion"]["score"] - b["lesion"]["score"]) for a, b in zip(full, rows) if "lesion" in a],
+                    default=0.0))
+    # smaller where it changes no answer noticeably: a probability by 1e-3 at most, a lesion score (its threshold is
+    # ~0.15, fitted on hundreds of images) by 5e-3
+    noticed = lambda drift, lesion_drift: drift > 1e-3 or lesion_drift > 5e-3  # noqa: E731
     stored = "float16"
-    half, drift = saved_as(torch.float16)  # half the size, if it changes no answer noticeably
-    if drift > 1e-3 and "lesion_size" in config:  # the segmenter alone in float16, the classifier as trained
+    half, drift, lesion_drift = saved_as(torch.float16)
+    if noticed(drift, lesion_drift) and "lesion_size" in config:  # the segmenter alone in float16
         stored = "float32 classifier, float16 segmenter"
-        half, drift = saved_as(torch.float16, only="segmenter.")
-    if drift > 1e-3:  # fp16 moved a probability by more than 1e-3: ship the fp32 tensors as trained
+        half, drift, lesion_drift = saved_as(torch.float16, only="segmenter.")
+    if noticed(drift, lesion_drift):  # ship the fp32 tensors as trained
         stored = "float32"
-        half, drift = saved_as(None)
+        half, drift, lesion_drift = saved_as(None)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     data = {
         "model": arch, "classes": config["classes"], "image_size": config["image_size"],
@@ -282,6 +286,7 @@ def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                    f"{torch.backends.cpu.get_cpu_capability()}",
         "busi_version": __version__, "stored_as": stored, "max_probability_change": round(drift, 7),
+        "max_lesion_score_change": round(lesion_drift, 7),
         "size_bytes": out.stat().st_size,
         "examples": [{"image": str(Path(r["path"]).relative_to(examples.parent)), "predicted": r["predicted"],
                       "probabilities": r["probabilities"]} for r in half],

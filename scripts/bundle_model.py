@@ -100,7 +100,9 @@ def lesion_rule_lines(op: dict, name: dict) -> list[str]:
     for source, f in (op.get("per_source") or {}).items():
         mine, alone = f["lesion_first"], f["classifier_alone"]
         normals = (f", normal scans called normal {pct(mine['normal_recall'])} (classifier alone "
-                   f"{pct(alone['normal_recall'])}), lesions called normal {pct(mine['lesions_called_normal'])}, "
+                   f"{pct(alone['normal_recall'])}) and malignant {pct(mine['normal_called_malignant'])} (classifier "
+                   f"alone {pct(alone['normal_called_malignant'])}), lesions called normal "
+                   f"{pct(mine['lesions_called_normal'])}, "
                    f"3-class accuracy {mine['accuracy']:.3f} (classifier alone {alone['accuracy']:.3f})"
                    if mine.get("normal_recall") is not None else f", lesions called normal {pct(mine['lesions_called_normal'])}")
         per.append(f"{name.get(source, source)} held out ({f['images']} predictions): sensitivity "
@@ -125,11 +127,18 @@ def lesion_rule_lines(op: dict, name: dict) -> list[str]:
                f"training: {', '.join(op['at_home']['runs'])}), the same rule: " + "; ".join(
                    f"{name.get(k, k)}: sensitivity {pct(v['lesion_first']['sensitivity'])}, specificity "
                    f"{pct(v['lesion_first']['specificity'])}"
-                   + (f", normal scans called normal {pct(v['lesion_first']['normal_recall'])}, 3-class accuracy "
+                   + (f", normal scans called normal {pct(v['lesion_first']['normal_recall'])} and malignant "
+                      f"{pct(v['lesion_first']['normal_called_malignant'])}, 3-class accuracy "
                       f"{v['lesion_first']['accuracy']:.3f}" if v['lesion_first'].get('normal_recall') is not None
                       else "")
                    + f", lesions called normal {pct(v['lesion_first']['lesions_called_normal'])}"
-                   for k, v in op["at_home"].items() if k not in ("runs", "segmentation")) + ".", ""]
+                   for k, v in op["at_home"].items() if k not in ("runs", "segmentation")) + "; the outline's Dice "
+               + "; ".join(f"{name.get(k, k)} {v['dice_mean']:.3f}" + (f", normal vs lesion AUROC "
+                                                                        f"{v['normal_vs_lesion_auroc']:.3f}"
+                                                                        if "normal_vs_lesion_auroc" in v else "")
+                           for per in op["at_home"]["segmentation"].values() for k, v in per.items())
+               + ". The lesion threshold is set for hospitals the segmenter never saw, where it finds fewer lesions: "
+               "at home it leaves most normal scans outlined, and those are judged as lesions.", ""]
               if op.get("at_home") else []),
             "**The lesion outline** (a U-Net segmenter beside the classifier, trained on every image's lesion mask; a "
             "normal scan's is empty), measured the same way, each hospital outlined by a segmenter that never saw it: "
@@ -237,8 +246,8 @@ def card(data: dict) -> str:
               + ("float16 moved no probability (or lesion score) of the example images by more than "
                  f"{data['max_probability_change']:.1e}." if data["stored_as"] == "float16" else
                  "float16 would have moved a probability of the example images by more than 0.001"
-                 + (f"; the segmenter's float16 tensors move no probability or lesion score by more than "
-                    f"{data['max_probability_change']:.1e}." if "segmenter" in data["stored_as"] else ".")), "",
+                 + (f"; the segmenter's float16 tensors move no probability and no lesion score of them by more "
+                    f"than {data['max_lesion_score_change']:.1e}." if "segmenter" in data["stored_as"] else ".")), "",
               "## Data"]
     summary = data.get("data") or {}
     for source, s in (summary.get("sources") or {}).items():
