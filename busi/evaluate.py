@@ -89,8 +89,15 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
         dice, iou = dice_iou(said.lesion_maps, masks)
         usable = torch.tensor([st in ("lesion", "empty") for st in status])
         dice = torch.where(usable, dice, torch.tensor(float("nan")))
-        lesion = {"lesion": lesion_figures(said.lesion_scores, dice, iou, status, labels, config["classes"],
-                                           config.get("operating_point"))}
+        paths = [s.path for s in dataset.samples]
+        rows = {}
+        if meta and (patient_column or group_column):  # patients for the interval, groups (scanners) for figures
+            from .meta import read_meta
+            rows, _ = read_meta(meta, id_column, [c for c in (patient_column, group_column) if c], paths)
+        lesion = {"lesion": lesion_figures(
+            said.lesion_scores, dice, iou, status, labels, config["classes"], config.get("operating_point"),
+            patients=[rows.get(p, {}).get(patient_column) or f"image:{p}" for p in paths] if patient_column else None,
+            groups=[rows.get(p, {}).get(group_column) or "unknown" for p in paths] if group_column else None)}
     if overlap["checked"] and overlap["near_duplicates"]:
         unseen = [i for i, s in enumerate(dataset.samples) if s.path not in overlap["near_duplicates"]]
         if unseen:

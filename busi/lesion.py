@@ -9,6 +9,7 @@ import torch.nn.functional as F
 LESION_LEVEL = 0.5  # a pixel belongs to the outline where the segmenter's probability reaches this
 SCORE_POOL = 3  # the lesion score is the peak of the map averaged over 3x3 cells: one bright cell is no lesion
 MAX_POINTS = 64  # an outline's polygon is simplified to about this many corners (JSON stays small)
+TOO_FEW_UNITS = 10  # fewer patients (or images) than this give no Dice interval (busi.external's rule for patients)
 
 
 def lesion_scores(maps: torch.Tensor) -> torch.Tensor:
@@ -65,11 +66,26 @@ def outline(prob_map: np.ndarray, height: int, width: int, mm_per_pixel: tuple[f
 
 
 def lesion_figures(scores: torch.Tensor, dice: torch.Tensor, iou: torch.Tensor, mask_status: list[str],
-                   labels: torch.Tensor, classes, rule: dict | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
+                   labels: torch.Tensor, classes, rule: dict | None = None, n_boot: int = 1000, seed: int = 0,
+                   patients: list[str] | None = None, groups: list[str] | None = None) -> dict:
     """What the segmenter did on a labelled folder: Dice and IoU against the masks (mean over lesion images, with a
-    95% bootstrap interval over images), the share of lesions it found (at the rule's lesion threshold, or any outline),
-    and how well its lesion score separates normal scans from lesions (AUROC). Images without a usable mask are left
-    out of Dice and said so."""
+    95% bootstrap interval over patients when they are known, else images), the share of lesions it found (at the
+    rule's lesion threshold, or any outline), and how well its lesion score separates normal scans from lesions
+    (AUROC); with groups (e.g. scanners), the same per group. Images without a usable mask are left out of Dice and
+    said so."""
+    out = _lesion_block(scores, dice, iou, mask_status, labels, classes, rule, n_boot, seed, patients)
+    if groups is not None:
+        names = np.asarray(groups, dtype=object)
+        out["per_group"] = {}
+        for g in sorted(set(names.tolist())):
+            idx = np.flatnonzero(names == g)
+            out["per_group"][g] = _lesion_block(scores[idx], dice[idx], iou[idx], [mask_status[i] for i in idx],
+                                                labels[idx], classes, rule, 300, seed,
+                                                [patients[i] for i in idx] if patients else None)
+    return out
+
+
+def _lesion_block(scores, dice, iou, mask_status, labels, classes, rule, n_boot, seed, patients) -> dict:
     classes = list(classes)
     lesion_masks = np.array([s == "lesion" for s in mask_status])
     unusable = {s: mask_status.count(s) for s in ("missing", "size_mismatch", "unreadable", "all_lesion") if s in mask_status}
@@ -78,12 +94,18 @@ def lesion_figures(scores: torch.Tensor, dice: torch.Tensor, iou: torch.Tensor, 
                  else f"any outline (probability >= {LESION_LEVEL})"}
     if lesion_masks.any():
         d, j = dice.numpy()[lesion_masks], iou.numpy()[lesion_masks]
+        who = np.asarray(patients, dtype=object)[lesion_masks] if patients else np.arange(len(d))
+        units = [np.flatnonzero(who == u) for u in dict.fromkeys(who.tolist())]  # a patient's images resampled together
         rng = np.random.default_rng(seed)
-        boots = [float(d[rng.integers(0, len(d), len(d))].mean()) for _ in range(n_boot)] if len(d) > 1 else []
+        boots = [float(d[np.concatenate([units[k] for k in rng.integers(0, len(units), len(units))])].mean())
+                 for _ in range(n_boot)] if len(units) >= TOO_FEW_UNITS else []
         out.update({"n_lesion_masks": int(len(d)), "dice_mean": round(float(d.mean()), 4),
                     "dice_median": round(float(np.median(d)), 4),
                     "dice_ci": [round(float(np.quantile(boots, 0.025)), 4), round(float(np.quantile(boots, 0.975)), 4)]
-                    if boots else None, "iou_mean": round(float(j.mean()), 4)})
+                    if boots else None,
+                    "dice_ci_method": (f"95% bootstrap over {len(units)} {'patients' if patients else 'images'}"
+                                       if boots else f"too few: {len(units)} {'patients' if patients else 'images'}"),
+                    "iou_mean": round(float(j.mean()), 4)})
     else:
         out["dice_note"] = ("no lesion masks in this folder: Dice and IoU need the expert's outline beside each image "
                             "(<name>_mask.png)")

@@ -125,9 +125,13 @@ def _lesion(lesion: dict) -> str:
     notes = [lesion["dice_note"]] if lesion.get("dice_note") else []
     if lesion.get("masks_not_used"):
         notes.append("masks not used: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in lesion["masks_not_used"].items()))
+    groups = [[g, v.get("n_lesion_masks"), v.get("dice_mean"), v.get("lesions_found"), v.get("normal_vs_lesion_auroc")]
+              for g, v in (lesion.get("per_group") or {}).items()]
     return ("<h3>Lesion outline</h3>" + _table(["figure", "value"], rows, "metrics")
+            + (_table(["group", "lesion masks", "Dice mean", "lesions found", "normal vs lesion AUROC"], groups)
+               if groups else "")
             + f'<p class="muted">a lesion is found where its score reaches {lesion["threshold"]:.3f} '
-              f'({html.escape(lesion["threshold_from"])}); Dice interval: 95% bootstrap over images'
+              f'({html.escape(lesion["threshold_from"])}); Dice interval: {html.escape(lesion.get("dice_ci_method", "–"))}'
             + "".join(f"; {html.escape(n)}" for n in notes) + "</p>")
 
 

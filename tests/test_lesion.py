@@ -221,3 +221,21 @@ def test_an_exported_lesion_model_outlines_and_decides_as_the_checkpoint(lesion_
         assert mine["predicted"] == theirs["predicted"]
         assert all(abs(mine["probabilities"][c] - theirs["probabilities"][c]) < 1e-4 for c in CLASSES)
         assert mine["lesion"]["score"] == pytest.approx(theirs["lesion"]["score"], abs=1e-3)
+
+
+def test_dice_interval_resamples_patients_and_figures_come_per_scanner():
+    from busi.lesion import lesion_figures
+    n = 40
+    dice = torch.linspace(0.2, 0.9, n)
+    status = ["lesion"] * 30 + ["empty"] * 10
+    labels = torch.tensor([0] * 15 + [1] * 15 + [2] * 10)
+    scores = torch.where(labels == 2, torch.tensor(0.1), torch.tensor(0.8))
+    patients = [f"p{i // 2}" for i in range(n)]  # two images each
+    groups = ["GE"] * 20 + ["Toshiba"] * 20
+    out = lesion_figures(scores, dice, dice, status, labels, CLASSES, patients=patients, groups=groups)
+    assert out["dice_ci_method"] == "95% bootstrap over 15 patients" and out["dice_ci"][0] < out["dice_mean"] < out["dice_ci"][1]
+    assert set(out["per_group"]) == {"GE", "Toshiba"}
+    assert out["per_group"]["GE"]["n_lesion_masks"] == 20 and out["per_group"]["Toshiba"]["n_lesion_masks"] == 10
+    assert out["per_group"]["Toshiba"]["normal_vs_lesion_auroc"] == 1.0 and out["lesions_found"] == 1.0
+    few = lesion_figures(scores[:6], dice[:6], dice[:6], status[:6], labels[:6], CLASSES, patients=patients[:6])
+    assert few["dice_ci"] is None and few["dice_ci_method"].startswith("too few: 3 patients")
