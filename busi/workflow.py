@@ -265,8 +265,12 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
             if cfg.init_checkpoint:  # and those that shaped its parent
                 _, parent, inherited = checkpoint.load(cfg.init_checkpoint, extras=True)
                 if "fingerprints.phash" in inherited and parent.get("fingerprint_paths"):
-                    own = set(config_paths)  # an image both trained on is fingerprinted once
-                    keep = [i for i, p in enumerate(parent["fingerprint_paths"]) if p.removeprefix("parent:") not in own]
+                    # an image both trained on (the same pixels: hash and thumbnail) is fingerprinted once
+                    own = {tuple(torch.cat([v[i].flatten().float() for v in fingerprints.values()]).tolist())
+                           for i in range(len(config_paths))}
+                    keep = [i for i in range(len(parent["fingerprint_paths"]))
+                            if tuple(torch.cat([inherited[k][i].flatten().float() for k in fingerprints]).tolist())
+                            not in own]
                     fingerprints = {k: torch.cat([inherited[k][keep], v]) for k, v in fingerprints.items()}
                     config_paths = [f"parent:{parent['fingerprint_paths'][i]}" for i in keep] + config_paths
         config["fingerprint_paths"] = config_paths
