@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 
 from . import __version__, shift
 from .data import Dataset, load, load_masks, scan
@@ -86,9 +85,7 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     lesion = {}
     if said.lesion_maps is not None:
         from .lesion import dice_iou, lesion_figures
-        dice, iou = dice_iou(said.lesion_maps, masks)
-        usable = torch.tensor([st in ("lesion", "empty") for st in status])
-        dice = torch.where(usable, dice, torch.tensor(float("nan")))
+        dice, iou = dice_iou(said.lesion_maps, masks, status)
         paths = [s.path for s in dataset.samples]
         rows = {}
         if meta and (patient_column or group_column):  # patients for the interval, groups (scanners) for figures

@@ -20,9 +20,11 @@ def lesion_scores(maps: torch.Tensor) -> torch.Tensor:
     return smooth.flatten(1).amax(1)
 
 
-def dice_iou(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dice_iou(maps: torch.Tensor, masks: torch.Tensor, mask_status: list[str] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, Dice and IoU of the outline (map >= LESION_LEVEL) against a mask (N1SS, any size: resized to the
-    map's grid). Both empty (a normal scan outlined as lesion-free) counts as 1, as agreement."""
+    map's grid). Both empty (a normal scan outlined as lesion-free) counts as 1, as agreement. With mask_status
+    (busi.data.load_masks), images whose mask is not usable get NaN: no mask is taken to mean 'no lesion'."""
     target = F.interpolate(masks.float(), size=maps.shape[-2:], mode="area") >= 0.5
     predicted = maps.float() >= LESION_LEVEL
     inter = (predicted & target).flatten(1).sum(1).float()
@@ -31,6 +33,10 @@ def dice_iou(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, tor
     both_empty = (p + t) == 0
     dice = torch.where(both_empty, torch.ones_like(inter), 2 * inter / (p + t).clamp_min(1))
     iou = torch.where(both_empty, torch.ones_like(inter), inter / union.clamp_min(1))
+    if mask_status is not None:
+        usable = torch.tensor([st in ("lesion", "empty") for st in mask_status])
+        dice = torch.where(usable, dice, torch.tensor(float("nan")))
+        iou = torch.where(usable, iou, torch.tensor(float("nan")))
     return dice, iou
 
 

@@ -63,9 +63,7 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
         said = run_model(model, config, {}, images)
         logits, lesion_scores, lesion_maps = said.logits, said.lesion_scores, said.lesion_maps
         if lesion_maps is not None and masks is not None and mask_status is not None:
-            dice, iou = dice_iou(lesion_maps, masks)
-            lesion_dice = torch.where(torch.tensor([st in ("lesion", "empty") for st in mask_status]), dice,
-                                      torch.tensor(float("nan")))
+            lesion_dice, iou = dice_iou(lesion_maps, masks, mask_status)
             extra = {**(extra or {}), "lesion": lesion_figures(lesion_scores, lesion_dice, iou, mask_status, labels,
                                                                classes, config.get("operating_point"))}
     raw = torch.softmax(logits, 1)
