@@ -36,6 +36,8 @@ from busi.config import make_config  # noqa: E402
 from busi.data import load_masks  # noqa: E402
 from busi.inference import outputs_of  # noqa: E402
 from busi.lesion import dice_iou, lesion_scores  # noqa: E402
+from busi.meta import read_meta  # noqa: E402
+from busi.metrics import cluster_resamples  # noqa: E402
 from busi.models import build, normalization  # noqa: E402
 from busi.operating import fit_lesion_rule, lesion_rule_figures  # noqa: E402
 from busi.crossval import fold_plans  # noqa: E402
@@ -75,7 +77,24 @@ def segment_out_of_fold(cfg, out: Path) -> list[dict]:
     return rows
 
 
-def summarize(rows: list[dict]) -> dict:
+def clusters_of(rows: list[dict], meta: list[str], patient_column: str, audits: list[Path]) -> list[int]:
+    """Per row, the cluster the bootstrap resamples whole: one patient (the meta CSVs' patient column, matched by file
+    stem on its ID column) joined with every near-duplicate of its images (the classifier runs' audit.json)."""
+    paths = [r["path"] for r in rows]
+    patients: dict[str, list[str]] = {}
+    for csv_path in meta:
+        known, _ = read_meta(csv_path, "ID", [patient_column], paths)
+        for path, values in known.items():
+            patients.setdefault(f"{csv_path}:{values[patient_column]}", []).append(path)
+    duplicates = [g for a in audits if a.is_file() for g in json.loads(a.read_text())["duplicate_groups"]]
+    return group_ids(paths, duplicates, list(patients.values())).tolist()
+
+
+def _interval(values: list[float]) -> list[float] | None:
+    return [round(float(np.quantile(values, q)), 4) for q in (0.025, 0.975)] if values else None
+
+
+def summarize(rows: list[dict], clusters: list[int], n_boot: int = 1000) -> dict:
     from sklearn.metrics import roc_auc_score
     out = {}
     key = lambda r: r.get("source") or r["held_out"]  # noqa: E731  (per source, also when folds mix them)
@@ -84,15 +103,25 @@ def summarize(rows: list[dict]) -> dict:
         lesion = [r for r in mine if r["mask"] == "lesion"]
         normal = [r for r in mine if r["true"] == "normal"]
         dice = np.array([r["dice"] for r in lesion], dtype=float)
+        who = np.array([c for r, c in zip(rows, clusters) if r["mask"] == "lesion" and key(r) == held])
         entry = {"images": len(mine), "lesion_images": len(lesion), "normal_images": len(normal),
-                 "dice_mean": round(float(dice.mean()), 4), "dice_median": round(float(np.median(dice)), 4),
+                 "dice_mean": round(float(dice.mean()), 4),
+                 "dice_ci": _interval([float(dice[pick].mean()) for pick in cluster_resamples(who, n_boot)]),
+                 "ci_method": f"95% percentile bootstrap ({n_boot} resamples) over {len(set(who.tolist()))} lesion "
+                              "clusters (patients joined with near-duplicates)",
+                 "dice_median": round(float(np.median(dice)), 4),
                  "iou_mean": round(float(np.mean([r["iou"] for r in lesion])), 4),
                  "lesions_outlined": round(float(np.mean([r["lesion_score"] >= 0.5 for r in lesion])), 4),
                  "train_minutes": round(float(mine[0]["train_seconds"]) / 60, 1)}
         if normal:
-            truth = [0] * len(normal) + [1] * len(lesion)
-            entry["normal_vs_lesion_auroc"] = round(float(roc_auc_score(
-                truth, [r["lesion_score"] for r in normal + lesion])), 4)
+            truth = np.array([0] * len(normal) + [1] * len(lesion))
+            score = np.array([r["lesion_score"] for r in normal + lesion])
+            entry["normal_vs_lesion_auroc"] = round(float(roc_auc_score(truth, score)), 4)
+            index = {id(r): c for r, c in zip(rows, clusters)}
+            both = [index[id(r)] for r in normal + lesion]
+            entry["normal_vs_lesion_auroc_ci"] = _interval([
+                float(roc_auc_score(truth[pick], score[pick])) for pick in cluster_resamples(both, n_boot)
+                if 0 < truth[pick].sum() < len(pick)])
             entry["normal_outlined_empty"] = round(float(np.mean([r["lesion_score"] < 0.5 for r in normal])), 4)
         out[held] = entry
     return out
@@ -139,7 +168,10 @@ def main():
         r["lesion_score"] = float(r["lesion_score"])
         r["dice"] = float(r["dice"]) if r["dice"] else None
         r["iou"] = float(r["iou"]) if r["iou"] else None
-    metrics = {"segmentation": summarize(rows)}
+    clusters = clusters_of(rows, args.meta, args.patient_column,
+                           [Path(run) / "audit.json" for run in args.classifier_cv])
+    metrics = {"segmentation": summarize(rows, clusters)}
+    by_path = dict(zip((r["path"] for r in rows), clusters))
     for run in map(Path, args.classifier_cv):
         probs = {r["path"]: r for r in read_csv(run / "oof_predictions.csv")}
         joined = [(r, probs[r["path"]]) for r in rows if r["path"] in probs]
@@ -155,7 +187,7 @@ def main():
             rule = fit_lesion_rule(p, scores, y, classes, malignant_recall=0.9, lesion_recall=0.95,
                                    where="hospital-out out-of-fold predictions")
         metrics[f"rule_with_{run.name}"] = {"rule": rule, "per_held_out_source": lesion_rule_figures(
-            p, scores, y, classes, rule, held)}
+            p, scores, y, classes, rule, held, clusters=[by_path[r["path"]] for r, _ in joined], n_boot=1000)}
     (out / "lesion_metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
 

@@ -12,6 +12,7 @@ from torchmetrics.functional.classification import binary_auroc
 from .data import warn
 from .errors import BusiError
 from .meta import read_meta
+from .metrics import cluster_resamples
 from .operating import decide
 
 
@@ -57,12 +58,10 @@ def malignant_vs_benign(probs: torch.Tensor, labels: torch.Tensor, classes, oper
         return None
     point = _point(b["score"], b["truth"], b["called"])
     ids = np.asarray(clusters, dtype=object)[b["keep"].numpy()] if clusters is not None else np.arange(len(b["truth"]))
-    unique, inverse = np.unique(ids.astype(str), return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
-    rng = np.random.default_rng(seed)
+    unique = np.unique(ids.astype(str))
     samples: dict[str, list[float]] = {}
-    for _ in range(n_boot):  # n_boot 0: the point figures alone
-        pick = torch.from_numpy(np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))]))
+    for pick in cluster_resamples(ids, n_boot, seed):  # n_boot 0: the point figures alone
+        pick = torch.from_numpy(pick)
         boot = _point(b["score"][pick], b["truth"][pick], {k: v[pick] for k, v in b["called"].items()})
         for k, v in boot.items():
             if v is not None and not k.startswith("n"):

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .metrics import cluster_resamples
+
 LESION_LEVEL = 0.5  # a pixel belongs to the outline where the segmenter's probability reaches this
 SCORE_POOL = 3  # the lesion score is the peak of the map averaged over 3x3 cells: one bright cell is no lesion
 MAX_POINTS = 64  # an outline's polygon is simplified to about this many corners (JSON stays small)
@@ -101,10 +103,9 @@ def _lesion_block(scores, dice, iou, mask_status, labels, classes, rule, n_boot,
     if lesion_masks.any():
         d, j = dice.numpy()[lesion_masks], iou.numpy()[lesion_masks]
         who = np.asarray(patients, dtype=object)[lesion_masks] if patients else np.arange(len(d))
-        units = [np.flatnonzero(who == u) for u in dict.fromkeys(who.tolist())]  # a patient's images resampled together
-        rng = np.random.default_rng(seed)
-        boots = [float(d[np.concatenate([units[k] for k in rng.integers(0, len(units), len(units))])].mean())
-                 for _ in range(n_boot)] if len(units) >= TOO_FEW_UNITS else []
+        units = set(who.tolist())
+        boots = ([float(d[pick].mean()) for pick in cluster_resamples(who, n_boot, seed)]
+                 if len(units) >= TOO_FEW_UNITS else [])
         out.update({"n_lesion_masks": int(len(d)), "dice_mean": round(float(d.mean()), 4),
                     "dice_median": round(float(np.median(d)), 4),
                     "dice_ci": [round(float(np.quantile(boots, 0.025)), 4), round(float(np.quantile(boots, 0.975)), 4)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import torch
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassAUROC, MulticlassConfusionMatrix,
                                          MulticlassF1Score, MulticlassPrecision, MulticlassRecall)
@@ -74,6 +75,17 @@ def _point_metrics(probs: torch.Tensor, labels: torch.Tensor, k: int) -> dict[st
     return out
 
 
+def cluster_resamples(clusters, n_boot: int, seed: int = 0):
+    """Index arrays of n_boot bootstrap resamples that draw whole clusters (patients, duplicate groups) with
+    replacement: one patient's images are not independent evidence, and resampling them one by one would make every
+    interval too narrow."""
+    _, inverse = np.unique(np.asarray(clusters).astype(str), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1 if len(inverse) else 0)]
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+
+
 def bootstrap_ci(probs: torch.Tensor, labels: torch.Tensor, groups, classes, n_boot: int = 1000, seed: int = 0,
                  level: float = 0.95) -> dict:
     """Point estimate and percentile CI of accuracy, macro-F1, macro-AUROC and per-class recall.
@@ -81,16 +93,9 @@ def bootstrap_ci(probs: torch.Tensor, labels: torch.Tensor, groups, classes, n_b
     Resamples whole duplicate groups (a cluster bootstrap), not single images: near-copies of one scan
     are not independent evidence, and treating them so would make the interval too narrow.
     """
-    import numpy as np
-
     k = len(classes)
-    groups = np.asarray(groups)
-    unique, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
-    rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {}
-    for _ in range(n_boot):
-        pick = np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))])
+    for pick in cluster_resamples(groups, n_boot, seed):
         for name, value in _point_metrics(probs[pick], labels[pick], k).items():
             samples.setdefault(name, []).append(value)
     point = _point_metrics(probs, labels, k)

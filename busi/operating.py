@@ -98,31 +98,45 @@ def fit_lesion_rule(probs: torch.Tensor, lesion_scores: torch.Tensor, labels: to
             "fitted_on_positives": int(malignant.sum()), "fitted_on_lesions": int(lesion.sum()), "fitted_where": where}
 
 
+def _rule_outcomes(predicted: torch.Tensor, y: torch.Tensor, m: int, b: int, n: int) -> dict:
+    mal, ben, nor = y == m, y == b, y == n
+    share = lambda hit, among: round(float(hit[among].float().mean()), 4) if among.any() else None  # noqa: E731
+    return {"sensitivity": share(predicted == m, mal), "specificity": share(predicted != m, ben),
+            "normal_recall": share(predicted == n, nor), "normal_called_malignant": share(predicted == m, nor),
+            "lesions_called_normal": share(predicted == n, mal | ben), "accuracy": share(predicted == y, y >= 0)}
+
+
 def lesion_rule_figures(probs: torch.Tensor, lesion_scores: torch.Tensor, labels: torch.Tensor, classes, rule: dict,
-                        groups=None) -> dict:
+                        groups=None, clusters=None, n_boot: int = 0, seed: int = 0) -> dict:
     """Per group (e.g. held-out source): what the lesion-first rule does, and the classifier's own sensitivity-first
-    threshold (fitted on the same images for the same recall) beside it."""
+    threshold (fitted on the same images for the same recall) beside it. With n_boot, the rule's figures get 95%
+    intervals from a bootstrap over clusters (patients or duplicate groups; images when none are given)."""
     from sklearn.metrics import roc_auc_score
+
+    from .metrics import cluster_resamples
     classes = list(classes)
     m, b = classes.index(POSITIVE), classes.index("benign")
     n = classes.index("normal") if "normal" in classes else -1
     groups = np.asarray(groups if groups is not None else ["all"] * len(labels))
+    unit = "clusters (patients, duplicate groups)" if clusters is not None else "images"
+    clusters = np.asarray(clusters if clusters is not None else np.arange(len(labels))).astype(str)
     alone = fit_threshold(probs, labels, classes, rule["target_recall"])
     out = {}
     for name in sorted(set(groups.tolist())):
         idx = torch.from_numpy(np.flatnonzero(groups == name))
         p, s, y = probs[idx], lesion_scores[idx], labels[idx]
-        figures = {}
-        for label, predicted in (("lesion_first", decide(p, classes, rule, s)), ("classifier_alone", decide(p, classes, alone))):
-            mal, ben, nor = y == m, y == b, y == n
-            figures[label] = {
-                "sensitivity": round(float((predicted[mal] == m).float().mean()), 4) if mal.any() else None,
-                "specificity": round(float((predicted[ben] != m).float().mean()), 4) if ben.any() else None,
-                "normal_recall": round(float((predicted[nor] == n).float().mean()), 4) if nor.any() else None,
-                "normal_called_malignant": round(float((predicted[nor] == m).float().mean()), 4) if nor.any() else None,
-                "lesions_called_normal": round(float((predicted[mal | ben] == n).float().mean()), 4),
-                "accuracy": round(float((predicted == y).float().mean()), 4)}
-        figures["classifier_alone"]["threshold"] = alone["threshold"]
+        called = decide(p, classes, rule, s)
+        figures = {"lesion_first": _rule_outcomes(called, y, m, b, n),
+                   "classifier_alone": {**_rule_outcomes(decide(p, classes, alone), y, m, b, n),
+                                        "threshold": alone["threshold"]}}
+        if n_boot:
+            boots = [_rule_outcomes(called[pick], y[pick], m, b, n)
+                     for pick in map(torch.from_numpy, cluster_resamples(clusters[idx.numpy()], n_boot, seed))]
+            figures["lesion_first"]["ci"] = {
+                k: [round(float(np.quantile(v, q)), 4) for q in (0.025, 0.975)]
+                for k in figures["lesion_first"] if (v := [f[k] for f in boots if f[k] is not None])}
+            figures["lesion_first"]["ci_method"] = (f"95% percentile bootstrap ({n_boot} resamples) over "
+                                                    f"{len(set(clusters[idx.numpy()]))} {unit}")
         lesion = (y == m) | (y == b)
         if (y[lesion] == m).any() and (y[lesion] == b).any():
             figures["malignant_vs_benign_auroc"] = round(float(roc_auc_score(

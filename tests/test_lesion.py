@@ -89,6 +89,26 @@ def test_fit_lesion_rule_reaches_its_recalls():
         fit_lesion_rule(probs[:65], scores[:65], labels[:65], CLASSES)  # 5 malignant images
 
 
+def test_rule_figures_give_intervals_that_resample_whole_patients():
+    from busi.operating import lesion_rule_figures
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor([0] * 20 + [1] * 20 + [2] * 20)
+    probs = torch.softmax(torch.randn(60, 3, generator=g), 1)
+    scores = torch.where(labels == 2, torch.rand(60, generator=g) * 0.5, 0.3 + torch.rand(60, generator=g) * 0.7)
+    rule = fit_lesion_rule(probs, scores, labels, CLASSES, malignant_recall=0.9, lesion_recall=0.95)
+    copies = 10  # each patient scanned ten times with the same result: ten copies are not ten times the evidence
+    many = lesion_rule_figures(probs.repeat_interleave(copies, 0), scores.repeat_interleave(copies),
+                               labels.repeat_interleave(copies), CLASSES, rule,
+                               clusters=np.arange(60).repeat(copies), n_boot=400)["all"]["lesion_first"]
+    naive = lesion_rule_figures(probs.repeat_interleave(copies, 0), scores.repeat_interleave(copies),
+                                labels.repeat_interleave(copies), CLASSES, rule, n_boot=400)["all"]["lesion_first"]
+    for name in ("sensitivity", "normal_recall", "accuracy"):
+        low, high = many["ci"][name]
+        assert low <= many[name] <= high
+        assert high - low > 2 * (naive["ci"][name][1] - naive["ci"][name][0])  # about sqrt(10) times wider
+    assert "60 clusters" in many["ci_method"] and "600 images" in naive["ci_method"]
+
+
 def _scan_with(root, cls, name, mask: Image.Image | list[Image.Image], size=(80, 60)):
     folder = root / cls
     folder.mkdir(parents=True, exist_ok=True)
