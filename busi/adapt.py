@@ -116,17 +116,44 @@ def run_adapt(checkpoint_path: str | Path, data, out: str | Path | None = None, 
     return record, save_derived(out, adapted, config, extras, record, overwrite)
 
 
+def lesion_threshold_here(lesion_scores: torch.Tensor, labels: torch.Tensor, classes, lesion_recall: float | None,
+                          before: dict, where: str) -> dict:
+    """The lesion-first rule's lesion threshold re-set on these images: the score that finds lesion_recall of their
+    lesions (benign and malignant images); the stored one is kept, and said so, with fewer than MIN_POSITIVES lesions."""
+    import math
+
+    from .operating import MIN_POSITIVES, threshold_for_recall
+    lesion_recall = lesion_recall or before.get("lesion_recall", 0.95)
+    lesion = torch.zeros(len(labels), dtype=torch.bool)
+    for name in ("benign", "malignant"):
+        if name in classes:
+            lesion |= labels == list(classes).index(name)
+    if int(lesion.sum()) < MIN_POSITIVES:
+        warn(f"{where}: {int(lesion.sum())} lesion image(s), fewer than {MIN_POSITIVES}: the lesion threshold "
+             f"{before['lesion_threshold']:.3f} is kept from {before.get('fitted_where', 'the parent model')}")
+        return {"lesion_threshold": before["lesion_threshold"],
+                "lesion_threshold_from": before.get("fitted_where", "the parent model")}
+    t_l = math.floor(threshold_for_recall(lesion_scores[lesion], lesion_recall) * 1e6) / 1e6
+    return {"lesion_threshold": t_l, "lesion_recall": lesion_recall, "fitted_on_lesions": int(lesion.sum()),
+            "lesion_threshold_from": f"images of {where}",
+            "previous_lesion_threshold": before["lesion_threshold"]}
+
+
 def run_calibrate(checkpoint_path: str | Path, data, target_recall: float, out: str | Path | None = None,
                   overwrite: bool = False, meta: str | None = None, id_column: str = "ID",
-                  patient_column: str | None = None, progress: bool = True) -> tuple[dict, Path]:
+                  patient_column: str | None = None, progress: bool = True, lesion_recall: float | None = None
+                  ) -> tuple[dict, Path]:
     """busi calibrate: the checkpoint with its malignant threshold re-set on labelled images of data (a folder with one
-    sub-folder per class, some of the model's classes or all), with the recall it can promise new patients."""
+    sub-folder per class, some of the model's classes or all), with the recall it can promise new patients. A model
+    that decides from its lesion outline gets its lesion threshold re-set first (lesion_recall of these lesions)."""
     from .data import load, scan
     from .external import relabel
     from .meta import read_meta
     from .operating import LESION_FIRST, decide, fit_with_ci, lesion_given
     if not 0 < target_recall <= 1:
         raise BusiError(f"--malignant-recall must be in (0, 1], got {target_recall}")
+    if lesion_recall is not None and not 0 < lesion_recall <= 1:
+        raise BusiError(f"--lesion-recall must be in (0, 1], got {lesion_recall}")
     if patient_column and not meta:
         raise BusiError("--patient-column needs --meta FILE.csv")
     loaded = LoadedModel(checkpoint_path)
@@ -144,15 +171,17 @@ def run_calibrate(checkpoint_path: str | Path, data, target_recall: float, out: 
     before = config.get("operating_point")
     scored = said.probs
     lesion_first = bool(before) and before.get("rule") == LESION_FIRST
-    if lesion_first:  # its malignant threshold is on p(malignant | lesion); the lesion threshold is kept
+    if lesion_first:
+        lesion = lesion_threshold_here(said.lesion_scores, labels, config["classes"], lesion_recall, before, str(data))
         k, b = (list(config["classes"]).index(c) for c in ("malignant", "benign"))
+        # the malignant threshold is on p(malignant | lesion) and set for the whole rule: a cancer with no lesion found
+        # scores -1 here (it is called normal whatever its threshold), so the rule's recall is what is fitted and promised
         scored = said.probs.clone()
-        scored[:, k] = lesion_given(said.probs, k, b)
+        scored[:, k] = torch.where(said.lesion_scores >= lesion["lesion_threshold"], lesion_given(said.probs, k, b), -1.0)
     point = fit_with_ci(scored, labels, config["classes"], target_recall, patients, where=str(data))
     point["fitted_where"] = f"images of {data}"
     if lesion_first:
-        point = {**before, **point, "rule": LESION_FIRST,
-                 "lesion_threshold_from": before.get("fitted_where", "the parent model")}
+        point = {**before, **point, **lesion, "rule": LESION_FIRST}
     k = list(config["classes"]).index(point["class"])
     malignant = labels == k
     record = {"command": "calibrate", "data": str(data), "n_images": len(paths), "operating_point": point,

@@ -184,6 +184,8 @@ def parser() -> argparse.ArgumentParser:
                                                  "classes are enough; malignant ones are needed)")
     p.add_argument("--malignant-recall", type=float, default=0.9, help="share of malignant images the threshold must "
                                                                       "find (default 0.9)")
+    p.add_argument("--lesion-recall", type=float, help="a model that decides from its lesion outline: share of the "
+                   "lesions (benign and malignant images) the lesion threshold must find here (default: the model's, 0.95)")
     p.add_argument("--meta", help="CSV with a row per image, for --patient-column")
     p.add_argument("--id-column", default="ID", help="its column of file names without extension (default: ID)")
     p.add_argument("--patient-column", help="meta column naming the patient: the interval resamples patients")
@@ -368,8 +370,12 @@ def _calibrate(args, cfg) -> int | None:
     """busi calibrate."""
     from .adapt import run_calibrate
     record, folder = run_calibrate(args.checkpoint, args.data, args.malignant_recall, args.out, args.overwrite,
-                                   args.meta, args.id_column, args.patient_column, args.progress)
+                                   args.meta, args.id_column, args.patient_column, args.progress, args.lesion_recall)
     op, before = record["operating_point"], record["previous_operating_point"]
+    if "previous_lesion_threshold" in op:
+        print(f"lesion threshold {op['lesion_threshold']:.3f} (was {op['previous_lesion_threshold']:.3f}): finds "
+              f"{op['lesion_recall']:.0%} of the {op['fitted_on_lesions']} lesions of {args.data}; below it a scan is "
+              "called normal")
     was = (f" (was {before['threshold']:.3f}, which found {record['previous_recall_here']:.1%} of them here)"
            if before else "")
     ci = op["recall_ci"]

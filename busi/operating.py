@@ -26,7 +26,9 @@ def fit_threshold(probs: torch.Tensor, labels: torch.Tensor, classes, target_rec
     if len(positives) == 0:
         return None
     needed = max(1, math.ceil(target_recall * len(positives) - 1e-9))
-    threshold = float(positives[needed - 1])
+    # never below 0: a negative score marks a positive that no threshold can find (a cancer the lesion-first rule
+    # calls normal, busi.adapt), and it must count as missed, not pull the threshold down to reach it
+    threshold = max(0.0, float(positives[needed - 1]))
     return {"class": POSITIVE, "threshold": round(threshold, 6), "target_recall": target_recall,
             "fitted_on": int(len(labels)), "fitted_on_positives": int(len(positives)),
             "recall_where_fitted": round(float((positives >= threshold).float().mean()), 4)}
@@ -65,7 +67,7 @@ def lesion_given(probs: torch.Tensor, malignant: int, benign: int) -> torch.Tens
     return probs[:, malignant] / (probs[:, malignant] + probs[:, benign]).clamp_min(1e-12)
 
 
-def _threshold_for(values: torch.Tensor, recall: float) -> float:
+def threshold_for_recall(values: torch.Tensor, recall: float) -> float:
     """The highest threshold that at least `recall` of values reach."""
     ordered = values.sort(descending=True).values
     return float(ordered[max(1, math.ceil(recall * len(ordered) - 1e-9)) - 1])
@@ -83,7 +85,7 @@ def fit_lesion_rule(probs: torch.Tensor, lesion_scores: torch.Tensor, labels: to
     if int(malignant.sum()) < MIN_POSITIVES or int(lesion.sum()) < MIN_POSITIVES:
         raise BusiError(f"{where}: {int(malignant.sum())} malignant and {int(lesion.sum())} lesion image(s): at least "
                         f"{MIN_POSITIVES} of each are needed to set the lesion-first rule")
-    t_l = _threshold_for(lesion_scores[lesion], lesion_recall)
+    t_l = threshold_for_recall(lesion_scores[lesion], lesion_recall)
     # the malignant threshold is set for the whole rule's recall: a cancer the outline missed is called normal, so the
     # cancers it found must make up the rest (all of them, if too few were found)
     found = lesion_given(probs, m, b)[malignant & (lesion_scores >= t_l)]
@@ -91,7 +93,7 @@ def fit_lesion_rule(probs: torch.Tensor, lesion_scores: torch.Tensor, labels: to
     if len(found) <= needed:
         t_m = float(found.min()) if len(found) else 0.0
     else:
-        t_m = _threshold_for(found, needed / len(found))
+        t_m = threshold_for_recall(found, needed / len(found))
     down = lambda t: math.floor(t * 1e6) / 1e6  # noqa: E731  (rounded down: the image that set it stays above it)
     return {"rule": LESION_FIRST, "class": POSITIVE, "threshold": down(t_m), "target_recall": malignant_recall,
             "lesion_threshold": down(t_l), "lesion_recall": lesion_recall, "fitted_on": int(len(labels)),

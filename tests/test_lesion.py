@@ -202,6 +202,35 @@ def test_predict_evaluate_and_the_web_page_say_the_same_about_an_image(lesion_mo
     assert mine["lesion_dice"] != ""  # its mask is known: its Dice is written beside its prediction
 
 
+def test_calibrate_re_sets_both_thresholds_of_the_lesion_first_rule(lesion_model, tmp_path, capsys):
+    from busi import checkpoint
+    from busi.inference import LoadedModel
+    from conftest import make_kaggle_folder
+    _, ckpt, _ = lesion_model
+    model, config = checkpoint.load(ckpt)
+    stored = {"rule": "lesion-first", "class": "malignant", "threshold": 0.5, "target_recall": 0.9,
+              "lesion_threshold": 0.999, "lesion_recall": 0.95, "fitted_where": "somewhere else"}
+    checkpoint.save(tmp_path / "parent.pth", model, {**config, "operating_point": stored})
+    here = make_kaggle_folder(tmp_path / "here", per_class=12, size=64)
+    assert main(["calibrate", "--checkpoint", str(tmp_path / "parent.pth"), "--data", str(here), "--lesion-recall", "0.8",
+                 "--out", str(tmp_path / "cal"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "lesion threshold" in out and "(was 0.999)" in out and "of the 24 lesions" in out
+    loaded = LoadedModel(tmp_path / "cal" / "checkpoint.pth")
+    op = loaded.config["operating_point"]
+    assert op["rule"] == "lesion-first" and op["fitted_on_lesions"] == 24 and op["lesion_threshold"] < 0.999
+    images = sorted(p for c in ("benign", "malignant") for p in (here / c).glob("*).png"))
+    said = loaded.run(torch.cat([loaded.prepare(p).input for p in images]))
+    found = said.lesion_scores >= op["lesion_threshold"]
+    assert int(found.sum()) >= 0.8 * 24  # the re-set threshold finds what it promised on the images it was set on
+    malignant = torch.tensor(["malignant" in str(p) for p in images])
+    # the whole rule's recall is what it reports: a cancer with no lesion found counts as missed, however low the
+    # malignant threshold (all of those found, when too many were missed to reach 90%)
+    recall = float((said.predicted[malignant] == 1).float().mean())
+    assert recall == pytest.approx(op["recall_where_fitted"], abs=1e-4)
+    assert recall >= min(0.9, float(found[malignant].float().mean())) - 1e-6
+
+
 def test_predict_json_and_table_show_the_outline(lesion_model, capsys):
     data, ckpt, _ = lesion_model
     image = sorted((data / "benign").glob("*[0-9]).png"))[0]
