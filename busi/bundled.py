@@ -228,7 +228,7 @@ def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path
     (`busi cv` within the sources) say what the same threshold does at home. adapted_threshold_runs: hospital-out
     runs whose adapted predictions set the threshold `busi adapt` switches to.
     Folder paths of the machine it was built on are replaced by source names."""
-    from .inference import run_predict
+    from .inference import LoadedModel, run_predict
     run_config = yaml.safe_load((run / "config.yaml").read_text())
     recipe = yaml.safe_load(recipe_file.read_text())
     differ = sorted(k for k, v in recipe_of(recipe).items() if run_config.get(k) != v)
@@ -236,7 +236,7 @@ def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path
         raise BusiError(f"{run}: was not trained with {recipe_file} (differs in {', '.join(differ)})")
     arch = run_config["models"][0]
     source = run / arch / "checkpoint.pth"
-    model, config, extras = checkpoint.load(source, extras=True)
+    model, config, extras = LoadedModel(source).checkpoint("the bundled model")
     trained_on = config["trained_on"] if isinstance(config["trained_on"], list) else [config["trained_on"]]
     config["trained_on"] = [Path(p).name for p in trained_on]  # names travel; this machine's folders do not
     if config.get("parent"):  # the classifier a segmenter joined: its file's name, not where it lay

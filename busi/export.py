@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint
 from .errors import BusiError
 from .models import has_segmenter
 
@@ -50,7 +49,8 @@ def export(checkpoint_path: str | Path, fmt: str, out: str | Path | None = None,
     """Write the model as ONNX (run with onnxruntime) or TorchScript; nothing is left behind on failure."""
     if fmt not in FORMATS:
         raise BusiError(f"export format '{fmt}' is not supported (choose {' or '.join(FORMATS)})")
-    model, config = checkpoint.load(checkpoint_path)
+    from .inference import LoadedModel  # the one road to a model (it reads exports through this module)
+    model, config, _ = LoadedModel(checkpoint_path).checkpoint("busi export")
     out = Path(out) if out else Path(checkpoint_path).with_suffix(FORMATS[fmt])
     if out.exists() and not overwrite:
         raise BusiError(f"{out}: already exists; pass --overwrite to replace it")
