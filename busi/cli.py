@@ -125,6 +125,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results folder (default: runs/<timestamp>-evaluate-<model>)")
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto", help="what runs the network: "
+                   "auto (ONNX Runtime where installed, once this checkpoint's export is cached or for 500 images or "
+                   "more: the export takes a minute, once), torch or onnx")
 
     p = sub.add_parser("predict", help="class and probabilities for images or folders of images")
     p.add_argument("--checkpoint", help="checkpoint.pth, or a model written by `busi export` (default: the bundled "
@@ -135,6 +138,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true", help="also write a Grad-CAM overlay per image into --out")
     p.add_argument("--out", help="folder for --explain overlays (default: runs/<timestamp>-predict)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto", help="what runs the network: "
+                   "auto (ONNX Runtime where installed, once this checkpoint's export is cached or for 500 images or "
+                   "more: the export takes a minute, once), torch or onnx")
 
     p = sub.add_parser("serve", help="a local web page to try a checkpoint (needs: pip install -e \".[app]\")")
     p.add_argument("--checkpoint", help="checkpoint.pth (default: the bundled model, see `busi model`)")
@@ -440,7 +446,7 @@ def _evaluate(args, cfg) -> int | None:
     from .evaluate import run_evaluate
     metrics, folder = run_evaluate(args.checkpoint, args.data, args.out, args.overwrite, args.progress,
                                             args.train_data, args.meta, args.id_column, args.group_column,
-                                            args.patient_column)
+                                            args.patient_column, args.engine)
     _print_metrics(metrics["model"], metrics)
     if "outside" in metrics["shift"]:
         from .shift import describe
@@ -488,7 +494,7 @@ def _predict(args, cfg) -> int | None:
         explain_dir = run_dir(args.out, "predict")
     elif args.out:
         raise BusiError("--out is only used with --explain")
-    rows = run_predict(args.checkpoint, args.inputs, explain_dir, progress=args.progress)
+    rows = run_predict(args.checkpoint, args.inputs, explain_dir, progress=args.progress, engine=args.engine)
     operating_point = operating_point_of(args.checkpoint)
     if operating_point:
         from .operating import describe

@@ -57,8 +57,8 @@ def training_overlap(checkpoint_path: str | Path, config: dict, dataset: Dataset
 
 def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path | None = None, overwrite: bool = False,
                  progress: bool = True, train_data: str | Path | None = None, meta: str | Path | None = None,
-                 id_column: str = "ID", group_column: str | None = None, patient_column: str | None = None
-                 ) -> tuple[dict, Path]:
+                 id_column: str = "ID", group_column: str | None = None, patient_column: str | None = None,
+                 engine: str = "auto") -> tuple[dict, Path]:
     """Evaluate a saved model on every readable image of a folder, and again without the images it has seen copies of.
 
     The folder may hold a subset of the model's classes (another hospital's benign/malignant set); a meta CSV adds
@@ -80,6 +80,7 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     images, labels, dataset = load(dataset, config["image_size"], progress, steps)
     masks, status = load_masks(dataset, config["image_size"], steps)
     overlap = training_overlap(checkpoint_path, config, dataset, train_data, progress, extras)
+    loaded.use_engine(engine, len(images))
     said = loaded.run(images)  # once, for every figure below
     probs, distances = said.probs, said.distances
     lesion = {}

@@ -130,7 +130,9 @@ class ExportedModel:
             import onnxruntime as ort
         except ImportError:
             raise BusiError('running ONNX models needs onnxruntime: pip install -e ".[export]"') from None
-        self.session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = False  # as busi.engine: a gigabyte less at 2,000 images, and no slower
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
             raise BusiError(f"{self.path}: an ONNX model, but not one exported by busi (no class names inside)")

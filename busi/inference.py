@@ -75,13 +75,18 @@ class Said:
     distances: torch.Tensor | None = None  # per image: distance from the training images (busi.shift)
 
 
-def run_model(model, config: dict, extras: dict, images: torch.Tensor) -> Said:
+def run_model(model, config: dict, extras: dict, images: torch.Tensor, engine=None) -> Said:
     """The checkpoint's model on uint8 NCHW images exactly as configured (normalisation, mirrored pass, temperature,
     rule): class probabilities, decisions, lesion maps and scores, and each image's distance from the model's
-    training images (None when the checkpoint has no summary). The shift check reads the unmirrored pass's features."""
+    training images (None when the checkpoint has no summary). The shift check reads the unmirrored pass's features.
+    engine: a busi.engine.OnnxEngine of the same checkpoint, to run the network instead of PyTorch."""
     run = lambda: outputs_of(model, images, config["mean"], config["std"], tta=bool(config.get("tta", False)))  # noqa: E731
     distances = None
-    if config.get("shift") and all(k in extras for k in shift.KEYS):
+    if engine is not None:
+        logits, maps, feats = engine.run(images)
+        if config.get("shift") and all(k in extras for k in shift.KEYS):
+            distances = shift.distances(extras, config["shift"], feats)
+    elif config.get("shift") and all(k in extras for k in shift.KEYS):
         with shift.capturing(model) as seen:
             logits, maps = run()
         feats = seen[0::2] if config.get("tta") else seen  # with tta each batch runs as itself, then mirrored
@@ -147,7 +152,7 @@ class LoadedModel:
     evaluate, the web page): images prepared exactly as in training, run, and described in the same words."""
 
     def __init__(self, path: str | Path):
-        self.path, self.extras = Path(path), {}
+        self.path, self.extras, self.engine = Path(path), {}, None
         if is_exported(path):
             self.exported, self.model = ExportedModel(path), None
             self.config = self.exported.config
@@ -168,9 +173,18 @@ class LoadedModel:
         original = preprocess.apply(read_image(path), self.config.get("preprocess", ()), origin=origin)
         return Prepared(str(path), original, origin, model_input(original, self.config["image_size"]))
 
+    def use_engine(self, engine: str, n_images: int) -> str:
+        """Run the network of a checkpoint under ONNX Runtime from now on where engine (busi.engine.choose) says so for
+        n_images; returns the engine chosen."""
+        from . import engine as engines
+        chosen = engines.choose(engine, n_images, self.path) if self.model is not None else "exported"
+        if chosen == "onnx":
+            self.engine = engines.OnnxEngine(self.path, self.model, self.config)
+        return chosen
+
     def run(self, images: torch.Tensor) -> Said:
         if self.model is not None:
-            return run_model(self.model, self.config, self.extras, images)
+            return run_model(self.model, self.config, self.extras, images, self.engine)
         probs, maps = self.exported.outputs(images)
         scores = lesion_scores(maps) if maps is not None else None
         return Said(torch.log(probs), probs, decide(probs, self.classes, self.config.get("operating_point"), scores),
@@ -207,36 +221,47 @@ class LoadedModel:
 
 
 def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_dir: str | Path | None = None,
-                progress: bool = False, batch_size: int = 32) -> list[dict]:
-    """One row per image (LoadedModel.describe), or the error that stopped it. Images go through the model in batches.
+                progress: bool = False, batch_size: int = 32, engine: str = "auto") -> list[dict]:
+    """One row per image (LoadedModel.describe), or the error that stopped it. Images go through the model in batches,
+    the next batch read and cleaned while the network runs on this one; engine: busi.engine.choose.
 
     With explain_dir, a Grad-CAM overlay of the decided class, with the lesion outline, is written there per image.
     """
+    from concurrent.futures import ThreadPoolExecutor
     loaded = LoadedModel(checkpoint_path)
     if explain_dir is not None:
         loaded.checkpoint("Grad-CAM")
         explain_dir = Path(explain_dir)
         explain_dir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
     files = image_files(inputs)
-    bar = tqdm(total=len(files), desc="predicting", unit="image", disable=not progress or len(files) < 8, leave=False)
-    for start in range(0, len(files), batch_size):
-        prepared, slots = [], []
-        for n, path in enumerate(files[start:start + batch_size], start):
+    loaded.use_engine(engine, len(files))
+
+    def prepared_batch(start: int) -> list:
+        out = []
+        for path in files[start:start + batch_size]:
             try:
-                prepared.append(loaded.prepare(path))
-                slots.append((n, len(rows)))
-                rows.append({})
+                out.append(loaded.prepare(path))
             except BusiError as e:
-                rows.append({"path": str(path), "error": str(e)})
-        bar.update(len(files[start:start + batch_size]))
-        if not prepared:
-            continue
-        for (n, slot), row in zip(slots, loaded.describe(prepared, explain=explain_dir is not None)):
-            if explain_dir is not None:
-                target = explain_dir / f"{n:04d}-{Path(row['path']).stem}-gradcam.png"
-                Image.fromarray(row.pop("overlay")).save(target)
-                row["explanation"] = str(target)
-            rows[slot] = row
+                out.append({"path": str(path), "error": str(e)})
+        return out
+
+    rows: list[dict] = []
+    bar = tqdm(total=len(files), desc="predicting", unit="image", disable=not progress or len(files) < 8, leave=False)
+    with ThreadPoolExecutor(max_workers=1) as reader:  # OpenCV and PIL release the GIL while they decode and clean
+        coming = reader.submit(prepared_batch, 0)
+        for start in range(0, len(files), batch_size):
+            batch = coming.result()
+            if start + batch_size < len(files):
+                coming = reader.submit(prepared_batch, start + batch_size)
+            prepared = [item for item in batch if isinstance(item, Prepared)]
+            said = iter(loaded.describe(prepared, explain=explain_dir is not None) if prepared else [])
+            for n, item in enumerate(batch, start):
+                row = next(said) if isinstance(item, Prepared) else item
+                if explain_dir is not None and "overlay" in row:
+                    target = explain_dir / f"{n:04d}-{Path(row['path']).stem}-gradcam.png"
+                    Image.fromarray(row.pop("overlay")).save(target)
+                    row["explanation"] = str(target)
+                rows.append(row)
+            bar.update(len(batch))
     bar.close()
     return rows
