@@ -15,10 +15,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import Dataset, Sample, open_image
+from .data import Dataset, Sample, is_dicom_file, open_image
 from .errors import BusiError
 
-AUDIT_VERSION = 1  # bump when the method changes, so cached audits are recomputed
+AUDIT_VERSION = 2  # bump when the method changes, so cached audits are recomputed
 # Copies and resizes of one scan: perceptual hashes this close, confirmed by thumbnail correlation.
 PHASH_MAX_DISTANCE = 10
 COPY_MIN_CORRELATION = 0.90
@@ -176,6 +176,8 @@ def audit(dataset: Dataset, progress: bool = True, use_cache: bool = True) -> di
     def features(sample):
         try:
             path = dataset.file(sample)
+            if is_dicom_file(path):
+                return _features(path), open_image(path).size, "DICOM", None
             with Image.open(path) as im:
                 size, mode = im.size, im.mode
             return _features(path), size, mode, None
@@ -220,6 +222,7 @@ def audit(dataset: Dataset, progress: bool = True, use_cache: bool = True) -> di
         "masks": {"images_with_mask": sum(bool(s.mask_paths) for s in kept),
                   "images_without_mask": sum(not s.mask_paths for s in kept),
                   "mask_files": sum(len(s.mask_paths) for s in kept)},
+        **({"dicom": dicom_summary(dataset.with_samples(kept))} if modes.get("DICOM") else {}),
         "duplicate_groups": groups,
         "duplicate_images": sum(len(g) for g in groups),
         "label_conflicts": conflicts,
@@ -288,6 +291,18 @@ def copies_of_fingerprints(tensors: dict, reference_paths: list[str], other: Dat
     return {s.path: [reference_paths[j] for j in np.flatnonzero(row)] for s, row in zip(other.samples, hits) if row.any()}
 
 
+def dicom_summary(dataset: Dataset) -> dict:
+    """What the DICOM files' headers say: how many, of how many patients (never who), scanners, encodings, cine
+    loops, and how many carry a pixel size (for lesion sizes in millimetres)."""
+    from .dicom import facts
+    found = [facts(dataset.file(s)) for s in dataset.samples if is_dicom_file(dataset.file(s))]
+    return {"files": len(found), "patients": len({f["patient"] for f in found if f["patient"]}),
+            "scanners": dict(Counter(f["scanner"] or "unnamed" for f in found)),
+            "transfer_syntaxes": dict(Counter(f["transfer_syntax"] or "unknown" for f in found)),
+            "multi_frame": sum(f["frames"] > 1 for f in found),
+            "with_pixel_size": sum(f["mm_per_pixel"] is not None for f in found)}
+
+
 def run_audit(data: str | Path, out: str | Path | None = None, classes=None, overwrite: bool = False,
               progress: bool = True) -> tuple[dict, Path]:
     """busi audit: a folder's summary and near-duplicate groups, written to <out>/audit.json."""
@@ -312,6 +327,12 @@ def summary(result: dict) -> str:
         f"near-duplicates: {len(result['duplicate_groups'])} groups holding {result['duplicate_images']} images",
         f"label conflicts: {len(result['label_conflicts'])} groups filed under more than one class",
     ]
+    if result.get("dicom"):
+        d = result["dicom"]
+        lines.append(f"DICOM: {d['files']} files of {d['patients']} patients; scanners "
+                     + ", ".join(f"{k} {v}" for k, v in d["scanners"].items()) + "; "
+                     + ", ".join(f"{k} {v}" for k, v in d["transfer_syntaxes"].items())
+                     + f"; {d['multi_frame']} cine loops; {d['with_pixel_size']} with a pixel size")
     if result["skipped"]:
         lines.append(f"skipped: {len(result['skipped'])} files (reasons in audit.json)")
     return "\n".join(lines)

@@ -263,14 +263,24 @@ def _lesion_cell(lesion: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from .runs import discard_unfinished, finished
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
+        finished()
+        return code
     except BusiError as e:
         print(f"busi: error: {e}", file=sys.stderr)
+        _say_discarded(discard_unfinished())
         return 2
     except KeyboardInterrupt:
         print("busi: interrupted", file=sys.stderr)
+        _say_discarded(discard_unfinished())
         return 130
+
+
+def _say_discarded(folders) -> None:
+    for folder in folders:
+        print(f"busi: removed the unfinished run folder {folder}", file=sys.stderr)
 
 
 def _check_before_imports(args):
@@ -394,7 +404,9 @@ def _calibrate(args, cfg) -> int | None:
     if ci:
         print(f"recall to expect on new patients like these: {op['expected_recall']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
               f"({op['ci_method']})")
-    print(f"wrote {folder / 'checkpoint.pth'}")
+    print(f"wrote {folder / 'checkpoint.pth'}; next, measure it on patients these images are not of: busi evaluate "
+          f"--checkpoint {folder / 'checkpoint.pth'} --data TEST_PART (what is left after that: busi finetune, when it "
+          "still falls short)")
 
 
 def _model(args, cfg) -> int | None:
@@ -442,46 +454,35 @@ def _cv(args, cfg) -> int | None:
 
 
 def _evaluate(args, cfg) -> int | None:
-    """busi evaluate."""
+    """busi evaluate: the report's leading sentences, then the figures behind them."""
     from .evaluate import run_evaluate
+    from .report import interval_text, lead
     metrics, folder = run_evaluate(args.checkpoint, args.data, args.out, args.overwrite, args.progress,
-                                            args.train_data, args.meta, args.id_column, args.group_column,
-                                            args.patient_column, args.engine)
-    _print_metrics(metrics["model"], metrics)
-    if "outside" in metrics["shift"]:
-        from .shift import describe
-        print(describe(metrics["shift"], f"the images of {args.data}"))
+                                   args.train_data, args.meta, args.id_column, args.group_column,
+                                   args.patient_column, args.engine)
+    for line in lead(metrics, args.data):
+        print(line)
+    print("figures behind it:")
+    _print_metrics(f"  {metrics['model']} (most probable class)", metrics)
     if metrics.get("absent_classes"):
-        print(f"no {', '.join(metrics['absent_classes'])} images here: figures are over the classes present")
+        print(f"  no {', '.join(metrics['absent_classes'])} images here: figures are over the classes present")
     mvb = metrics.get("malignant_vs_benign")
     if mvb and mvb.get("auroc"):
         a = mvb["auroc"]
-        from .report import interval_text
-        line = f"malignant vs benign: AUROC {a['estimate']:.3f} {interval_text(a, mvb)}"
+        line = f"  malignant vs benign: AUROC {a['estimate']:.3f} {interval_text(a, mvb)}"
         for at in ("argmax", "operating_point"):
             if mvb.get(f"sensitivity_{at}"):
                 line += (f"; at {at.replace('_', ' ')}: sensitivity {mvb[f'sensitivity_{at}']['estimate']:.3f}, "
                          f"specificity {mvb[f'specificity_{at}']['estimate']:.3f}")
         print(line + f" ({mvb['ci_method']})")
-    if "operating_point" in metrics:
-        op = metrics["operating_point"]
-        mal = op["per_class"][op["class"]]
-        fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-        print(f"at the operating point ({op['rule']}): accuracy {fmt(op['accuracy'])}, {op['class']} recall "
-              f"{fmt(mal['recall'])}, precision {fmt(mal['precision'])}")
     overlap = metrics["training_overlap"]
-    if not overlap["checked"]:
-        print(f"not checked for copies of training images: {overlap['note']}")
-    elif overlap["n_with_near_duplicate_in_training"] == 0:
-        print(f"none of the {metrics['n']} images is a near-duplicate of the {overlap['n_training_images']} training images")
-    else:
-        line = (f"{overlap['n_with_near_duplicate_in_training']} of the {metrics['n']} images are near-duplicates of "
-                f"training images (listed in metrics.json)")
+    if overlap["checked"] and overlap["n_with_near_duplicate_in_training"]:
         rest = overlap.get("metrics_without_them")
         if rest:
-            line += (f"; without them (n={rest['n']}): accuracy {rest['accuracy']:.3f}, macro-F1 {rest['macro_f1']:.3f}, "
-                     + ", ".join(f"recall {c} {v:.2f}" for c, v in rest["recall"].items() if v is not None))
-        print(line)
+            print(f"  without the {overlap['n_with_near_duplicate_in_training']} near-copies of training images "
+                  f"(listed in metrics.json; n={rest['n']}): accuracy {rest['accuracy']:.3f}, macro-F1 "
+                  f"{rest['macro_f1']:.3f}, " + ", ".join(f"recall {c} {v:.2f}" for c, v in rest["recall"].items()
+                                                          if v is not None))
     print(f"results in {folder}/; report: {folder / 'report.html'}")
 
 
@@ -512,6 +513,11 @@ def _predict(args, cfg) -> int | None:
                 print("\t".join([r["path"], r["predicted"], *[f"{r['probabilities'][c]:.3f}" for c in classes],
                                  *([_lesion_cell(r["lesion"])] if lesion else []),
                                  *((["yes" if r["outside_training"] else "no"]) if shifted else [])]))
+    flagged = [r for r in rows if r.get("outside_training")]
+    if flagged:  # the same words as the web page, and the count --json and the table mark
+        from .app import OUTSIDE
+        print(f"busi: {len(flagged)} of {sum('error' not in r for r in rows)} images are unlike the images this model "
+              f"trained on (about 5% of images like them would be): {OUTSIDE[OUTSIDE.index(':') + 2:]}", file=sys.stderr)
     for r in rows:
         if "error" in r:
             print(f"busi: error: {r['error']}", file=sys.stderr)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from . import preprocess
 from .errors import BusiError
-from .folders import BUSI_CLASSES, IMAGE_SUFFIXES, MASK_NAME, Dataset, Sample, scan  # noqa: F401 (re-exported)
+from .folders import BUSI_CLASSES, IMAGE_SUFFIXES, MASK_NAME, Dataset, Sample, is_dicom_file, scan  # noqa: F401 (re-exported)
 
 # Ultrasound frames are well under a megapixel; anything this large is a mistake or a decompression bomb.
 MAX_PIXELS = 64_000_000
@@ -48,6 +48,14 @@ def open_image(path: str | Path, notes: list[str] | None = None) -> Image.Image:
     notes, when given, collects what was unusual but usable ("16-bit"), for one warning over many images.
     """
     path = Path(path)
+    if is_dicom_file(path):
+        from .dicom import pixels
+        im = Image.fromarray(pixels(path, notes=notes))
+        w, h = im.size
+        if w * h > MAX_PIXELS or min(w, h) < MIN_SIDE:
+            raise BusiError(f"{path}: a DICOM image of {w}x{h} pixels: not a scan's size (at least {MIN_SIDE} a side, "
+                            f"at most {MAX_PIXELS:,} pixels)")
+        return im
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -71,12 +79,13 @@ def open_image(path: str | Path, notes: list[str] | None = None) -> Image.Image:
         raise BusiError(f"{path}: not a readable image ({detail or type(e).__name__})") from None
 
 
-def read_image(path: str | Path, size: int | None = None, notes: list[str] | None = None, steps=()) -> np.ndarray:
+def read_image(path: str | Path, size: int | None = None, notes: list[str] | None = None, steps=(),
+               geometry: dict | None = None) -> np.ndarray:
     """HxWx3 uint8 array, through the preprocessing steps (busi.preprocess) and resized to size x size (as the seed
-    did, aspect ratio not kept) when size is given."""
+    did, aspect ratio not kept) when size is given; geometry receives how the steps cut and padded it."""
     im = open_image(path, notes)
     if steps:
-        im = Image.fromarray(preprocess.apply(np.array(im), steps))
+        im = Image.fromarray(preprocess.apply(np.array(im), steps, geometry=geometry))
     if size is not None and notes is not None and min(im.size) < size:
         notes.append(f"smaller than the {size}-pixel model input, upscaled")
     if size is not None:
@@ -112,16 +121,22 @@ def read_mask(paths: list[str | Path] | tuple[str | Path, ...], size: int | None
     return union
 
 
-def load(dataset: Dataset, image_size: int, progress: bool = True, steps=()) -> tuple[torch.Tensor, torch.Tensor, Dataset]:
+def load(dataset: Dataset, image_size: int, progress: bool = True, steps=(), geometry: dict | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor, Dataset]:
     """Decode, preprocess and resize every image once into memory: (uint8 Nx3xSxS, int64 labels, the dataset minus
-    failures).
+    failures). geometry, a dict, receives per image path how the steps cut it (for load_masks, which then need not
+    decode the images again).
 
     Unreadable images are dropped with a warning that names them, and recorded in the dataset's `skipped`.
     """
     def decode(sample: Sample):
         notes: list[str] = []
         try:
-            return read_image(dataset.file(sample), image_size, notes, steps), None, notes
+            cut = {} if geometry is not None else None
+            image = read_image(dataset.file(sample), image_size, notes, steps, cut)
+            if cut:  # steps that cut or padded it
+                geometry[sample.path] = cut
+            return image, None, notes
         except BusiError as e:
             return None, str(e), notes
 
@@ -160,46 +175,55 @@ def mask_status_counts(status: list[str]) -> dict[str, int]:
     return {k: status.count(k) for k in MASK_STATUSES}
 
 
-def load_masks(dataset: Dataset, image_size: int, steps=()) -> tuple[torch.Tensor, list[str]]:
-    """(uint8 Nx1xSxS lesion masks, cropped as the images are when steps crop them; a status per image).
+def load_masks(dataset: Dataset, image_size: int, steps=(), geometry: dict | None = None
+               ) -> tuple[torch.Tensor, list[str]]:
+    """(uint8 Nx1xSxS lesion masks, cropped as the images are when steps crop them; a status per image). geometry:
+    what load recorded of each image's crop (else the images are decoded again to find it).
 
     Status: 'lesion', 'empty' (all black, as for normal images), 'missing' (no mask file), 'size_mismatch'
     (mask and image differ in size, so it cannot be trusted to line up) or 'unreadable'. Only the first two
     are usable; the others are counted and never taken to mean 'no lesion'.
     """
-    masks = torch.zeros(len(dataset.samples), 1, image_size, image_size, dtype=torch.uint8)
-    status = []
-    for i, sample in enumerate(dataset.samples):
+    def one(sample: Sample) -> tuple[str, np.ndarray | None]:
         if not sample.mask_paths:
-            status.append("missing")
-            continue
+            return "missing", None
         try:
-            with Image.open(dataset.file(sample)) as im:
-                image_size_px = im.size
+            cut = (geometry or {}).get(sample.path)
+            if cut is not None:
+                image_size_px = cut["size"][::-1]  # (width, height), as PIL says it
+            else:
+                with Image.open(dataset.file(sample)) as im:
+                    image_size_px = im.size
             sizes = set()
             for p in sample.mask_paths:
                 with Image.open(dataset.file(p)) as m:
                     sizes.add(m.size)
             if sizes != {image_size_px}:
-                status.append("size_mismatch")
-                continue
+                return "size_mismatch", None
             if any(s in preprocess.GEOMETRIC for s in steps):  # cut and padded as its image is, then resized
                 full = read_mask([dataset.file(p) for p in sample.mask_paths])
-                # only the steps that move pixels: the mask needs the image's geometry, not its clean-up
-                geometric = [s for s in steps if s in preprocess.GEOMETRIC]
-                _, full = preprocess.apply(np.array(open_image(dataset.file(sample))), geometric, mask=full)
+                if cut is not None:
+                    full = preprocess.apply_geometry(full, cut)
+                else:  # only the steps that move pixels: the mask needs the image's geometry, not its clean-up
+                    geometric = [s for s in steps if s in preprocess.GEOMETRIC]
+                    _, full = preprocess.apply(np.array(open_image(dataset.file(sample))), geometric, mask=full)
                 union = np.asarray(Image.fromarray(full.astype(np.uint8) * 255).resize((image_size, image_size),
                                                                                          Image.NEAREST)) > 127
             else:
                 union = read_mask([dataset.file(p) for p in sample.mask_paths], image_size)
         except (BusiError, OSError):
-            status.append("unreadable")
-            continue
+            return "unreadable", None
         if union.mean() > ALL_LESION:
-            status.append("all_lesion")
-            continue
-        masks[i, 0] = torch.from_numpy(union.astype(np.uint8))
-        status.append("lesion" if union.any() else "empty")
+            return "all_lesion", None
+        return ("lesion" if union.any() else "empty"), union
+
+    masks = torch.zeros(len(dataset.samples), 1, image_size, image_size, dtype=torch.uint8)
+    status = []
+    with ThreadPoolExecutor(max_workers=4) as pool:  # decoding and OpenCV release the GIL: both cores work
+        for i, (kind, union) in enumerate(pool.map(one, dataset.samples)):
+            status.append(kind)
+            if union is not None:
+                masks[i, 0] = torch.from_numpy(union.astype(np.uint8))
     for kind, problem in MASK_PROBLEMS.items():  # one line per kind, naming the files; their images still classify
         named = [sample.mask_paths[0] for sample, st in zip(dataset.samples, status) if st == kind]
         if named:

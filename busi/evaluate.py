@@ -77,8 +77,9 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     dataset, absent = relabel(scan(data), config["classes"], str(checkpoint_path))
     folder = run_dir(out, f"evaluate-{config['arch']}", overwrite)
     steps = config.get("preprocess", ())
-    images, labels, dataset = load(dataset, config["image_size"], progress, steps)
-    masks, status = load_masks(dataset, config["image_size"], steps)
+    geometry: dict = {}
+    images, labels, dataset = load(dataset, config["image_size"], progress, steps, geometry)
+    masks, status = load_masks(dataset, config["image_size"], steps, geometry)
     overlap = training_overlap(checkpoint_path, config, dataset, train_data, progress, extras)
     loaded.use_engine(engine, len(images))
     said = loaded.run(images)  # once, for every figure below
@@ -116,7 +117,9 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     else:
         extra_shift = {"shift": {"note": "this checkpoint carries no summary of its training images (trained "
                                          "without a validation part, or by busi before 0.2)"}}
-    extra = {**extra_shift, "model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped,
+    extra = {**extra_shift, "command": "evaluate", "data": str(data),
+             "rule_fitted_where": (config.get("operating_point") or {}).get("fitted_where"),
+             "model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped,
              "training_overlap": overlap, **lesion, **figures(probs, config, labels, dataset, meta, id_column,
                                                               group_column, patient_column, said.lesion_scores)}
     metrics = write_results(folder, model, config, images, labels, [s.path for s in dataset.samples], masks, status, extra,

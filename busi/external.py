@@ -148,10 +148,17 @@ def figures(probs, config, labels, dataset, meta, id_column, group_column, patie
             warn(line)
     op = config.get("operating_point")
     patients = [rows.get(p, {}).get(patient_column) or f"image:{p}" for p in paths] if patient_column else None
+    groups = [rows.get(p, {}).get(group_column) or "unknown" for p in paths] if group_column else None
+    from .dicom import header_info
+    header = header_info(dataset)  # DICOM images name their patient and scanner themselves
+    if header and patients is None and any("patient" in v for v in header.values()):
+        patients = [header.get(p, {}).get("patient") or f"image:{p}" for p in paths]
+    if header and groups is None and any("group" in v for v in header.values()):
+        group_column = "scanner (DICOM header)"
+        groups = [header.get(p, {}).get("group") or "unknown" for p in paths]
     out = {"malignant_vs_benign": malignant_vs_benign(probs, labels, config["classes"], op, patients,
                                                       lesion_scores=lesion_scores)}
-    if group_column:
+    if groups is not None:
         out["group_column"] = group_column
-        out["per_group"] = per_group(probs, labels, config["classes"], [rows.get(p, {}).get(group_column) or "unknown"
-                                                                        for p in paths], op, patients, lesion_scores)
+        out["per_group"] = per_group(probs, labels, config["classes"], groups, op, patients, lesion_scores)
     return out

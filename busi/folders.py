@@ -5,12 +5,22 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .dicom import is_dicom
 from .errors import BusiError
 
 BUSI_CLASSES = ("benign", "malignant", "normal")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 # BUSI names masks "benign (12)_mask.png" and, for extra lesions, "benign (12)_mask_1.png".
 MASK_NAME = re.compile(r"^(?P<stem>.+)_mask(?:_\d+)?$")
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A file to read as DICOM: not named as another image format, and DICOM by content (with or without .dcm)."""
+    return Path(path).suffix.lower() not in IMAGE_SUFFIXES and is_dicom(path)
+
+
+def is_image_file(path: Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(path)
 
 
 @dataclass(frozen=True)
@@ -127,7 +137,7 @@ def scan(root: str | Path, classes: tuple[str, ...] | list[str] | None = None) -
                 skipped[rel] = "hidden file"
             elif f.is_dir():
                 skipped[rel + "/"] = "nested folder inside a class folder"
-            elif f.suffix.lower() not in IMAGE_SUFFIXES:
+            elif not is_image_file(f):
                 skipped[rel] = f"not an image file ({f.suffix or 'no extension'})"
             elif m := MASK_NAME.match(f.stem):
                 masks.setdefault(m["stem"], []).append(rel)

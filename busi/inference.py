@@ -12,7 +12,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint, preprocess, shift
-from .data import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, MASK_NAME, model_input, normalize, read_image
+from .data import IMAGENET_MEAN, IMAGENET_STD, MASK_NAME, model_input, normalize, read_image
+from .folders import is_dicom_file, is_image_file
 from .errors import BusiError
 from .export import ExportedModel, is_exported
 from .lesion import lesion_scores, outline
@@ -130,8 +131,9 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                            and not MASK_NAME.match(p.stem) and not p.name.startswith("."))
+            files += sorted(p for p in item.rglob("*") if p.is_file() and not MASK_NAME.match(p.stem)
+                            and not p.name.startswith(".")
+                            and is_image_file(p))
         else:
             files.append(item)
     return files
@@ -145,6 +147,7 @@ class Prepared:
     original: np.ndarray
     origin: list
     input: torch.Tensor
+    mm_per_pixel: tuple[float, float] | None = None  # (rows, columns), where a DICOM header says it
 
 
 class LoadedModel:
@@ -171,7 +174,11 @@ class LoadedModel:
         """Read and clean one file (BusiError naming it when it cannot be read)."""
         origin: list = []
         original = preprocess.apply(read_image(path), self.config.get("preprocess", ()), origin=origin)
-        return Prepared(str(path), original, origin, model_input(original, self.config["image_size"]))
+        spacing = None
+        if is_dicom_file(Path(path)):
+            from .dicom import facts
+            spacing = facts(path)["mm_per_pixel"]
+        return Prepared(str(path), original, origin, model_input(original, self.config["image_size"]), spacing)
 
     def use_engine(self, engine: str, n_images: int) -> str:
         """Run the network of a checkpoint under ONNX Runtime from now on where engine (busi.engine.choose) says so for
@@ -208,7 +215,7 @@ class LoadedModel:
             found = None
             if said.lesion_maps is not None:
                 h, w = item.original.shape[:2]
-                found = outline(said.lesion_maps[j, 0].float().numpy(), h, w)
+                found = outline(said.lesion_maps[j, 0].float().numpy(), h, w, item.mm_per_pixel)
                 row["lesion"] = {"score": round(float(said.lesion_scores[j]), 4),
                                  **(shifted(found, item.origin) if found else {"box": None, "note": "no lesion outlined"})}
             if explain:

@@ -81,26 +81,45 @@ def clahe(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(out, cv2.COLOR_GRAY2RGB)
 
 
-def apply(image: np.ndarray, steps, mask: np.ndarray | None = None, origin: list | None = None):
+def apply_geometry(mask: np.ndarray, geometry: dict) -> np.ndarray:
+    """A mask (HxW, its image's size) cut and padded as apply cut and padded its image (geometry: what apply wrote)."""
+    if "crop" in geometry:
+        top, bottom, left, right = geometry["crop"]
+        mask = mask[top:bottom, left:right]
+    if "pad" in geometry:
+        top, bottom, left, right = geometry["pad"]
+        mask = np.pad(mask, ((top, bottom), (left, right)))
+    return np.ascontiguousarray(mask)
+
+
+def apply(image: np.ndarray, steps, mask: np.ndarray | None = None, origin: list | None = None,
+          geometry: dict | None = None):
     """HxWx3 uint8 through the named steps, in the fixed order crop, overlays, clahe, pad.
 
     pad makes the image square with black borders, so that resizing to the square model input keeps its proportions
     (a lesion's height-to-width ratio is a sign of malignancy, and scanners' frames differ in shape). A mask (HxW, the
     image's size) given too gets the same crop and padding, and (image, mask) is returned. origin, a list, receives the
     (row, column) of the result's top-left pixel in the given image (negative where padding was added), so that what a
-    model finds in the result can be placed on the file's image.
+    model finds in the result can be placed on the file's image. geometry, a dict, receives the crop and pad boxes and
+    the given image's size, for apply_geometry to cut masks later without decoding the image again.
     """
+    if geometry is not None:
+        geometry["size"] = image.shape[:2]
     row = col = 0
     for step in STEPS:
         if step not in steps:
             continue
         if step == "crop":
             top, bottom, left, right = scan_box(image)
+            if geometry is not None:
+                geometry["crop"] = (top, bottom, left, right)
             image = image[top:bottom, left:right]
             mask = None if mask is None else mask[top:bottom, left:right]
             row, col = row + top, col + left
         elif step == "pad":
             top, bottom, left, right = pad_box(image)
+            if geometry is not None:
+                geometry["pad"] = (top, bottom, left, right)
             image = np.pad(image, ((top, bottom), (left, right), (0, 0)))
             mask = None if mask is None else np.pad(mask, ((top, bottom), (left, right)))
             row, col = row - top, col - left

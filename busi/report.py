@@ -19,7 +19,7 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 img{max-width:100%;border:1px solid #eee;margin:.3em 0}.note{background:#fff6d6;padding:.6em 1em;border-radius:4px}
-.wide{overflow-x:auto}pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}.muted{color:#666;font-size:.9em}
+.wide{overflow-x:auto}.lead{background:#eef5ff;padding:.4em 1em;border-radius:4px}pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}.muted{color:#666;font-size:.9em}
 """
 
 
@@ -59,12 +59,20 @@ def _model_section(folder: Path, name: str) -> str:
     if m is None:
         return ""
     parts = [f"<h2>{html.escape(name)}</h2>"]
-    parts.append(_table(["metric", "value"], [["images", m["n"]], ["accuracy", m["accuracy"]],
+    if m.get("command") == "evaluate":
+        parts.append('<div class="lead">' + "".join(f"<p>{html.escape(line)}</p>" for line in lead(m, m.get("data")))
+                     + "</div>")
+    parts.append('<p class="muted">The first two tables score the most probable class, which compares models; what '
+                 "users get is the decision rule's answer, in the table after them and in the confusion matrix.</p>")
+    parts.append(_table(["metric (most probable class)", "value"], [["images", m["n"]], ["accuracy", m["accuracy"]],
                                               ["macro precision", m["macro_precision"]], ["macro recall", m["macro_recall"]],
                                               ["macro F1", m["macro_f1"]], ["macro AUROC", m["auroc"]],
                                               ["always-majority baseline", m.get("majority_baseline")]], "metrics"))
-    parts.append(_table(["class", "precision", "recall", "F1", "AUROC", "support"],
-                        [[c, v["precision"], v["recall"], v["f1"], v.get("auroc"), v["support"]] for c, v in m["per_class"].items()],
+    def few(value, support):  # a figure of a class with fewer than TOO_FEW images says little
+        return value if support >= TOO_FEW or value is None else f"{_fmt(value)} (too few: {support})"
+    parts.append(_table(["class", "precision", "recall", "F1", "AUROC", "images"],
+                        [[c, few(v["precision"], v["support"]), few(v["recall"], v["support"]), few(v["f1"], v["support"]),
+                          few(v.get("auroc"), v["support"]), v["support"]] for c, v in m["per_class"].items()],
                         "metrics"))
     if m.get("per_source"):
         parts.append(_per_source(m["per_source"]))
@@ -73,7 +81,7 @@ def _model_section(folder: Path, name: str) -> str:
                      f"macro averages are over the classes present, and the macro AUROC is not defined.</p>")
     if m.get("operating_point"):
         op = m["operating_point"]
-        parts.append(_table(["at the operating point", "value"],
+        parts.append(_table(["at the decision rule (what users get)", "value"],
                             [["rule", op["rule"]], ["accuracy", op["accuracy"]]]
                             + [[f"{c} recall / precision", f"{_fmt(v['recall'])} / {_fmt(v['precision'])}"]
                                for c, v in op["per_class"].items()], "metrics"))
@@ -91,7 +99,10 @@ def _model_section(folder: Path, name: str) -> str:
         parts.append(f'<p class="note">{overlap["n_with_near_duplicate_in_training"]} of these {m["n"]} images are '
                      f"near-duplicates of images the model trained on; {without}.</p>")
     cal = m.get("calibration")
-    if cal:
+    if cal and cal["ece_before"] == cal["ece_after"]:  # no temperature: two equal columns say nothing
+        parts.append(f'<p class="muted">Calibration: ECE {_fmt(cal["ece_before"])} (15 bins), NLL {_fmt(cal["nll_before"])}; '
+                     f'{html.escape(cal["note"])}.</p>')
+    elif cal:
         parts.append(_table(["calibration", "before", "after"],
                             [["ECE (15 bins)", cal["ece_before"], cal["ece_after"]], ["NLL", cal["nll_before"], cal["nll_after"]]])
                      + f'<p class="muted">temperature {cal["temperature"]}; {html.escape(cal["note"])}</p>')
@@ -107,6 +118,68 @@ def _model_section(folder: Path, name: str) -> str:
                      ("gradcam.png", "Grad-CAM overlays (green: right, red: wrong)")):
         parts.append(_img(folder / png, f"{name}: {alt}"))
     return "\n".join(parts)
+
+
+TOO_FEW = 10  # a class with fewer images than this: its figures are marked, not trusted
+
+
+def lead(m: dict, data: str | None = None) -> list[str]:
+    """The few sentences a user decides on, before any table: what was scored, by which rule, what it found, whether
+    the images are like the model's training images and what to do if not, and copies of training images."""
+    classes = list(m["per_class"])
+    counts = {c: m["per_class"][c]["support"] for c in classes if m["per_class"][c]["support"]}
+    said = [f"{m['n']} images{f' of {data}' if data else ''} ("
+            + ", ".join(f"{n} {c}" for c, n in counts.items()) + ")."]
+    op = m.get("operating_point")
+    if op:
+        said.append(f"Decision rule: {op['rule']}")
+        confusion = op["confusion_matrix"]
+        if "malignant" in counts:
+            k = classes.index("malignant")
+            said.append(f"At this rule it found {confusion[k][k]} of the {counts['malignant']} malignant images "
+                        f"(sensitivity {op['per_class']['malignant']['recall']:.0%})" + (
+                            f" and called {confusion[classes.index('benign')][k]} of the {counts['benign']} benign ones "
+                            f"malignant (specificity {1 - confusion[classes.index('benign')][k] / counts['benign']:.0%})"
+                            if "benign" in counts else "") + ".")
+        if "normal" in counts:
+            said.append(f"It called {op['per_class']['normal']['recall']:.0%} of the {counts['normal']} normal scans "
+                        f"normal; accuracy over all three classes {op['accuracy']:.0%}.")
+    else:
+        said.append(f"The model stores no decision rule: each image gets its most probable class (accuracy "
+                    f"{m['accuracy']:.0%}).")
+    few = [f"{n} {c}" for c, n in counts.items() if n < TOO_FEW]
+    if few:
+        said.append(f"Too few to trust: {', '.join(few)} image(s); figures of {'that class' if len(few) == 1 else 'those classes'} "
+                    f"are marked (fewer than {TOO_FEW}).")
+    shift_verdict = m.get("shift") or {}
+    if "outside" in shift_verdict:
+        share = f"{shift_verdict['flagged']} of {shift_verdict['n']} images ({shift_verdict['share']:.0%})"
+        if shift_verdict["outside"]:
+            where = m.get("rule_fitted_where") or ""
+            todo = (f"its thresholds were already re-set on {where}: if these images come from there, fine-tuning on "
+                    "labelled images of this hospital (busi finetune) is what is left" if where.startswith("images of")
+                    else "re-set its thresholds on labelled images of this hospital (busi calibrate), or adapt it "
+                         "(busi adapt)")
+            said.append(f"{share} lie outside what the model trained on (about {shift_verdict['expected_share']:.0%} "
+                        f"would for images like its training images): expect its figures here to be worse than where "
+                        f"it was validated; {todo}.")
+        else:
+            said.append(f"The images look like its training images ({share} flagged; about "
+                        f"{shift_verdict['expected_share']:.0%} expected).")
+    overlap = m.get("training_overlap") or {}
+    if overlap.get("checked"):
+        k = overlap["n_with_near_duplicate_in_training"]
+        rest = overlap.get("metrics_without_them")
+        said.append(f"{k} image(s) are copies or near-copies of images the model trained on"
+                    + (f"; without them accuracy is {rest['accuracy']:.0%} (most probable class)" if k and rest else "")
+                    + "." if k else f"None is a copy of the model's {overlap['n_training_images']} training images.")
+    elif overlap:
+        said.append(f"Not checked for copies of its training images: {overlap['note']}.")
+    lesion = m.get("lesion") or {}
+    if "dice_mean" in lesion:
+        said.append(f"Its lesion outlines overlap the experts' masks with a mean Dice of {lesion['dice_mean']:.2f} "
+                    f"({lesion['n_lesion_masks']} lesion images).")
+    return said
 
 
 def _lesion(lesion: dict) -> str:
@@ -140,7 +213,8 @@ def _binary_table(title: str, mvb: dict) -> str:
         return "–" if v is None else f"{v['estimate']:.3f} " + interval_text(v, mvb)
     rows = [[k.replace("_", " "), ci(v)] for k, v in mvb.items() if isinstance(v, dict) or (k.startswith(("auroc", "sens", "spec")))]
     return (f"<h3>{html.escape(title)}</h3>" + _table(["figure (95% CI)", "value"], rows, "metrics")
-            + f'<p class="muted">{mvb["n"]} images ({mvb["n_malignant"]} malignant) of {mvb["n_clusters"]} clusters; '
+            + f'<p class="muted">{mvb["n"]} images ({mvb["n_malignant"]} malignant) of {mvb["n_clusters"]} '
+              f'{"patients" if "patients" in mvb["ci_method"] else "images (each resampled alone)"}; '
               f'score {html.escape(mvb["score"])}; {html.escape(mvb["ci_method"])}</p>')
 
 
@@ -209,7 +283,9 @@ def render(run: str | Path) -> Path:
     kind = (config or {}).get("command", "run")
     body = [f"<h1>busi {html.escape(kind)} report</h1>",
             f'<p class="muted">{html.escape(str(run.resolve()))} · rendered {datetime.now():%Y-%m-%d %H:%M} · busi {__version__}</p>',
-            '<p class="note">A research tool, not a diagnosis. Numbers describe this data set and split only.</p>']
+            '<p class="note">A research tool, not a diagnosis. '
+            + ("Numbers describe these images only." if kind == "evaluate" else
+               "Numbers describe this data set and split only.") + "</p>"]
 
     audit = _json(run / "audit.json")
     if audit:

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from datetime import datetime
 from pathlib import Path
 
 from .errors import BusiError
+
+_claimed: list[Path] = []  # run folders this process began in (new or empty): removed again if its command fails
 
 
 def is_main_process() -> bool:
@@ -26,4 +29,23 @@ def run_dir(out: str | Path | None, name: str, overwrite: bool = False, resume: 
         raise BusiError(f"{path}: --out exists and is not a folder")
     if path.exists() and any(path.iterdir()) and not (overwrite or resume):
         raise BusiError(f"{path}: already holds a run; pass --overwrite to write over it, or choose another --out")
+    if not path.exists() or not any(path.iterdir()):
+        _claimed.append(path)
     return path
+
+
+def discard_unfinished() -> list[Path]:
+    """After a command failed: remove the run folders it began, so a rerun is not refused by a half-made one. A folder
+    holding a training checkpoint to resume from (*.ckpt) is kept: `--resume` reuses it."""
+    removed = []
+    for path in _claimed:
+        if path.is_dir() and not any(path.rglob("*.ckpt")):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    _claimed.clear()
+    return removed
+
+
+def finished() -> None:
+    """The command succeeded: its folders stay."""
+    _claimed.clear()

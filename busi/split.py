@@ -61,7 +61,8 @@ def kfold(labels, groups, n_folds: int, seed: int, grouped: bool = True, sources
     return [(tr, te) for tr, te in splitter.split(np.zeros(len(labels)), by)]
 
 
-def train_test(labels, groups, test_size: float, seed: int, grouped: bool = True, sources=None) -> tuple[np.ndarray, np.ndarray]:
+def train_test(labels, groups, test_size: float, seed: int, grouped: bool = True, sources=None, class_names=None,
+               part: str = "test part") -> tuple[np.ndarray, np.ndarray]:
     """A stratified (grouped) split with about test_size of the images in the test part.
 
     StratifiedGroupKFold only makes equal folds, so we cut into n folds and take round(test_size * n)
@@ -83,6 +84,14 @@ def train_test(labels, groups, test_size: float, seed: int, grouped: bool = True
     folds = kfold(labels, groups, n_folds, seed, grouped, sources if by is not labels else None)
     test = np.sort(np.concatenate([te for _, te in folds[:k]]))
     train = np.setdiff1d(np.arange(len(labels)), test)
+    if len(test) > 2 * test_size * len(labels) and test_size < 0.5:  # a class too small to cut finely enough
+        counts = {c: len(np.unique(groups[labels == c])) for c in np.unique(labels)}
+        small = min(counts, key=counts.get)
+        name = class_names[small] if class_names is not None else f"class {small}"
+        raise BusiError(f"'{name}' has {counts[small]} image(s) (or patient and duplicate groups): too few to keep "
+                        f"{test_size:.0%} aside as the {part} stratified by class; it would take {len(test)} of "
+                        f"{len(labels)} images ({len(test) / len(labels):.0%}). Add images of '{name}', leave its folder "
+                        "out, or keep no part aside (size 0)")
     return train, test
 
 

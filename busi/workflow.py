@@ -75,6 +75,9 @@ def prepare(cfg: RunConfig, progress: bool = True, notes: list[str] = ()) -> tup
             warn(line)
         kept.info = {path: {key: row[col] for key, col in columns.items() if col and row.get(col)}
                      for path, row in rows.items()}
+    from .dicom import header_info
+    for path, known in header_info(kept).items():  # a DICOM's patient and scanner, where no CSV named them
+        kept.info[path] = {**known, **kept.info.get(path, {})}
     counts = kept.counts()
     for c, n in counts.items():
         if n == 0 and c not in absent:
@@ -230,14 +233,23 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
     sources = [dataset.source_of(s) for s in dataset.samples]
     source_arr = np.asarray(sources)
     if cfg.test_size > 0:
-        train_idx, test_idx = train_test(labels.numpy(), groups, cfg.test_size, cfg.seed, grouped, sources)
+        train_idx, test_idx = train_test(labels.numpy(), groups, cfg.test_size, cfg.seed, grouped, sources,
+                                         dataset.classes, "test part (test_size)")
     else:  # every image trains; the test is a folder the model never saw, with `busi evaluate`
         train_idx, test_idx = np.arange(len(paths)), np.array([], dtype=int)
     val_idx = np.array([], dtype=int)
     if cfg.val_size > 0:
         sub_train, sub_val = train_test(labels[train_idx].numpy(), groups[train_idx], cfg.val_size, cfg.seed, grouped,
-                                        source_arr[train_idx])
+                                        source_arr[train_idx], dataset.classes, "validation part (val_size)")
         train_idx, val_idx = train_idx[sub_train], train_idx[sub_val]
+    if main:
+        def per_class(idx):
+            return ", ".join(f"{int((labels[idx] == k).sum())} {c}" for k, c in enumerate(dataset.classes))
+        print(f"busi: {len(paths)} images: {len(train_idx)} train ({per_class(train_idx)})"
+              + (f", {len(val_idx)} validation ({per_class(val_idx)})" if len(val_idx) else "")
+              + (f", {len(test_idx)} test ({per_class(test_idx)})" if len(test_idx) else "")
+              + f"; {'grouped by patient and near-duplicates' if grouped else 'random'} split, seed {cfg.seed}",
+              file=sys.stderr)
 
     if main:
         _write_run_files(folder, cfg, report, {

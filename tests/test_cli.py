@@ -80,6 +80,24 @@ def test_evaluate_and_predict(trained, tmp_path, capsys):
     assert len(list((tmp_path / "why").glob("*-gradcam.png"))) == 10
 
 
+def test_a_command_that_fails_half_way_leaves_no_run_folder_and_the_rerun_works(trained, tmp_path, capsys, monkeypatch):
+    import busi.report
+    from busi.errors import BusiError
+    data, out = trained
+    ckpt = str(out / "custom-cnn" / "checkpoint.pth")
+
+    def broken(folder, *args, **kwargs):
+        raise BusiError(f"{folder}: the disk is full")  # after metrics.json and the pictures were written
+    monkeypatch.setattr(busi.report, "render", broken)
+    command = ["evaluate", "--checkpoint", ckpt, "--data", str(data), "--out", str(tmp_path / "ev"), "--no-progress"]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and "removed the unfinished run folder" in err
+    assert not (tmp_path / "ev").exists()
+    monkeypatch.undo()
+    assert main(command) == 0 and (tmp_path / "ev" / "report.html").is_file()  # the same command again: not refused
+
+
 def test_evaluate_scores_copies_of_training_images_apart(trained, tmp_path, capsys):
     """A held-out folder holding (renamed) copies of training images tests memory; evaluate finds and separates them."""
     data, out = trained
@@ -439,4 +457,4 @@ def test_evaluate_finds_copies_of_training_images_by_fingerprint_when_the_folder
     overlap = json.loads((tmp_path / "ev" / "metrics.json").read_text())["training_overlap"]
     assert overlap["checked"] and overlap["training_data"] == "fingerprints" and "fingerprints" in overlap["method"]
     assert overlap["n_with_near_duplicate_in_training"] == 30
-    assert "30 of the 30 images are near-duplicates of training images" in capsys.readouterr().out
+    assert "30 image(s) are copies or near-copies of images the model trained on" in capsys.readouterr().out

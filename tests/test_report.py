@@ -89,6 +89,31 @@ def test_pictures_follow_one_decision_rule_and_small_groups_are_too_few(tmp_path
     assert not m["per_group"]["big"]["malignant_vs_benign"]["too_few"]
     page = (tmp_path / "ev" / "report.html").read_text()
     assert "too few: 6 images, 6 patients" in page and "None" not in page
+    assert page.index('class="lead"') < page.index("<table")  # the sentences come before any table
+    assert "Decision rule:" in page and "At this rule it found" in page
+
+
+def test_the_lead_says_what_was_found_what_is_too_few_and_what_to_do_next():
+    from busi.report import lead
+    confusion = [[30, 10, 0], [1, 19, 0], [3, 2, 4]]  # rows: true benign, malignant, normal
+    m = {"n": 69, "accuracy": 0.7, "per_class": {"benign": {"support": 40}, "malignant": {"support": 20},
+                                                 "normal": {"support": 9}},
+         "operating_point": {"rule": "'malignant' when p >= 0.2.", "confusion_matrix": confusion, "accuracy": 0.768,
+                             "per_class": {"malignant": {"recall": 0.95}, "normal": {"recall": 4 / 9}}},
+         "shift": {"n": 69, "flagged": 30, "share": 0.43, "expected_share": 0.05, "outside": True},
+         "training_overlap": {"checked": True, "n_with_near_duplicate_in_training": 2, "n_training_images": 900,
+                              "metrics_without_them": {"accuracy": 0.69}},
+         "lesion": {"dice_mean": 0.71, "n_lesion_masks": 60}}
+    text = " ".join(lead(m, "hospital/"))
+    assert text.startswith("69 images of hospital/ (40 benign, 20 malignant, 9 normal).")
+    assert "found 19 of the 20 malignant images (sensitivity 95%)" in text
+    assert "called 10 of the 40 benign ones malignant (specificity 75%)" in text
+    assert "44% of the 9 normal scans normal" in text and "Too few to trust: 9 normal" in text
+    assert "30 of 69 images (43%) lie outside" in text and "busi calibrate" in text
+    assert "2 image(s) are copies or near-copies" in text and "Dice of 0.71" in text
+    calibrated = " ".join(lead({**m, "rule_fitted_where": "images of hospital/adapt"}))
+    assert "already re-set on images of hospital/adapt" in calibrated and "busi finetune" in calibrated
+    assert "busi calibrate" not in calibrated
 
 
 def test_train_report_shows_the_keys_that_shaped_the_run(run_folder):

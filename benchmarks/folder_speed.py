@@ -1,0 +1,107 @@
+"""A folder at the speed of the network? `busi predict` and `busi evaluate` on 100, 683 and 2,000 labelled images,
+beside the bare network passes, in images per second and peak memory.
+
+    python benchmarks/folder_speed.py --data ../shared/data/busi_dev --data ../shared/data/busbra_dev \
+        --sizes 100 683 2000 --torch-at 683 --out runs/folder-speed
+
+A labelled folder of each size is made of links to the given folders' images and masks, classes and sources mixed
+(2,000 needs more images than busi_dev + busbra_dev hold: the rest are the same files under other names, so evaluate's
+near-duplicate check finds them, as it would a hospital's repeats). Each command runs in a fresh process with the
+bundled model, its ONNX export already cached (the first run of a checkpoint exports it: about a minute, once), and
+`--engine torch` at --torch-at sizes; wall seconds and peak resident memory come from /usr/bin/time. Bare network:
+the same network passes (both engines, mirrored pass included) over preloaded images, in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MODEL = ROOT / "busi" / "assets" / "recommended.pth"
+
+
+def labelled_folder(sources: list[Path], n: int, root: Path) -> Path:
+    """root/<class>/ with n images (and their masks) linked from sources, in turn from each source."""
+    pools = []
+    for source in sources:
+        pools.append(sorted(p for p in source.rglob("*.png") if "_mask" not in p.name))
+    order = [p for group in zip(*[pool * (1 + n // max(1, len(pool))) for pool in pools]) for p in group]
+    for i, image in enumerate(order[:n]):
+        copy = i // sum(map(len, pools))  # 0 for the first pass over every image, then 1, 2 …
+        folder = root / image.parent.name
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = image.stem if copy == 0 else f"{image.stem} copy{copy}"
+        os.symlink(image.resolve(), folder / f"{stem}.png")
+        for mask in image.parent.glob(f"{image.stem}_mask*.png"):
+            os.symlink(mask.resolve(), folder / f"{stem}{mask.stem[len(image.stem):]}.png")
+    return root
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak resident GiB) of cmd in a fresh process."""
+    done = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {done.stderr[-800:]}")
+    seconds, kb = done.stderr.strip().splitlines()[-1].split()
+    return float(seconds), int(kb) / 2 ** 20
+
+
+def bare(n: int, folder: Path) -> dict:
+    """Images per second of the network passes alone, both engines, on n preloaded images of folder."""
+    import torch
+    from busi.engine import OnnxEngine
+    from busi.inference import LoadedModel, image_files, outputs_of
+    loaded = LoadedModel(MODEL)
+    images = torch.cat([loaded.prepare(p).input for p in image_files([folder])[:n]])
+    config = loaded.config
+    engine = OnnxEngine(MODEL, loaded.model, config)
+    out = {}
+    for name, run in (("torch", lambda: outputs_of(loaded.model, images, config["mean"], config["std"], tta=True)),
+                      ("onnx", lambda: engine.run(images))):
+        start = time.perf_counter()
+        run()
+        out[name] = round(n / (time.perf_counter() - start), 1)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", action="append", type=Path, required=True)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100, 683, 2000])
+    ap.add_argument("--torch-at", type=int, nargs="*", default=[683])
+    ap.add_argument("--bare-images", type=int, default=256)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    busi = str(Path(sys.executable).parent / "busi")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        first = labelled_folder(args.data, 1, Path(tmp) / "one")
+        timed([busi, "predict", str(first), "--engine", "onnx"])  # the export, once: every later run finds it cached
+        for n in args.sizes:
+            folder = labelled_folder(args.data, n, Path(tmp) / f"n{n}")
+            for engine in ["auto"] + (["torch"] if n in args.torch_at else []):
+                for command in ("predict", "evaluate"):
+                    cmd = ([busi, "predict", str(folder), "--json"] if command == "predict"
+                           else [busi, "evaluate", "--data", str(folder), "--out", str(Path(tmp) / f"eval-{n}-{engine}")])
+                    seconds, gib = timed([*cmd, "--no-progress", "--engine", engine])
+                    rows.append({"images": n, "command": command, "engine": engine, "seconds": round(seconds, 1),
+                                 "images_per_second": round(n / seconds, 1), "peak_gib": round(gib, 2)})
+                    print(json.dumps(rows[-1]), flush=True)
+        network = bare(args.bare_images, Path(tmp) / f"n{max(args.sizes)}")
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} threads, {platform.processor() or ''}".strip(", "),
+              "rows": rows, "bare_network_images_per_second": network, "bare_images": args.bare_images}
+    (args.out / "folder_speed.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["bare_network_images_per_second"]))
+
+
+if __name__ == "__main__":
+    main()

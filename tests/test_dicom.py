@@ -1,0 +1,169 @@
+"""DICOM in: the same pixels as the PNG it was made from, whatever the encoding; the header's patient, scanner and pixel
+size used; one line for a DICOM that holds no image; and no patient identifier in any output."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from busi.cli import main
+from busi.data import read_image
+from busi.dicom import facts, is_dicom
+from busi.errors import BusiError
+from busi.folders import scan
+
+PATIENT_NAME, PATIENT_ID, ACCESSION = "Müller^Jürgen", "PAT-123456", "ACC-998877"
+
+
+def write_dicom(path, rgb: np.ndarray, photometric="RGB", syntax=None, frames=1, bits=8, patient_id=PATIENT_ID,
+                region_mm=None, pixels=True):
+    """A DICOM file of an HxWx3 uint8 image (greyscale photometrics take its first channel), as a scanner writes it."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import (ExplicitVRLittleEndian, UltrasoundImageStorage, UltrasoundMultiFrameImageStorage,
+                             generate_uid)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage if frames > 1 else UltrasoundImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.AccessionNumber, ds.PatientBirthDate = PATIENT_NAME, patient_id, ACCESSION, "19700101"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "US"
+    ds.Manufacturer, ds.ManufacturerModelName = "Acme", "Sono 9"
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: the name's umlauts
+    if region_mm:
+        from pydicom.sequence import Sequence
+        region = Dataset()
+        region.PhysicalUnitsXDirection = region.PhysicalUnitsYDirection = 3  # cm
+        region.PhysicalDeltaX = region.PhysicalDeltaY = region_mm / 10
+        ds.SequenceOfUltrasoundRegions = Sequence([region])
+    if pixels:
+        grey = photometric.startswith("MONOCHROME")
+        arr = rgb[..., 0] if grey else rgb
+        if bits == 16:
+            arr = arr.astype(np.uint16) * 257
+        if photometric == "MONOCHROME1":
+            arr = (2 ** bits - 1) - arr
+        if frames > 1:
+            arr = np.stack([arr] * frames)
+            ds.NumberOfFrames = frames
+        ds.Rows, ds.Columns = rgb.shape[:2]
+        ds.SamplesPerPixel = 1 if grey else 3
+        ds.PhotometricInterpretation = photometric
+        ds.BitsAllocated = ds.BitsStored = bits
+        ds.HighBit, ds.PixelRepresentation = bits - 1, 0
+        if not grey:
+            ds.PlanarConfiguration = 0
+        ds.PixelData = np.ascontiguousarray(arr).tobytes()
+        if syntax is not None:
+            ds.compress(syntax)
+    else:  # a Structured Report or key object: a DICOM file without an image
+        ds.Modality = "SR"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def scan_rgb():
+    """A grey scan-like image (equal channels), as BUSI's PNGs are."""
+    rng = np.random.default_rng(0)
+    grey = (rng.random((120, 160)) * 200).astype(np.uint8)
+    grey[40:80, 60:110] = 20  # a dark lesion
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+@pytest.mark.parametrize("photometric,syntax,bits,frames", [
+    ("RGB", None, 8, 1), ("MONOCHROME2", None, 8, 1), ("MONOCHROME1", None, 8, 1), ("MONOCHROME2", None, 16, 1),
+    ("MONOCHROME2", "1.2.840.10008.1.2.5", 8, 1),  # RLE lossless
+    ("MONOCHROME2", "1.2.840.10008.1.2.4.90", 8, 1),  # JPEG 2000 lossless
+    ("RGB", "1.2.840.10008.1.2.5", 8, 3),  # a cine loop, RLE
+])
+def test_every_encoding_reads_to_the_pixels_it_was_made_from(tmp_path, scan_rgb, photometric, syntax, bits, frames):
+    png = tmp_path / "scan.png"
+    Image.fromarray(scan_rgb).save(png)
+    dcm = write_dicom(tmp_path / "scan", scan_rgb, photometric, syntax, frames, bits)  # no suffix: found by content
+    assert is_dicom(dcm) and not is_dicom(png)
+    notes = []
+    assert np.array_equal(read_image(dcm, notes=notes), read_image(png))
+    if frames > 1:
+        assert any("frame 1 of 3" in n for n in notes)
+    if bits == 16:
+        assert any("16-bit" in n for n in notes)
+
+
+def test_a_folder_of_dicoms_is_scanned_and_bad_ones_are_one_line(tmp_path, scan_rgb):
+    for cls in ("benign", "malignant"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        write_dicom(tmp_path / "data" / cls / "IM0001", scan_rgb, "MONOCHROME2")
+        write_dicom(tmp_path / "data" / cls / "IM0002.dcm", scan_rgb, "MONOCHROME2")
+    (tmp_path / "data" / "benign" / "notes.txt").write_text("not an image")
+    ds = scan(tmp_path / "data")
+    assert sorted(s.path for s in ds.samples) == ["benign/IM0001", "benign/IM0002.dcm", "malignant/IM0001",
+                                                  "malignant/IM0002.dcm"]
+    assert "benign/notes.txt" in ds.skipped
+    from busi.audit import audit, summary
+    found = audit(ds, progress=False, use_cache=False)["dicom"]
+    assert found == {"files": 4, "patients": 1, "scanners": {"Acme Sono 9": 4},
+                     "transfer_syntaxes": {"Explicit VR Little Endian": 4}, "multi_frame": 0, "with_pixel_size": 0}
+    assert "DICOM: 4 files of 1 patients" in summary(audit(ds, progress=False, use_cache=False))
+    report = write_dicom(tmp_path / "report.dcm", scan_rgb, pixels=False)
+    with pytest.raises(BusiError, match=r"report.dcm: a DICOM SR without pixel data"):
+        read_image(report)
+    whole = (tmp_path / "data" / "benign" / "IM0001").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(BusiError, match=r"cut.dcm: "):
+        read_image(tmp_path / "cut.dcm")
+
+
+def test_the_header_gives_patient_scanner_and_millimetres_but_never_the_identifiers(tmp_path, scan_rgb):
+    a = write_dicom(tmp_path / "a.dcm", scan_rgb, "MONOCHROME2", region_mm=0.1)
+    b = write_dicom(tmp_path / "b.dcm", scan_rgb, "MONOCHROME2")
+    c = write_dicom(tmp_path / "c.dcm", scan_rgb, "MONOCHROME2", patient_id="OTHER-1")
+    fa, fb, fc = facts(a), facts(b), facts(c)
+    assert fa["patient"] == fb["patient"] != fc["patient"] and PATIENT_ID not in fa["patient"]
+    assert fa["scanner"] == "Acme Sono 9" and fa["mm_per_pixel"] == pytest.approx((0.1, 0.1))
+    assert fb["mm_per_pixel"] is None
+
+
+def test_predict_and_evaluate_on_dicoms_write_no_identifier_anywhere(tmp_path, capsys):
+    """Known identifiers (a name in UTF-8 with umlauts, the ID, the accession number) in every file's header; every
+    output of predict, its overlays and an evaluate run is searched for them."""
+    from conftest import make_kaggle_folder
+    from test_lesion import LESION_RECIPE
+    import yaml
+    png = make_kaggle_folder(tmp_path / "png", per_class=6, size=64)
+    data = tmp_path / "dicom"
+    for image in png.rglob("*).png"):
+        target = data / image.parent.name / image.stem.replace(" ", "_").replace("(", "").replace(")", "")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_dicom(target.with_suffix(".dcm"), np.asarray(Image.open(image).convert("RGB")), "MONOCHROME2",
+                    region_mm=0.2)
+        for mask in image.parent.glob(f"{image.stem}_mask*.png"):
+            Image.open(mask).save(target.parent / f"{target.name}{mask.stem[len(image.stem):]}.png")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(LESION_RECIPE))
+    assert main(["train", "--config", str(tmp_path / "recipe.yaml"), "--data", str(data), "--out",
+                 str(tmp_path / "run"), "--no-progress"]) == 0
+    ckpt = tmp_path / "run" / "efficientnet-lite0" / "checkpoint.pth"
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(ckpt), "--json", "--explain", "--out", str(tmp_path / "why"),
+                 str(data)]) == 0
+    printed = capsys.readouterr()
+    rows = json.loads(printed.out)
+    assert len(rows) == 18 and all("error" not in r for r in rows)
+    outlined = [r["lesion"] for r in rows if r["lesion"].get("box")]
+    assert all(lesion["width_mm"] == pytest.approx(lesion["width_px"] * 0.2, abs=0.01) for lesion in outlined)
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "ev"),
+                 "--no-progress"]) == 0
+    printed = printed.out + printed.err + "".join(capsys.readouterr())
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["group_column"] == "scanner (DICOM header)" and list(metrics["per_group"]) == ["Acme Sono 9"]
+    assert "patients" in metrics["malignant_vs_benign"]["ci_method"]  # the header's patients, resampled
+    secrets = [PATIENT_NAME, PATIENT_ID, ACCESSION, "Müller", "19700101"]
+    encodings = [s.encode(enc, "ignore") for s in secrets for enc in ("utf-8", "latin-1", "utf-16-le")]
+    written = [f for folder in ("run", "why", "ev") for f in (tmp_path / folder).rglob("*") if f.is_file()]
+    assert len(written) > 10
+    for f in written:
+        content = f.read_bytes()
+        assert not any(s in content for s in encodings if s), f"{f} holds a patient identifier"
+    assert not any(s in printed for s in secrets)
