@@ -62,7 +62,7 @@ def read_folder(inputs, loaded, progress: bool = False) -> tuple[torch.Tensor, l
         paths.append(str(path))
     where = ", ".join(map(str, inputs))
     if not files:
-        raise BusiError(f"{where}: no image files found (PNG, JPEG, BMP or TIFF; masks are left out)")
+        raise BusiError(f"{where}: no image files found (PNG, JPEG, BMP, TIFF or DICOM; masks are left out)")
     if not paths:
         raise BusiError(f"{where}: none of the {len(files)} image files could be read")
     return torch.cat(images), paths

@@ -149,7 +149,7 @@ def build_app(predictor: Predictor, examples: Path = EXAMPLES):
         with gr.Row():
             with gr.Column(scale=1):
                 # no file_types filter: the browser would drop other files without a word; the server answers them
-                files = gr.File(label=f"Ultrasound images: PNG, JPEG, BMP or TIFF, up to {MAX_IMAGES} at once",
+                files = gr.File(label=f"Ultrasound images: PNG, JPEG, BMP, TIFF or DICOM, up to {MAX_IMAGES} at once",
                                 file_count="multiple", type="filepath")
                 button = gr.Button("Analyse", variant="primary")
                 example_files = [str(p) for p in image_files([examples])][:MAX_IMAGES] if examples.is_dir() else []

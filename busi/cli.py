@@ -264,6 +264,7 @@ def _lesion_cell(lesion: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from .runs import discard_unfinished, finished
+    finished()  # folders begun before this command (a library caller's runs) are never this command's to remove
     try:
         code = _dispatch(args)
         finished()

@@ -96,7 +96,7 @@ def test_page_shows_class_probabilities_overlay_and_bad_file_message(server):
             page.locator("button[aria-label='Clear']").first.click() if page.locator("button[aria-label='Clear']").count() else None
             notes = root / "notes.txt"  # not an image at all: answered too, not silently dropped by the browser
             notes.write_text("hello")
-            assert "PNG, JPEG, BMP or TIFF" in page.content()
+            assert "PNG, JPEG, BMP, TIFF or DICOM" in page.content()
             page.locator("input[type=file]").first.set_input_files([str(broken), str(notes)])
             page.get_by_role("button", name="Analyse").click()
             error = page.locator(".busi-error").first

@@ -119,7 +119,7 @@ def test_evaluate_scores_copies_of_training_images_apart(trained, tmp_path, caps
     assert overlap["checked"] and overlap["n_training_images"] == len(split["train"]) + len(split["val"])
     assert overlap["near_duplicates"] == {f"malignant/new scan {n}.png": [rel] for n, rel in enumerate(copied)}
     assert overlap["metrics_without_them"]["n"] == m["n"] - 2
-    assert f"2 of the {m['n']} images are near-duplicates of training images" in printed
+    assert "2 image(s) are copies or near-copies of images the model trained on" in printed
     assert main(["evaluate", "--checkpoint", str(out / "custom-cnn" / "checkpoint.pth"), "--data", str(heldout),
                  "--train-data", str(tmp_path / "gone"), "--out", str(tmp_path / "ev2"), "--no-progress"]) == 2
     assert "gone: --train-data folder does not exist" in _error(capsys) and not (tmp_path / "ev2").exists()

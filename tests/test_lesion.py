@@ -73,12 +73,19 @@ def test_lesion_first_rule_calls_a_scan_without_lesion_normal_whatever_its_p_mal
     assert "'normal' when no lesion is outlined" in describe(rule)
 
 
+def _scored(counts: list[int], seed: int):
+    """Random probabilities, lesion scores lower for normal scans (class 2) than for lesions, and the rule fitted."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([k for k, n in enumerate(counts) for _ in range(n)])
+    probs = torch.softmax(torch.randn(len(labels), 3, generator=g), 1)
+    scores = torch.where(labels == 2, torch.rand(len(labels), generator=g) * 0.5,
+                         0.3 + torch.rand(len(labels), generator=g) * 0.7)
+    return labels, probs, scores, fit_lesion_rule(probs, scores, labels, CLASSES, malignant_recall=0.9,
+                                                  lesion_recall=0.95)
+
+
 def test_fit_lesion_rule_reaches_its_recalls():
-    g = torch.Generator().manual_seed(0)
-    labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 30)
-    probs = torch.softmax(torch.randn(120, 3, generator=g), 1)
-    scores = torch.where(labels == 2, torch.rand(120, generator=g) * 0.5, 0.3 + torch.rand(120, generator=g) * 0.7)
-    rule = fit_lesion_rule(probs, scores, labels, CLASSES, malignant_recall=0.9, lesion_recall=0.95)
+    labels, probs, scores, rule = _scored([60, 30, 30], seed=0)
     predicted = decide(probs, CLASSES, rule, scores)
     assert int((scores[labels != 2] >= rule["lesion_threshold"]).sum()) >= 0.95 * 90
     assert int((predicted[labels == 1] == 1).sum()) >= 0.9 * 30  # the whole rule's recall, missed lesions included
@@ -91,11 +98,7 @@ def test_fit_lesion_rule_reaches_its_recalls():
 
 def test_rule_figures_give_intervals_that_resample_whole_patients():
     from busi.operating import lesion_rule_figures
-    g = torch.Generator().manual_seed(1)
-    labels = torch.tensor([0] * 20 + [1] * 20 + [2] * 20)
-    probs = torch.softmax(torch.randn(60, 3, generator=g), 1)
-    scores = torch.where(labels == 2, torch.rand(60, generator=g) * 0.5, 0.3 + torch.rand(60, generator=g) * 0.7)
-    rule = fit_lesion_rule(probs, scores, labels, CLASSES, malignant_recall=0.9, lesion_recall=0.95)
+    labels, probs, scores, rule = _scored([20, 20, 20], seed=1)
     copies = 10  # each patient scanned ten times with the same result: ten copies are not ten times the evidence
     many = lesion_rule_figures(probs.repeat_interleave(copies, 0), scores.repeat_interleave(copies),
                                labels.repeat_interleave(copies), CLASSES, rule,

@@ -97,3 +97,15 @@ def test_source_folds_refuse_one_source_and_a_source_nobody_can_judge():
         source_folds(["a"] * 4, [0, 1, 0, 1], np.arange(4), ["benign", "malignant"])
     with pytest.raises(BusiError, match="source a holds only benign, malignant, which no other source has"):
         source_folds(["a"] * 4 + ["b"] * 2, [0, 1, 0, 1, 2, 2], np.arange(6), ["benign", "malignant", "normal"])
+
+
+def test_a_class_too_small_to_keep_a_fifth_aside_is_named(capsys):
+    """128 images whose 'normal' class holds 2: a stratified 20% part is half the folder (finetune once did it
+    silently)."""
+    labels = np.array([0] * 63 + [1] * 63 + [2] * 2)
+    train, test = train_test(labels, np.arange(128), 0.2, 0, class_names=["benign", "malignant", "normal"],
+                             part="validation part")
+    assert len(test) == 64
+    assert "'normal' has 2 image(s)" in capsys.readouterr().err
+    train, test = train_test(np.array([0] * 64 + [1] * 64), np.arange(128), 0.2, 0)
+    assert 0.15 <= len(test) / 128 <= 0.25 and not capsys.readouterr().err  # enough of every class: no warning
