@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import tempfile
@@ -31,11 +32,14 @@ MODEL = ROOT / "busi" / "assets" / "recommended.pth"
 def labelled_folder(sources: list[Path], n: int, root: Path) -> Path:
     """root/<class>/ with n images (and their masks) linked from sources, in turn from each source."""
     pools = []
-    for source in sources:
-        pools.append(sorted(p for p in source.rglob("*.png") if "_mask" not in p.name))
+    for source in sources:  # classes mixed: every size holds each class in about its share of the source
+        pool = sorted(p for p in source.rglob("*.png") if "_mask" not in p.name)
+        random.Random(0).shuffle(pool)
+        pools.append(pool)
     order = [p for group in zip(*[pool * (1 + n // max(1, len(pool))) for pool in pools]) for p in group]
-    for i, image in enumerate(order[:n]):
-        copy = i // sum(map(len, pools))  # 0 for the first pass over every image, then 1, 2 …
+    seen: dict[Path, int] = {}
+    for image in order[:n]:
+        copy = seen[image] = seen.get(image, -1) + 1  # 0 the first time an image is linked, then 1, 2 …
         folder = root / image.parent.name
         folder.mkdir(parents=True, exist_ok=True)
         stem = image.stem if copy == 0 else f"{image.stem} copy{copy}"

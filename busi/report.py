@@ -132,7 +132,7 @@ def lead(m: dict, data: str | None = None) -> list[str]:
             + ", ".join(f"{n} {c}" for c, n in counts.items()) + ")."]
     op = m.get("operating_point")
     if op:
-        said.append(f"Decision rule: {op['rule']}")
+        said.append(f"Decision rule: {op['rule'].rstrip('.')}.")
         confusion = op["confusion_matrix"]
         if "malignant" in counts:
             k = classes.index("malignant")

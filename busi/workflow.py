@@ -248,7 +248,8 @@ def run_train(cfg: RunConfig, out: str | Path | None = None, overwrite: bool = F
         print(f"busi: {len(paths)} images: {len(train_idx)} train ({per_class(train_idx)})"
               + (f", {len(val_idx)} validation ({per_class(val_idx)})" if len(val_idx) else "")
               + (f", {len(test_idx)} test ({per_class(test_idx)})" if len(test_idx) else "")
-              + f"; {'grouped by patient and near-duplicates' if grouped else 'random'} split, seed {cfg.seed}",
+              + f"; {'grouped split (a patient and near-duplicates on one side)' if grouped else 'random split'}, "
+              f"seed {cfg.seed}",
               file=sys.stderr)
 
     if main:

@@ -458,3 +458,55 @@ def test_evaluate_finds_copies_of_training_images_by_fingerprint_when_the_folder
     assert overlap["checked"] and overlap["training_data"] == "fingerprints" and "fingerprints" in overlap["method"]
     assert overlap["n_with_near_duplicate_in_training"] == 30
     assert "30 image(s) are copies or near-copies of images the model trained on" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(trained, tmp_path_factory):
+    """The bad inputs a hospital's first afternoon brings: one-class folders, CSVs empty, with the wrong columns or
+    naming other images, and checkpoints that are not busi's."""
+    import shutil
+    data, out = trained
+    root = tmp_path_factory.mktemp("bad")
+    cases = {}
+    for c in ("benign", "malignant", "normal"):
+        shutil.copytree(data / c, root / f"only-{c}" / c)
+        cases[f"only {c}"] = (root / f"only-{c}", None)
+    (root / "empty.csv").write_text("")
+    (root / "columns.csv").write_text("Name,Who\nbenign (1),p1\n")
+    (root / "others.csv").write_text("ID,Patient\n" + "".join(f"scan {i},p{i}\n" for i in range(20)))
+    for name in ("empty", "columns", "others"):
+        cases[f"{name} CSV"] = (data, root / f"{name}.csv")
+    torch.save({"weights": torch.zeros(3)}, root / "foreign.pth")
+    (root / "text.pth").write_text("not a checkpoint")
+    return out / "custom-cnn" / "checkpoint.pth", cases, [root / "foreign.pth", root / "text.pth"]
+
+
+@pytest.mark.parametrize("command", ["calibrate", "finetune", "adapt", "evaluate", "predict"])
+def test_a_sweep_of_bad_inputs_gets_one_line_each_never_a_traceback(bad_inputs, tmp_path, capsys, command):
+    ckpt, cases, foreign = bad_inputs
+    runs = []
+    for name, (folder, csv_file) in cases.items():
+        args = [command, "--checkpoint", str(ckpt)]
+        args += [str(folder)] if command == "predict" else ["--data", str(folder)]
+        if csv_file is not None:
+            if command in ("adapt", "predict"):
+                continue  # they read no CSV
+            args += ["--meta", str(csv_file), "--patient-column", "Patient"]
+        if command not in ("predict",):
+            args += ["--out", str(tmp_path / name.replace(" ", "-")), "--no-progress"]
+        if command == "finetune":
+            args += ["--epochs", "1"]
+        runs.append((name, args))
+    for path in foreign:
+        args = [command, "--checkpoint", str(path)]
+        runs.append((path.name, args + ([str(cases["only benign"][0])] if command == "predict"
+                                        else ["--data", str(cases["only benign"][0])])))
+    for name, args in runs:
+        code = main(args)  # an exception other than BusiError would escape here, with its traceback
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, name
+        if code == 2:
+            errors = [line for line in err.splitlines() if line.startswith("busi: error:")]
+            assert len(errors) == 1, (name, err)
+            folder = tmp_path / name.replace(" ", "-")
+            assert not folder.exists() or not any(folder.iterdir()), f"{name}: a failed run left {folder}"
