@@ -92,6 +92,39 @@ def test_every_encoding_reads_to_the_pixels_it_was_made_from(tmp_path, scan_rgb,
         assert any("16-bit" in n for n in notes)
 
 
+def test_jpeg_baseline_in_ybr_and_palette_colour_read_as_rgb(tmp_path, scan_rgb):
+    """A scanner's lossy JPEG (YBR_FULL_422, as most write it) within JPEG's tolerance; a palette-colour image exactly."""
+    import io
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+    colour = scan_rgb.copy()
+    colour[10:30, 10:60] = (200, 40, 40)  # a red marker: the colour must come back as colour
+    path = write_dicom(tmp_path / "jpeg.dcm", colour, "RGB")
+    ds = dcmread(path)
+    buffer = io.BytesIO()
+    Image.fromarray(colour).save(buffer, format="JPEG", quality=95, subsampling=2)  # 4:2:0, as PIL writes YCbCr
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.PhotometricInterpretation, ds.file_meta.TransferSyntaxUID = "YBR_FULL_422", JPEGBaseline8Bit
+    ds.save_as(path, enforce_file_format=True)
+    read = read_image(path).astype(int)
+    assert np.abs(read - colour.astype(int)).mean() < 3 and read[20, 30, 0] > read[20, 30, 1] + 100
+
+    palette = write_dicom(tmp_path / "palette.dcm", scan_rgb, "MONOCHROME2")
+    ds = dcmread(palette)
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    lut = np.arange(256, dtype=np.uint16) * 257  # grey ramp in 16-bit entries, red channel reversed
+    for name, values in (("Red", lut[::-1]), ("Green", lut), ("Blue", lut)):
+        setattr(ds, f"{name}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(ds, f"{name}PaletteColorLookupTableData", values.astype("<u2").tobytes())
+        ds[f"{name}PaletteColorLookupTableDescriptor"].VR = "US"
+        ds[f"{name}PaletteColorLookupTableData"].VR = "OW"
+    ds.save_as(palette, enforce_file_format=True)
+    read = read_image(palette)
+    assert np.array_equal(read[..., 1], scan_rgb[..., 0]) and np.array_equal(read[..., 0], 255 - scan_rgb[..., 0])
+
+
 def test_a_folder_of_dicoms_is_scanned_and_bad_ones_are_one_line(tmp_path, scan_rgb):
     for cls in ("benign", "malignant"):
         (tmp_path / "data" / cls).mkdir(parents=True)
