@@ -140,25 +140,29 @@ def load(dataset: Dataset, image_size: int, progress: bool = True, steps=(), geo
         except BusiError as e:
             return None, str(e), notes
 
+    # each image goes straight into its row: one copy of the folder in memory, not a list, a stack and a transpose
+    images = torch.empty(len(dataset.samples), 3, image_size, image_size, dtype=torch.uint8)
+    kept, rows, skipped, unusual = [], [], dict(dataset.skipped), {}
     with ThreadPoolExecutor(max_workers=4) as pool:  # PIL releases the GIL while decoding and resizing
-        results = list(tqdm(pool.map(decode, dataset.samples), total=len(dataset.samples), desc="decoding images",
-                            disable=not progress, leave=False))
-    kept, arrays, skipped, unusual = [], [], dict(dataset.skipped), {}
-    for sample, (arr, err, notes) in zip(dataset.samples, results):
-        for note in notes:
-            unusual.setdefault(note, []).append(sample.path)
-        if err is None:
-            kept.append(sample)
-            arrays.append(arr)
-        else:
-            skipped[sample.path] = err
-            warn(f"skipping {err}")
+        results = tqdm(pool.map(decode, dataset.samples), total=len(dataset.samples), desc="decoding images",
+                       disable=not progress, leave=False)
+        for i, (sample, (arr, err, notes)) in enumerate(zip(dataset.samples, results)):
+            for note in notes:
+                unusual.setdefault(note, []).append(sample.path)
+            if err is None:
+                kept.append(sample)
+                rows.append(i)
+                images[i] = torch.from_numpy(arr).permute(2, 0, 1)
+            else:
+                skipped[sample.path] = err
+                warn(f"skipping {err}")
     for note, paths in unusual.items():  # one line per kind, not one per image
         more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
         warn(f"{len(paths)} image(s) {note}: {', '.join(paths[:3])}{more}")
     if not kept:
         raise BusiError(f"{dataset.root}: none of the images could be read")
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    if len(rows) < len(images):
+        images = images[rows]
     labels = torch.tensor([s.label for s in kept], dtype=torch.int64)
     return images, labels, dataset.with_samples(kept, skipped)
 
