@@ -120,9 +120,7 @@ def lesion_threshold_here(lesion_scores: torch.Tensor, labels: torch.Tensor, cla
                           before: dict, where: str) -> dict:
     """The lesion-first rule's lesion threshold re-set on these images: the score that finds lesion_recall of their
     lesions (benign and malignant images); the stored one is kept, and said so, with fewer than MIN_POSITIVES lesions."""
-    import math
-
-    from .operating import MIN_POSITIVES, threshold_for_recall
+    from .operating import MIN_POSITIVES, rounded_down, threshold_for_recall
     lesion_recall = lesion_recall or before.get("lesion_recall", 0.95)
     lesion = torch.zeros(len(labels), dtype=torch.bool)
     for name in ("benign", "malignant"):
@@ -133,7 +131,7 @@ def lesion_threshold_here(lesion_scores: torch.Tensor, labels: torch.Tensor, cla
              f"{before['lesion_threshold']:.3f} is kept from {before.get('fitted_where', 'the parent model')}")
         return {"lesion_threshold": before["lesion_threshold"],
                 "lesion_threshold_from": before.get("fitted_where", "the parent model")}
-    t_l = math.floor(threshold_for_recall(lesion_scores[lesion], lesion_recall) * 1e6) / 1e6
+    t_l = rounded_down(threshold_for_recall(lesion_scores[lesion], lesion_recall))
     return {"lesion_threshold": t_l, "lesion_recall": lesion_recall, "fitted_on_lesions": int(lesion.sum()),
             "lesion_threshold_from": f"images of {where}",
             "previous_lesion_threshold": before["lesion_threshold"]}

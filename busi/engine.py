@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, shift
+from . import __version__
 from .errors import BusiError
+from .export import Deployable, onnx_session
 from .models import has_segmenter
 
 ENGINES = ("auto", "torch", "onnx")
@@ -26,35 +27,13 @@ TOLERANCE = 1e-5  # the largest difference in a class probability accepted betwe
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
-class Graph(nn.Module):
-    """uint8 N x 3 x S x S in; out: raw scores (mirrored pass averaged in, as outputs_of does), lesion probabilities
-    (models with a segmenter) and what the classifier's last layer reads on the unmirrored pass (busi.shift)."""
-
-    def __init__(self, model: nn.Module, config: dict):
-        super().__init__()
-        self.model = model.eval()
-        self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1) * 255.0)
-        self.tta = bool(config.get("tta", False))
-        self.segments = has_segmenter(model)
-        self.head = shift._last_layer(model)[1]
-
-    def one(self, x):
-        if not self.segments:
-            return self.model(x), None
-        logits, lesion = self.model.forward_with_lesion(x)
-        return logits, torch.sigmoid(lesion.float())
+class Graph(Deployable):
+    """uint8 N x 3 x S x S in; out: raw scores (mirrored pass averaged in, as outputs_of does), what the classifier's
+    last layer reads on the unmirrored pass (busi.shift) and, for models with a segmenter, lesion probabilities."""
 
     def forward(self, images: torch.Tensor):
-        x = (images.float() - self.mean) / self.std
-        seen = []
-        hook = self.head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
-        logits, lesion = self.one(x)
-        hook.remove()
-        if self.tta:
-            logits_m, lesion_m = self.one(x.flip(-1))
-            logits = (logits + logits_m) / 2
-            lesion = None if lesion is None else (lesion + lesion_m.flip(-1)) / 2
+        seen: list = []
+        logits, lesion = self.passes(images, seen)
         return (logits, seen[0]) if lesion is None else (logits, seen[0], lesion)
 
 
@@ -96,15 +75,11 @@ class OnnxEngine:
     """The checkpoint's Graph as an ONNX Runtime session; exported (and checked) on first use, cached after."""
 
     def __init__(self, checkpoint_path: str | Path, model: nn.Module, config: dict):
-        import onnxruntime as ort
         self.segments = has_segmenter(model)
         path = cached_path(checkpoint_path)
         if not path.is_file():
             _export(Graph(model, config), config, path)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # its warnings about unused initialisers say nothing to a user
-        options.enable_cpu_mem_arena = False  # the arena keeps every batch size's buffers: a gigabyte more, no faster
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(path)
         self.path = path
 
     def run(self, images: torch.Tensor, batch_size: int = 32):
@@ -119,7 +94,6 @@ class OnnxEngine:
 
 def _export(graph: Graph, config: dict, path: Path) -> None:
     """Export, then compare with PyTorch on a batch of random images; nothing is cached unless they agree."""
-    import onnxruntime as ort
     # said even with --no-progress: a minute without output would look like a hang
     print("busi: preparing the model for ONNX Runtime, once for this checkpoint (about a minute on two cores; "
           f"cached in {path.parent}; --engine torch skips it)", file=sys.stderr, flush=True)
@@ -137,7 +111,7 @@ def _export(graph: Graph, config: dict, path: Path) -> None:
             import onnx
             onnx.save(program.model_proto, str(partial))
             expected = graph(example)
-        got = ort.InferenceSession(str(partial), providers=["CPUExecutionProvider"]).run(None, {"images": example.numpy()})
+        got = onnx_session(partial).run(None, {"images": example.numpy()})
         temperature = float(config.get("temperature", 1.0))
         gap = float((torch.softmax(torch.from_numpy(got[0]) / temperature, 1)
                      - torch.softmax(expected[0] / temperature, 1)).abs().max())

@@ -67,6 +67,11 @@ def lesion_given(probs: torch.Tensor, malignant: int, benign: int) -> torch.Tens
     return probs[:, malignant] / (probs[:, malignant] + probs[:, benign]).clamp_min(1e-12)
 
 
+def rounded_down(threshold: float) -> float:
+    """Six decimals, rounded down: the image whose score set a threshold stays at or above it."""
+    return math.floor(threshold * 1e6) / 1e6
+
+
 def threshold_for_recall(values: torch.Tensor, recall: float) -> float:
     """The highest threshold that at least `recall` of values reach."""
     ordered = values.sort(descending=True).values
@@ -94,9 +99,8 @@ def fit_lesion_rule(probs: torch.Tensor, lesion_scores: torch.Tensor, labels: to
         t_m = float(found.min()) if len(found) else 0.0
     else:
         t_m = threshold_for_recall(found, needed / len(found))
-    down = lambda t: math.floor(t * 1e6) / 1e6  # noqa: E731  (rounded down: the image that set it stays above it)
-    return {"rule": LESION_FIRST, "class": POSITIVE, "threshold": down(t_m), "target_recall": malignant_recall,
-            "lesion_threshold": down(t_l), "lesion_recall": lesion_recall, "fitted_on": int(len(labels)),
+    return {"rule": LESION_FIRST, "class": POSITIVE, "threshold": rounded_down(t_m), "target_recall": malignant_recall,
+            "lesion_threshold": rounded_down(t_l), "lesion_recall": lesion_recall, "fitted_on": int(len(labels)),
             "fitted_on_positives": int(malignant.sum()), "fitted_on_lesions": int(lesion.sum()), "fitted_where": where}
 
 
