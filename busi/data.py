@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -121,50 +122,114 @@ def read_mask(paths: list[str | Path] | tuple[str | Path, ...], size: int | None
     return union
 
 
-def load(dataset: Dataset, image_size: int, progress: bool = True, steps=(), geometry: dict | None = None
-         ) -> tuple[torch.Tensor, torch.Tensor, Dataset]:
-    """Decode, preprocess and resize every image once into memory: (uint8 Nx3xSxS, int64 labels, the dataset minus
-    failures). geometry, a dict, receives per image path how the steps cut it (for load_masks, which then need not
-    decode the images again).
+def _decode(dataset: Dataset, sample: Sample, image_size: int, steps, geometry: dict | None):
+    """(HxWx3 uint8 array or None, the error or None, notes on what was unusual about it)."""
+    notes: list[str] = []
+    try:
+        cut = {} if geometry is not None else None
+        image = read_image(dataset.file(sample), image_size, notes, steps, cut)
+        if cut:  # steps that cut or padded it
+            geometry[sample.path] = cut
+        return image, None, notes
+    except BusiError as e:
+        return None, str(e), notes
 
-    Unreadable images are dropped with a warning that names them, and recorded in the dataset's `skipped`.
-    """
-    def decode(sample: Sample):
-        notes: list[str] = []
-        try:
-            cut = {} if geometry is not None else None
-            image = read_image(dataset.file(sample), image_size, notes, steps, cut)
-            if cut:  # steps that cut or padded it
-                geometry[sample.path] = cut
-            return image, None, notes
-        except BusiError as e:
-            return None, str(e), notes
 
-    # each image goes straight into its row: one copy of the folder in memory, not a list, a stack and a transpose
-    images = torch.empty(len(dataset.samples), 3, image_size, image_size, dtype=torch.uint8)
-    kept, rows, skipped, unusual = [], [], dict(dataset.skipped), {}
-    with ThreadPoolExecutor(max_workers=4) as pool:  # PIL releases the GIL while decoding and resizing
-        results = tqdm(pool.map(decode, dataset.samples), total=len(dataset.samples), desc="decoding images",
-                       disable=not progress, leave=False)
-        for i, (sample, (arr, err, notes)) in enumerate(zip(dataset.samples, results)):
-            for note in notes:
-                unusual.setdefault(note, []).append(sample.path)
-            if err is None:
-                kept.append(sample)
-                rows.append(i)
-                images[i] = torch.from_numpy(arr).permute(2, 0, 1)
-            else:
-                skipped[sample.path] = err
-                warn(f"skipping {err}")
+def batches(dataset: Dataset, image_size: int, batch_size: int = 32, steps=(), geometry: dict | None = None,
+            skipped: dict | None = None, progress: bool = True, desc: str = "decoding images"):
+    """Yield (uint8 Bx3xSxS images, int64 labels, their samples) batch by batch, decoded by threads a batch or two
+    ahead of the caller (who runs the network meanwhile), so a folder of any size holds only a few batches in memory.
+
+    Unreadable images are left out with a warning that names them, and recorded in skipped; unusual ones (grayscale,
+    16-bit, upscaled) get one line per kind at the end. geometry, a dict, receives per image path how the steps cut it
+    (for load_masks, which then need not decode the images again)."""
+    skipped = {} if skipped is None else skipped
+    unusual: dict[str, list[str]] = {}
+    ahead = deque()
+    samples = iter(dataset.samples)
+    bar = tqdm(total=len(dataset.samples), desc=desc, disable=not progress, leave=False)
+    with ThreadPoolExecutor(max_workers=4) as pool:  # PIL and OpenCV release the GIL while decoding and cleaning
+        def refill():
+            while len(ahead) < 2 * batch_size and (sample := next(samples, None)) is not None:
+                ahead.append((sample, pool.submit(_decode, dataset, sample, image_size, steps, geometry)))
+        refill()
+        while ahead:
+            rows, kept = [], []
+            while ahead and len(rows) < batch_size:
+                sample, future = ahead.popleft()
+                arr, err, notes = future.result()
+                refill()
+                bar.update()
+                for note in notes:
+                    unusual.setdefault(note, []).append(sample.path)
+                if err is None:
+                    rows.append(torch.from_numpy(arr).permute(2, 0, 1))
+                    kept.append(sample)
+                else:
+                    skipped[sample.path] = err
+                    warn(f"skipping {err}")
+            if kept:
+                yield torch.stack(rows), torch.tensor([s.label for s in kept], dtype=torch.int64), kept
+    bar.close()
     for note, paths in unusual.items():  # one line per kind, not one per image
         more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
         warn(f"{len(paths)} image(s) {note}: {', '.join(paths[:3])}{more}")
+
+
+def load(dataset: Dataset, image_size: int, progress: bool = True, steps=(), geometry: dict | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor, Dataset]:
+    """Decode, preprocess and resize every image once into memory (for training, which needs them all): (uint8
+    Nx3xSxS, int64 labels, the dataset minus failures). geometry: as for batches.
+
+    Unreadable images are dropped with a warning that names them, and recorded in the dataset's `skipped`.
+    """
+    # each batch goes straight into its rows: one copy of the folder in memory, not a list, a stack and a transpose
+    images = torch.empty(len(dataset.samples), 3, image_size, image_size, dtype=torch.uint8)
+    kept, skipped, n = [], dict(dataset.skipped), 0
+    for part, _, samples in batches(dataset, image_size, 64, steps, geometry, skipped, progress):
+        images[n:n + len(part)] = part
+        n += len(part)
+        kept += samples
     if not kept:
         raise BusiError(f"{dataset.root}: none of the images could be read")
-    if len(rows) < len(images):
-        images = images[rows]
     labels = torch.tensor([s.label for s in kept], dtype=torch.int64)
-    return images, labels, dataset.with_samples(kept, skipped)
+    return images[:n], labels, dataset.with_samples(kept, skipped)
+
+
+class Rows:
+    """Rows of a per-image tensor made only when asked for (a gallery's few images read again from their folder)
+    instead of a whole folder held in memory; indexed as that tensor would be: an int, a list of ints, (int, ...)."""
+
+    def __init__(self, n: int, make):
+        self.n, self.make, self.made = n, make, {}  # make: list of row numbers -> tensor of those rows
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index):
+        if isinstance(index, tuple):
+            return self[index[0]][index[1:]]
+        if not isinstance(index, (list, tuple, range)):
+            return self[[int(index)]][0]
+        wanted = [int(i) for i in index if int(i) not in self.made]
+        if wanted:
+            self.made.update(zip(wanted, self.make(wanted)))
+        return torch.stack([self.made[int(i)] for i in index]) if len(index) else torch.empty(0)
+
+
+def reread(dataset: Dataset, image_size: int, steps=()) -> Rows:
+    """The dataset's images as Rows, decoded again when asked for (every one was readable once: an image that has
+    become unreadable since is a one-line error)."""
+    def one(i: int) -> torch.Tensor:
+        arr, err, _ = _decode(dataset, dataset.samples[i], image_size, steps, None)
+        if err is not None:
+            raise BusiError(f"{err} (it was readable a moment ago)")
+        return torch.from_numpy(arr).permute(2, 0, 1)
+
+    def make(rows: list[int]) -> torch.Tensor:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            return torch.stack(list(pool.map(one, rows)))
+    return Rows(len(dataset.samples), make)
 
 
 MASK_USABLE = ("lesion", "empty")
@@ -179,10 +244,11 @@ def mask_status_counts(status: list[str]) -> dict[str, int]:
     return {k: status.count(k) for k in MASK_STATUSES}
 
 
-def load_masks(dataset: Dataset, image_size: int, steps=(), geometry: dict | None = None
+def load_masks(dataset: Dataset, image_size: int, steps=(), geometry: dict | None = None, report: bool = True
                ) -> tuple[torch.Tensor, list[str]]:
     """(uint8 Nx1xSxS lesion masks, cropped as the images are when steps crop them; a status per image). geometry:
-    what load recorded of each image's crop (else the images are decoded again to find it).
+    what load recorded of each image's crop (else the images are decoded again to find it). report: warn about unusable
+    masks here (else the caller does, with report_mask_problems, once for all its batches).
 
     Status: 'lesion', 'empty' (all black, as for normal images), 'missing' (no mask file), 'size_mismatch'
     (mask and image differ in size, so it cannot be trusted to line up) or 'unreadable'. Only the first two
@@ -228,13 +294,19 @@ def load_masks(dataset: Dataset, image_size: int, steps=(), geometry: dict | Non
             status.append(kind)
             if union is not None:
                 masks[i, 0] = torch.from_numpy(union.astype(np.uint8))
+    if report:
+        report_mask_problems(dataset.samples, status)
+    return masks, status
+
+
+def report_mask_problems(samples: list[Sample], status: list[str]) -> None:
+    """One line per kind of unusable mask, naming the files."""
     for kind, problem in MASK_PROBLEMS.items():  # one line per kind, naming the files; their images still classify
-        named = [sample.mask_paths[0] for sample, st in zip(dataset.samples, status) if st == kind]
+        named = [sample.mask_paths[0] for sample, st in zip(samples, status) if st == kind]
         if named:
             more = f" and {len(named) - 3} more" if len(named) > 3 else ""
             warn(f"{len(named)} lesion mask(s) {problem}, not used (their images still are): "
                  f"{', '.join(map(str, named[:3]))}{more}")
-    return masks, status
 
 
 def warn(message: str) -> None:

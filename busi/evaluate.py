@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 
 
+import torch
+
 from . import __version__, shift
-from .data import Dataset, load, load_masks, scan
+from .data import Dataset, Rows, batches, load_masks, report_mask_problems, reread, scan
 from .errors import BusiError
 from .folders import scan_sources
 from .inference import LoadedModel
+from .lesion import dice_iou
 from .runs import run_dir
 
 
@@ -76,25 +79,22 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     # labels re-numbered in the model's class order, so every figure speaks of the model's classes
     dataset, absent = relabel(scan(data), config["classes"], str(checkpoint_path))
     folder = run_dir(out, f"evaluate-{config['arch']}", overwrite)
-    steps = config.get("preprocess", ())
-    geometry: dict = {}
-    images, labels, dataset = load(dataset, config["image_size"], progress, steps, geometry)
-    masks, status = load_masks(dataset, config["image_size"], steps, geometry)
+    loaded.use_engine(engine, len(dataset.samples))
+    seen = _stream(loaded, dataset, progress)
+    dataset, labels, status = seen["dataset"], seen["labels"], seen["mask_status"]
+    probs, distances, scores = seen["probs"], seen.get("distances"), seen.get("lesion_scores")
     overlap = training_overlap(checkpoint_path, config, dataset, train_data, progress, extras)
-    loaded.use_engine(engine, len(images))
-    said = loaded.run(images)  # once, for every figure below
-    probs, distances = said.probs, said.distances
     lesion = {}
-    if said.lesion_maps is not None:
-        from .lesion import dice_iou, lesion_figures
-        dice, iou = dice_iou(said.lesion_maps, masks, status)
+    if scores is not None:
+        from .lesion import lesion_figures
         paths = [s.path for s in dataset.samples]
         rows = {}
         if meta and (patient_column or group_column):  # patients for the interval, groups (scanners) for figures
             from .meta import read_meta
             rows, _ = read_meta(meta, id_column, [c for c in (patient_column, group_column) if c], paths)
         lesion = {"lesion": lesion_figures(
-            said.lesion_scores, dice, iou, status, labels, config["classes"], config.get("operating_point"),
+            scores, seen["lesion_dice"], seen["lesion_iou"], status, labels, config["classes"],
+            config.get("operating_point"),
             patients=[rows.get(p, {}).get(patient_column) or f"image:{p}" for p in paths] if patient_column else None,
             groups=[rows.get(p, {}).get(group_column) or "unknown" for p in paths] if group_column else None)}
     if overlap["checked"] and overlap["near_duplicates"]:
@@ -121,9 +121,44 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
              "rule_fitted_where": (config.get("operating_point") or {}).get("fitted_where"),
              "model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped,
              "training_overlap": overlap, **lesion, **figures(probs, config, labels, dataset, meta, id_column,
-                                                              group_column, patient_column, said.lesion_scores)}
+                                                              group_column, patient_column, scores)}
+    # the pictures show a few dozen images: read again then, not kept from the stream
+    size, steps = config["image_size"], config.get("preprocess", ())
+    images = reread(dataset, size, steps)
+    masks = Rows(len(labels), lambda rows: load_masks(dataset.with_samples([dataset.samples[i] for i in rows]), size,
+                                                      steps, seen["geometry"], report=False)[0])
+    maps = None if scores is None else Rows(len(labels), lambda rows: loaded.run(images[rows]).lesion_maps)
     metrics = write_results(folder, model, config, images, labels, [s.path for s in dataset.samples], masks, status, extra,
-                            logits=said.logits, shift_distances=distances, lesion_scores=said.lesion_scores,
-                            lesion_dice=dice if lesion else None, lesion_maps=said.lesion_maps)
+                            logits=seen["logits"], shift_distances=distances, lesion_scores=scores,
+                            lesion_dice=seen.get("lesion_dice"), lesion_maps=maps)
     render(folder)
     return metrics, folder
+
+
+def _stream(loaded: LoadedModel, dataset: Dataset, progress: bool, batch_size: int = 32) -> dict:
+    """The model on every readable image of dataset, a batch at a time (decoding the next batches meanwhile), keeping
+    per image only what the figures need: labels, logits, probabilities, distances, lesion scores, Dice and IoU, the
+    mask's status and where the scan crop cut it (a few numbers). No image, mask or map is kept: memory stays flat
+    however large the folder."""
+    config = loaded.config
+    size, steps = config["image_size"], config.get("preprocess", ())
+    geometry: dict = {}
+    skipped, kept, status = dict(dataset.skipped), [], []
+    parts: dict[str, list] = {}
+    for images, labels, samples in batches(dataset, size, batch_size, steps, geometry, skipped, progress, "evaluating"):
+        masks, batch_status = load_masks(dataset.with_samples(samples), size, steps, geometry, report=False)
+        said = loaded.run(images)
+        found = {"labels": labels, "logits": said.logits, "probs": said.probs, "distances": said.distances,
+                 "lesion_scores": said.lesion_scores}
+        if said.lesion_maps is not None:
+            found["lesion_dice"], found["lesion_iou"] = dice_iou(said.lesion_maps, masks, batch_status)
+        for key, value in found.items():
+            if value is not None:
+                parts.setdefault(key, []).append(value)
+        kept += samples
+        status += batch_status
+    if not kept:
+        raise BusiError(f"{dataset.root}: none of the images could be read")
+    dataset = dataset.with_samples(kept, skipped)
+    report_mask_problems(dataset.samples, status)
+    return {"dataset": dataset, "mask_status": status, "geometry": geometry, **{key: torch.cat(value) for key, value in parts.items()}}

@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics.functional.classification import multiclass_roc
 
 from .confidence import ece, nll, reliability_bins
+from .data import Rows
 from .errors import BusiError
 from .metrics import compute_metrics, majority_baseline
 from .operating import decide, describe, metrics_at
@@ -118,6 +119,7 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
     wrong = (predicted != labels).nonzero().flatten().tolist()
     wrong.sort(key=lambda i: -float(confidence[i]))  # most confident mistakes first: the worrying ones
     shown = wrong[:20]
+    images[shown]  # noqa: B018 -- one batch: images may be busi.data.Rows, read again on demand
     gallery([images[i].permute(1, 2, 0).numpy() for i in shown],
             [_caption(paths[i], classes, labels[i], predicted[i], float(confidence[i])) for i in shown],
             folder / "misclassified.png", f"Misclassified, {rule}: the {len(shown)} most confident of {len(wrong)}")
@@ -129,10 +131,13 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
         try:
             against = None
             if lesion_maps is not None and not any(st == "lesion" for st in (mask_status or [])):
-                # no expert masks here: the model's own outlines say whether its heatmap looked at the lesion it found
-                masks = (torch.nn.functional.interpolate(lesion_maps.float(), size=images.shape[-2:], mode="bilinear")
-                         >= LESION_LEVEL).to(torch.uint8)
-                mask_status = ["lesion" if m.any() else "empty" for m in masks]
+                # no expert masks here: the model's own outlines (where it found a lesion) say whether its heatmap
+                # looked at the lesion it found; made only for the images the figure samples
+                size = config["image_size"]
+                maps = lesion_maps
+                masks = Rows(len(labels), lambda rows: (torch.nn.functional.interpolate(
+                    maps[rows].float(), size=(size, size), mode="bilinear") >= LESION_LEVEL).to(torch.uint8))
+                mask_status = ["lesion" if float(s) >= LESION_LEVEL else "empty" for s in lesion_scores]
                 against = "the model's own lesion outlines (no expert masks in this folder)"
             _explain(folder, model, config, images, labels, predicted, confidence, paths, masks, mask_status, metrics,
                      rule)
@@ -152,6 +157,9 @@ def _lesion_gallery(folder, images, labels, predicted, paths, classes, maps, dic
     by_dice = sorted(known, key=lambda i: float(dice[i]))
     normal = [i for i in range(len(labels)) if "normal" in classes and int(labels[i]) == classes.index("normal")]
     chosen = list(dict.fromkeys(by_dice[:6] + by_dice[::-1][:6] + normal[:3])) or list(range(min(12, len(labels))))
+    maps[chosen], images[chosen]  # noqa: B018 -- one batch each (busi.data.Rows): not a model pass per image
+    if masks is not None and known:
+        masks[[i for i in chosen if i in known]]  # noqa: B018
     drawn, captions = [], []
     for i in chosen:
         mask = masks[i, 0].numpy().astype(bool) if masks is not None and i in known else None
@@ -183,6 +191,7 @@ def _explain(folder, model, config, images, labels, predicted, confidence, paths
                                     f"{len(wrong[:GALLERY_SIZE])} wrong",
             colors=["darkgreen"] * len(right[:GALLERY_SIZE]) + ["darkred"] * len(wrong[:GALLERY_SIZE]))
     if masks is not None and mask_status is not None:
+        masks[with_lesion]  # noqa: B018 -- one batch (busi.data.Rows)
         metrics["localization"] = summarize_localization(
             np.stack([heat[i] for i in with_lesion]) if with_lesion else np.zeros((0, 1, 1)),
             [masks[i, 0].numpy().astype(bool) for i in with_lesion], [int(labels[i]) for i in with_lesion],

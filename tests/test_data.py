@@ -117,6 +117,24 @@ def test_mask_status_counts_every_case(kaggle_folder):
     assert masks[[i for i, s in enumerate(status) if s != "lesion"]].sum() == 0
 
 
+def test_batches_stream_what_load_holds_and_rows_read_again_on_demand(kaggle_folder, capsys):
+    from busi.data import Rows, batches, reread
+    (kaggle_folder / "benign" / "benign (2).png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    images, labels, kept = load(scan(kaggle_folder), 32, progress=False)
+    capsys.readouterr()
+    skipped = {}
+    parts = list(batches(scan(kaggle_folder), 32, batch_size=5, skipped=skipped, progress=False))
+    assert all(len(p[0]) <= 5 for p in parts) and "benign/benign (2).png" in skipped
+    assert capsys.readouterr().err.count("benign (2).png") == 1  # one warning, not one per batch
+    assert torch.equal(torch.cat([p[0] for p in parts]), images) and torch.equal(torch.cat([p[1] for p in parts]), labels)
+    again = reread(kept, 32)
+    assert len(again) == len(images) and torch.equal(again[[3, 0]], images[[3, 0]])
+    assert torch.equal(again[3], images[3]) and torch.equal(again[0, 1], images[0, 1])
+    made = []
+    rows = Rows(4, lambda idx: made.append(idx) or torch.tensor(idx))
+    assert rows[[2, 1]].tolist() == [2, 1] and rows[2].item() == 2 and made == [[2, 1]]  # each row made once
+
+
 def test_pointing_one_folder_too_high_gets_a_hint(kaggle_folder):
     with pytest.raises(BusiError, match="did you mean --data .*Dataset_BUSI_with_GT"):
         scan(kaggle_folder.parent)

@@ -291,3 +291,30 @@ def test_dice_interval_resamples_patients_and_figures_come_per_scanner():
     assert out["per_group"]["Toshiba"]["normal_vs_lesion_auroc"] == 1.0 and out["lesions_found"] == 1.0
     few = lesion_figures(scores[:6], dice[:6], dice[:6], status[:6], labels[:6], CLASSES, patients=patients[:6])
     assert few["dice_ci"] is None and few["dice_ci_method"].startswith("too few: 3 patients")
+
+
+def test_evaluate_streams_the_folder_in_batches_to_the_same_figures(lesion_model):
+    """evaluate keeps no image, mask or map of the folder: batch by batch it must say what one pass over all says."""
+    from busi.data import load, load_masks, scan
+    from busi.evaluate import _stream
+    from busi.inference import LoadedModel
+    from busi.lesion import dice_iou
+    data, ckpt, _ = lesion_model
+    loaded = LoadedModel(ckpt)
+    (data / "benign" / "benign (2).png").rename(data / "benign.bak")  # a mask left without its image
+    (data / "benign" / "benign (2).png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    try:
+        streamed = _stream(loaded, scan(data), progress=False, batch_size=4)
+        steps = loaded.config.get("preprocess", ())
+        images, labels, dataset = load(scan(data), loaded.config["image_size"], False, steps)
+        masks, status = load_masks(dataset, loaded.config["image_size"], steps)
+    finally:
+        (data / "benign.bak").replace(data / "benign" / "benign (2).png")
+    whole = loaded.run(images)
+    dice, _ = dice_iou(whole.lesion_maps, masks, status)
+    assert [s.path for s in streamed["dataset"].samples] == [s.path for s in dataset.samples]
+    assert "benign/benign (2).png" in streamed["dataset"].skipped and streamed["mask_status"] == status
+    assert torch.equal(streamed["labels"], labels)
+    assert torch.allclose(streamed["probs"], whole.probs, atol=1e-5)
+    assert torch.allclose(streamed["lesion_scores"], whole.lesion_scores, atol=1e-3)
+    assert torch.allclose(streamed["lesion_dice"], dice, atol=1e-3, equal_nan=True)
