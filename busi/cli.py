@@ -137,10 +137,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--explain", action="store_true", help="also write a Grad-CAM overlay per image into --out")
     p.add_argument("--out", help="folder for --explain overlays (default: runs/<timestamp>-predict)")
+    p.add_argument("--dicom-out", metavar="DIR", help="also write, per DICOM image, a DICOM Structured Report of the "
+                   "result and a Segmentation of the lesion outlined, filed in the image's study (for its viewer or "
+                   "PACS)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto", help="what runs the network: "
                    "auto (ONNX Runtime where installed, once this checkpoint's export is cached or for 500 images or "
                    "more: the export takes a minute, once), torch or onnx")
+
+    p = sub.add_parser("pacs", help="classify a PACS's ultrasound images over DICOMweb and store each result back "
+                                    "in its study (Structured Report and Segmentation)")
+    p.add_argument("--url", required=True, help="the PACS's DICOMweb root (Orthanc: http://HOST:8042/dicom-web)")
+    p.add_argument("--study", action="append", metavar="STUDY_UID", help="only this study (repeatable; default: every "
+                                                                          "ultrasound study)")
+    p.add_argument("--since", metavar="YYYYMMDD", help="only studies from this date on")
+    p.add_argument("--checkpoint", help="checkpoint.pth (default: the bundled model, see `busi model`)")
+    p.add_argument("--user", help="user name, where the PACS asks for one")
+    p.add_argument("--password", help="its password (or set BUSI_PACS_PASSWORD)")
+    p.add_argument("--out", help="run folder for pacs.csv (default: runs/<timestamp>-pacs)")
+    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out folder")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto", help="what runs the network")
 
     p = sub.add_parser("serve", help="a local web page to try a checkpoint (needs: pip install -e \".[app]\")")
     p.add_argument("--checkpoint", help="checkpoint.pth (default: the bundled model, see `busi model`)")
@@ -328,6 +345,16 @@ def _check_before_imports(args):
             check_columns(args.meta, [args.id_column, args.patient_column, getattr(args, "group_column", None)])
     if args.command == "audit":
         scan(args.data, args.classes)
+    if args.command == "pacs":
+        import re
+        if not re.match(r"https?://[^/]+", args.url):
+            raise BusiError(f"{args.url}: --url takes the PACS's DICOMweb root, e.g. http://HOST:8042/dicom-web")
+        if args.since and not re.fullmatch(r"\d{8}", args.since):
+            raise BusiError(f"--since {args.since}: a date as YYYYMMDD, e.g. 20261201")
+        import os
+        from .pacs import Archive
+        args.password = args.password or os.environ.get("BUSI_PACS_PASSWORD")
+        Archive(args.url, args.user, args.password).probe()
     if args.command == "adapt":
         for item in args.data:
             if not Path(item).exists():
@@ -497,6 +524,13 @@ def _predict(args, cfg) -> int | None:
     elif args.out:
         raise BusiError("--out is only used with --explain")
     rows = run_predict(args.checkpoint, args.inputs, explain_dir, progress=args.progress, engine=args.engine)
+    if args.dicom_out:
+        from .dicom_out import write_for_rows
+        from .inference import config_of
+        done = write_for_rows(rows, args.checkpoint, config_of(args.checkpoint), args.dicom_out)
+        print(f"busi: {len(done['files'])} DICOM result file(s) (SR, and SEG where a lesion was outlined) in "
+              f"{args.dicom_out}/" + (f"; {len(done['not_dicom'])} image(s) are not DICOM, so have no study to be "
+                                      "filed in: none for them" if done["not_dicom"] else ""), file=sys.stderr)
     operating_point = operating_point_of(args.checkpoint)
     if operating_point:
         from .operating import describe
@@ -511,7 +545,8 @@ def _predict(args, cfg) -> int | None:
             print("\t".join(["image", "predicted", *classes, *(["lesion (width x depth, depth/width)"] * lesion),
                              *(["unlike training images"] * shifted)]))
             for r in ok:
-                print("\t".join([r["path"], r["predicted"], *[f"{r['probabilities'][c]:.3f}" for c in classes],
+                where = f" (loop: frame {r['frame']} of {r['frames']})" if "frames" in r else ""
+                print("\t".join([r["path"] + where, r["predicted"], *[f"{r['probabilities'][c]:.3f}" for c in classes],
                                  *([_lesion_cell(r["lesion"])] if lesion else []),
                                  *((["yes" if r["outside_training"] else "no"]) if shifted else [])]))
     flagged = [r for r in rows if r.get("outside_training")]
@@ -527,6 +562,19 @@ def _predict(args, cfg) -> int | None:
     if explain_dir is not None:
         print(f"Grad-CAM overlays in {explain_dir}/", file=sys.stderr)
     return 1 if any("error" in r for r in rows) else 0
+
+
+def _pacs(args, cfg) -> int | None:
+    """busi pacs."""
+    from .pacs import run_pacs
+    summary, folder = run_pacs(args.checkpoint, args.url, args.study, args.since, args.out, args.overwrite,
+                               args.progress, args.engine, args.user, args.password)
+    skipped = summary["skipped"]
+    print(f"{summary['classified_and_stored']} image(s) of {summary['studies']} studies classified, their results "
+          f"stored in their studies ({', '.join(f'{n} {c}' for c, n in summary['predicted'].items())}); "
+          f"{skipped['already stored']} had results from this model already, {skipped['not an image']} objects were "
+          f"not images; {summary['failed']} failed (pacs.csv says why). Run folder: {folder}/")
+    return 1 if summary["failed"] else 0
 
 
 def _serve(args, cfg) -> int | None:
@@ -572,7 +620,7 @@ def _report(args, cfg) -> int | None:
 
 COMMANDS = {"finetune": _finetune, "adapt": _adapt, "calibrate": _calibrate, "model": _model, "audit": _audit,
             "train": _train, "cv": _cv, "evaluate": _evaluate, "predict": _predict, "serve": _serve, "export": _export,
-            "report": _report, "split": _split}
+            "report": _report, "split": _split, "pacs": _pacs}
 
 
 if __name__ == "__main__":

@@ -38,30 +38,56 @@ def _read(path: Path, pixels: bool):
                         f"{str(e).splitlines()[0] if str(e) else 'truncated?'})") from None
 
 
-def pixels(path: str | Path, frame: int | None = None, notes: list[str] | None = None) -> np.ndarray:
-    """One frame (default: the middle one of a cine loop) as HxWx3 uint8 RGB: MONOCHROME1 inverted, palette colour
-    and YBR converted, deeper than 8 bits windowed (the file's VOI LUT or window, else its full range)."""
-    from pydicom.pixels import apply_color_lut, apply_voi_lut
-    path = Path(path)
+def _with_pixels(path: Path):
     ds = _read(path, pixels=True)
     if "PixelData" not in ds:
         kind = getattr(ds, "Modality", "") or "object"
         raise BusiError(f"{path}: a DICOM {kind} without pixel data (a report or key-object?): nothing to classify")
+    return ds
+
+
+def _undecodable(path: Path, ds, e: Exception) -> BusiError:
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    name = getattr(syntax, "name", str(syntax))
+    return BusiError(f"{path}: its pixel data ({name}) cannot be decoded here ({str(e).splitlines()[0][:120]}); the "
+                     "plugins busi installs (pylibjpeg, pylibjpeg-libjpeg, -openjpeg, -rle) read JPEG, JPEG-LS, "
+                     "JPEG 2000 and RLE")
+
+
+def pixels(path: str | Path, frame: int | None = None, notes: list[str] | None = None) -> np.ndarray:
+    """One frame (default: the middle one of a cine loop) as HxWx3 uint8 RGB: MONOCHROME1 inverted, palette colour
+    and YBR converted, deeper than 8 bits windowed (the file's VOI LUT or window, else its full range)."""
+    from pydicom.pixels import pixel_array
+    path = Path(path)
+    ds = _with_pixels(path)
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     index = frames // 2 if frame is None else frame
     if not 0 <= index < frames:
         raise BusiError(f"{path}: has {frames} frame(s), no frame {index}")
     try:
-        from pydicom.pixels import pixel_array
         arr = pixel_array(ds, index=index if frames > 1 else None)
     except (NotImplementedError, RuntimeError, ValueError) as e:
-        syntax = ds.file_meta.get("TransferSyntaxUID")
-        name = getattr(syntax, "name", str(syntax))
-        raise BusiError(f"{path}: its pixel data ({name}) cannot be decoded here ({str(e).splitlines()[0][:120]}); the "
-                        "plugins busi installs (pylibjpeg, pylibjpeg-libjpeg, -openjpeg, -rle) read JPEG, JPEG-LS, "
-                        "JPEG 2000 and RLE") from None
+        raise _undecodable(path, ds, e) from None
     if notes is not None and frames > 1:
         notes.append(f"a cine loop: frame {index} of {frames} used")
+    return _rgb8(arr, ds, notes)
+
+
+def frames(path: str | Path):
+    """Every frame of a file, in order, as HxWx3 uint8 RGB (as pixels converts them), one decoded at a time: a loop
+    of hundreds of frames never sits in memory whole."""
+    from pydicom.pixels import iter_pixels
+    path = Path(path)
+    ds = _with_pixels(path)
+    try:
+        for arr in iter_pixels(path):
+            yield _rgb8(arr, ds, None)
+    except (NotImplementedError, RuntimeError, ValueError) as e:
+        raise _undecodable(path, ds, e) from None
+
+
+def _rgb8(arr: np.ndarray, ds, notes: list[str] | None) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut, apply_voi_lut
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
     if photometric == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)

@@ -103,10 +103,14 @@ def run_model(model, config: dict, extras: dict, images: torch.Tensor, engine=No
                 distances)
 
 
+def config_of(model_path: str | Path) -> dict:
+    """The config stored with a checkpoint or an exported model."""
+    return ExportedModel(model_path).config if is_exported(model_path) else checkpoint.read(model_path)["config"]
+
+
 def operating_point_of(model_path: str | Path) -> dict | None:
     """The decision threshold stored with a checkpoint or an exported model (None: argmax)."""
-    config = ExportedModel(model_path).config if is_exported(model_path) else checkpoint.read(model_path)["config"]
-    return config.get("operating_point")
+    return config_of(model_path).get("operating_point")
 
 
 def probabilities(logits: torch.Tensor, config: dict) -> torch.Tensor:
@@ -116,6 +120,15 @@ def probabilities(logits: torch.Tensor, config: dict) -> torch.Tensor:
 
 def predict_probs(model, config: dict, images: torch.Tensor) -> torch.Tensor:
     return run_model(model, config, {}, images).probs
+
+
+SEVERITY = ("normal", "benign", "malignant")  # for a loop's most suspicious frame; other class names rank below
+
+
+def _suspicion(row: dict) -> tuple:
+    p = row["probabilities"]
+    return (SEVERITY.index(row["predicted"]) if row["predicted"] in SEVERITY else -1,
+            p.get("malignant", max(p.values())))
 
 
 def shifted(found: dict, origin: list[int]) -> dict:
@@ -148,6 +161,7 @@ class Prepared:
     origin: list
     input: torch.Tensor
     mm_per_pixel: tuple[float, float] | None = None  # (rows, columns), where a DICOM header says it
+    frame: int | None = None  # the frame of a cine loop that was read (from 0)
 
 
 class LoadedModel:
@@ -170,15 +184,53 @@ class LoadedModel:
             raise BusiError(f"{self.path}: {needed_for} needs the checkpoint.pth, not an exported model")
         return self.model, self.config, self.extras
 
-    def prepare(self, path: str | Path) -> Prepared:
-        """Read and clean one file (BusiError naming it when it cannot be read)."""
+    def prepare(self, path: str | Path, image: np.ndarray | None = None, frame: int | None = None) -> Prepared:
+        """Read and clean one file (BusiError naming it when it cannot be read); image: its frame number frame,
+        decoded already (a cine loop's)."""
         origin: list = []
-        original = preprocess.apply(read_image(path), self.config.get("preprocess", ()), origin=origin)
+        original = preprocess.apply(read_image(path) if image is None else image, self.config.get("preprocess", ()),
+                                    origin=origin)
         spacing = None
         if is_dicom_file(Path(path)):
             from .dicom import facts
-            spacing = facts(path)["mm_per_pixel"]
-        return Prepared(str(path), original, origin, model_input(original, self.config["image_size"]), spacing)
+            found = facts(path)
+            spacing = found["mm_per_pixel"]
+            if frame is None and found["frames"] > 1:  # read_image took the middle one
+                frame = found["frames"] // 2
+        return Prepared(str(path), original, origin, model_input(original, self.config["image_size"]), spacing, frame)
+
+    def is_loop(self, path: str | Path) -> bool:
+        if not is_dicom_file(Path(path)):
+            return False
+        from .dicom import facts
+        return facts(path)["frames"] > 1
+
+    def describe_loop(self, path: str | Path, explain: bool = False, batch_size: int = 32) -> dict:
+        """A cine loop's row: every frame scored, in batches as they are decoded, and the loop answered by its most
+        suspicious frame (the most severe decision, then the highest probability of malignancy), whose row it takes
+        with "frame" (from 0), "frames" and how many frames said each class ("frames_said")."""
+        from .dicom import frames
+        said: dict[str, int] = {c: 0 for c in self.classes}
+        best, n, chunk = None, 0, []
+
+        def take(rows):
+            nonlocal best
+            for row in rows:
+                said[row["predicted"]] += 1
+                if best is None or _suspicion(row) > _suspicion(best):
+                    best = row
+        for index, image in enumerate(frames(path)):
+            chunk.append(self.prepare(path, image, index))
+            n += 1
+            if len(chunk) == batch_size:
+                take(self.describe(chunk))
+                chunk = []
+        if chunk:
+            take(self.describe(chunk))
+        if explain:  # Grad-CAM of the frame that answers for the loop only
+            from .dicom import pixels
+            best = self.describe([self.prepare(path, pixels(path, best["frame"]), best["frame"])], explain=True)[0]
+        return {**best, "frames": n, "frames_said": said}
 
     def use_engine(self, engine: str, n_images: int) -> str:
         """Run the network of a checkpoint under ONNX Runtime from now on where engine (busi.engine.choose) says so for
@@ -208,6 +260,8 @@ class LoadedModel:
             k = int(said.predicted[j])
             row = {"path": item.path, "predicted": self.classes[k],
                    "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, said.probs[j])}}
+            if item.frame is not None:
+                row["frame"] = item.frame
             if self.config.get("operating_point"):
                 row["predicted_argmax"] = self.classes[int(said.probs[j].argmax())]
             if said.distances is not None:
@@ -247,7 +301,7 @@ def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_d
         out = []
         for path in files[start:start + batch_size]:
             try:
-                out.append(loaded.prepare(path))
+                out.append(path if loaded.is_loop(path) else loaded.prepare(path))  # a loop: scored on its own
             except BusiError as e:
                 out.append({"path": str(path), "error": str(e)})
         return out
@@ -263,7 +317,13 @@ def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_d
             prepared = [item for item in batch if isinstance(item, Prepared)]
             said = iter(loaded.describe(prepared, explain=explain_dir is not None) if prepared else [])
             for n, item in enumerate(batch, start):
-                row = next(said) if isinstance(item, Prepared) else item
+                if isinstance(item, Path):  # a cine loop: every frame, in batches of its own
+                    try:
+                        row = loaded.describe_loop(item, explain_dir is not None, batch_size)
+                    except BusiError as e:
+                        row = {"path": str(item), "error": str(e)}
+                else:
+                    row = next(said) if isinstance(item, Prepared) else item
                 if explain_dir is not None and "overlay" in row:
                     target = explain_dir / f"{n:04d}-{Path(row['path']).stem}-gradcam.png"
                     Image.fromarray(row.pop("overlay")).save(target)

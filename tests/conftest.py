@@ -76,3 +76,79 @@ def busi_few(tmp_path) -> Path:
     """Six real BUSI images per class."""
     names = {c: [f"{c} ({i}).png" for i in range(1, 7)] for c in CLASSES}
     return copy_busi(tmp_path / "busi_few", names)
+
+
+LESION_RECIPE = {"models": ["efficientnet-lite0"], "image_size": 64, "lesion_size": 64, "mask_weight": 1.0, "epochs": 1,
+                 "batch_size": 8, "test_size": 0.0, "val_size": 0.0, "tta": True, "pretrained": False}
+
+
+@pytest.fixture(scope="session")
+def lesion_model(tmp_path_factory):
+    """A tiny classifier with a lesion segmenter, trained once for every test that needs one: (its data, checkpoint,
+    root folder)."""
+    import yaml
+    from busi.cli import main
+    root = tmp_path_factory.mktemp("lesion")
+    data = make_kaggle_folder(root / "data", per_class=6, size=64)
+    (root / "recipe.yaml").write_text(yaml.safe_dump(LESION_RECIPE))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BUSI_CACHE", str(root / "cache"))
+        assert main(["train", "--config", str(root / "recipe.yaml"), "--data", str(data), "--out", str(root / "run"),
+                     "--no-progress"]) == 0
+    return data, root / "run" / "efficientnet-lite0" / "checkpoint.pth", root
+
+
+PATIENT_NAME, PATIENT_ID, ACCESSION = "Müller^Jürgen", "PAT-123456", "ACC-998877"
+
+
+def write_dicom(path, rgb: np.ndarray, photometric="RGB", syntax=None, frames=1, bits=8, patient_id=PATIENT_ID,
+                region_mm=None, pixels=True, study=None):
+    """A DICOM file of an HxWx3 uint8 image (greyscale photometrics take its first channel), as a scanner writes it."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import (ExplicitVRLittleEndian, UltrasoundImageStorage, UltrasoundMultiFrameImageStorage,
+                             generate_uid)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage if frames > 1 else UltrasoundImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.AccessionNumber, ds.PatientBirthDate = PATIENT_NAME, patient_id, ACCESSION, "19700101"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study or generate_uid(), generate_uid(), "US"
+    ds.Manufacturer, ds.ManufacturerModelName = "Acme", "Sono 9"
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: the name's umlauts
+    if region_mm:
+        from pydicom.sequence import Sequence
+        region = Dataset()
+        region.PhysicalUnitsXDirection = region.PhysicalUnitsYDirection = 3  # cm
+        region.PhysicalDeltaX = region.PhysicalDeltaY = region_mm / 10
+        ds.SequenceOfUltrasoundRegions = Sequence([region])
+    if rgb.ndim == 4:  # a loop of different frames
+        frames = len(rgb)
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID = UltrasoundMultiFrameImageStorage
+    if pixels:
+        grey = photometric.startswith("MONOCHROME")
+        arr = rgb[..., 0] if grey else rgb
+        if bits == 16:
+            arr = arr.astype(np.uint16) * 257
+        if photometric == "MONOCHROME1":
+            arr = (2 ** bits - 1) - arr
+        if frames > 1:
+            arr = arr if rgb.ndim == 4 else np.stack([arr] * frames)
+            ds.NumberOfFrames = frames
+        ds.Rows, ds.Columns = rgb.shape[-3:-1]
+        ds.SamplesPerPixel = 1 if grey else 3
+        ds.PhotometricInterpretation = photometric
+        ds.BitsAllocated = ds.BitsStored = bits
+        ds.HighBit, ds.PixelRepresentation = bits - 1, 0
+        if not grey:
+            ds.PlanarConfiguration = 0
+        ds.PixelData = np.ascontiguousarray(arr).tobytes()
+        if syntax is not None:
+            ds.compress(syntax)
+    else:  # a Structured Report or key object: a DICOM file without an image
+        ds.Modality = "SR"
+        ds.SOPClassUID = meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    ds.save_as(path, enforce_file_format=True)
+    return path

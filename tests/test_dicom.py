@@ -11,58 +11,7 @@ from busi.data import read_image
 from busi.dicom import facts, is_dicom
 from busi.errors import BusiError
 from busi.folders import scan
-
-PATIENT_NAME, PATIENT_ID, ACCESSION = "Müller^Jürgen", "PAT-123456", "ACC-998877"
-
-
-def write_dicom(path, rgb: np.ndarray, photometric="RGB", syntax=None, frames=1, bits=8, patient_id=PATIENT_ID,
-                region_mm=None, pixels=True):
-    """A DICOM file of an HxWx3 uint8 image (greyscale photometrics take its first channel), as a scanner writes it."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import (ExplicitVRLittleEndian, UltrasoundImageStorage, UltrasoundMultiFrameImageStorage,
-                             generate_uid)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage if frames > 1 else UltrasoundImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.AccessionNumber, ds.PatientBirthDate = PATIENT_NAME, patient_id, ACCESSION, "19700101"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "US"
-    ds.Manufacturer, ds.ManufacturerModelName = "Acme", "Sono 9"
-    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: the name's umlauts
-    if region_mm:
-        from pydicom.sequence import Sequence
-        region = Dataset()
-        region.PhysicalUnitsXDirection = region.PhysicalUnitsYDirection = 3  # cm
-        region.PhysicalDeltaX = region.PhysicalDeltaY = region_mm / 10
-        ds.SequenceOfUltrasoundRegions = Sequence([region])
-    if pixels:
-        grey = photometric.startswith("MONOCHROME")
-        arr = rgb[..., 0] if grey else rgb
-        if bits == 16:
-            arr = arr.astype(np.uint16) * 257
-        if photometric == "MONOCHROME1":
-            arr = (2 ** bits - 1) - arr
-        if frames > 1:
-            arr = np.stack([arr] * frames)
-            ds.NumberOfFrames = frames
-        ds.Rows, ds.Columns = rgb.shape[:2]
-        ds.SamplesPerPixel = 1 if grey else 3
-        ds.PhotometricInterpretation = photometric
-        ds.BitsAllocated = ds.BitsStored = bits
-        ds.HighBit, ds.PixelRepresentation = bits - 1, 0
-        if not grey:
-            ds.PlanarConfiguration = 0
-        ds.PixelData = np.ascontiguousarray(arr).tobytes()
-        if syntax is not None:
-            ds.compress(syntax)
-    else:  # a Structured Report or key object: a DICOM file without an image
-        ds.Modality = "SR"
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
+from conftest import ACCESSION, PATIENT_ID, PATIENT_NAME, write_dicom
 
 @pytest.fixture
 def scan_rgb():
@@ -77,6 +26,8 @@ def scan_rgb():
     ("RGB", None, 8, 1), ("MONOCHROME2", None, 8, 1), ("MONOCHROME1", None, 8, 1), ("MONOCHROME2", None, 16, 1),
     ("MONOCHROME2", "1.2.840.10008.1.2.5", 8, 1),  # RLE lossless
     ("MONOCHROME2", "1.2.840.10008.1.2.4.90", 8, 1),  # JPEG 2000 lossless
+    ("MONOCHROME2", "1.2.840.10008.1.2.4.80", 8, 1),  # JPEG-LS lossless (encoded by pyjpegls, read by pylibjpeg)
+    ("MONOCHROME2", "1.2.840.10008.1.2.4.80", 16, 1),  # JPEG-LS, 16-bit
     ("RGB", "1.2.840.10008.1.2.5", 8, 3),  # a cine loop, RLE
 ])
 def test_every_encoding_reads_to_the_pixels_it_was_made_from(tmp_path, scan_rgb, photometric, syntax, bits, frames):
@@ -163,7 +114,7 @@ def test_predict_and_evaluate_on_dicoms_write_no_identifier_anywhere(tmp_path, c
     """Known identifiers (a name in UTF-8 with umlauts, the ID, the accession number) in every file's header; every
     output of predict, its overlays and an evaluate run is searched for them."""
     from conftest import make_kaggle_folder
-    from test_lesion import LESION_RECIPE
+    from conftest import LESION_RECIPE
     import yaml
     png = make_kaggle_folder(tmp_path / "png", per_class=6, size=64)
     data = tmp_path / "dicom"
@@ -200,3 +151,60 @@ def test_predict_and_evaluate_on_dicoms_write_no_identifier_anywhere(tmp_path, c
         content = f.read_bytes()
         assert not any(s in content for s in encodings if s), f"{f} holds a patient identifier"
     assert not any(s in printed for s in secrets)
+
+
+def test_predict_dicom_out_files_a_report_and_a_segmentation_in_the_images_study(lesion_model, tmp_path, capsys):
+    """--dicom-out: per DICOM image an SR (TID 1500) saying what predict said, and a SEG of the outlined lesion that
+    references the image; the same UIDs again on a rerun (a PACS keeps them once); a PNG gets a note, not a file."""
+    import highdicom as hd
+    import pydicom
+    data, ckpt, _ = lesion_model
+    images = sorted(data.rglob("*).png"))[::3]
+    sources = [write_dicom(tmp_path / f"{n}.dcm", np.asarray(Image.open(p).convert("RGB")), "MONOCHROME2",
+                           region_mm=0.2) for n, p in enumerate(images)]
+    args = ["predict", "--checkpoint", str(ckpt), "--json", "--dicom-out", str(tmp_path / "out"),
+            *map(str, sources), str(images[0])]
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    rows = {r["path"]: r for r in json.loads(printed.out)}
+    assert "1 image(s) are not DICOM" in printed.err
+    written = sorted((tmp_path / "out").glob("*.dcm"))
+    reports = [hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(f)) for f in written
+               if pydicom.dcmread(f, stop_before_pixels=True).Modality == "SR"]
+    segs = [hd.seg.segread(f) for f in written if pydicom.dcmread(f, stop_before_pixels=True).Modality == "SEG"]
+    assert len(reports) == len(sources) and len(segs) == sum(bool(rows[str(s)]["lesion"].get("box")) for s in sources)
+    by_image = {pydicom.dcmread(s, stop_before_pixels=True).SOPInstanceUID: str(s) for s in sources}
+    for sr in reports:
+        group = sr.content.get_image_measurement_groups()[0]
+        image_uid = group.source_images[0].referenced_sop_instance_uid
+        row = rows[by_image[image_uid]]
+        said = {e.name.meaning: e.value.meaning for e in group.get_qualitative_evaluations()}
+        assert said["busi decision"] == row["predicted"]
+        probabilities = {m.name.meaning: m.value for m in group.get_measurements()}
+        assert probabilities == pytest.approx({f"probability of {c}": p for c, p in row["probabilities"].items()},
+                                              abs=1e-5)
+        assert sr.StudyInstanceUID == pydicom.dcmread(by_image[image_uid], stop_before_pixels=True).StudyInstanceUID
+    for seg in segs:
+        image_uid = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+        row = rows[by_image[image_uid]]
+        assert int(seg.pixel_array.sum()) == pytest.approx(row["lesion"]["area_px"], rel=0.2)
+    assert main(args) == 0  # again: the same objects, not new ones
+    assert sorted((tmp_path / "out").glob("*.dcm")) == written
+
+
+def test_every_frame_of_a_cine_loop_is_scored_and_the_loop_answered_by_its_most_suspicious(lesion_model, tmp_path,
+                                                                                         capsys):
+    data, ckpt, _ = lesion_model
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(data.rglob("*).png"))[::4]]
+    loop = write_dicom(tmp_path / "loop.dcm", np.stack(images), "MONOCHROME2", region_mm=0.2)
+    singles = [write_dicom(tmp_path / f"frame{n}.dcm", image, "MONOCHROME2", region_mm=0.2)
+               for n, image in enumerate(images)]
+    assert main(["predict", "--checkpoint", str(ckpt), "--json", str(loop), *map(str, singles)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    row, each = rows[0], rows[1:]
+    assert row["frames"] == len(images) and sum(row["frames_said"].values()) == len(images)
+    assert row["frames_said"] == {c: sum(r["predicted"] == c for r in each) for c in row["frames_said"]}
+    twin = each[row["frame"]]  # the frame that answers: as that image alone, and no frame more suspicious
+    assert row["probabilities"] == pytest.approx(twin["probabilities"], abs=1e-5) and row["predicted"] == twin["predicted"]
+    from busi.inference import _suspicion
+    assert all(_suspicion(r) <= _suspicion(twin) for r in each)

@@ -153,22 +153,6 @@ def test_masks_in_every_common_form_are_read(tmp_path, capsys):
     assert len([line for line in err.splitlines() if "lesion mask(s)" in line]) == 2  # one line per kind
 
 
-LESION_RECIPE = {"models": ["efficientnet-lite0"], "image_size": 64, "lesion_size": 64, "mask_weight": 1.0, "epochs": 1,
-                 "batch_size": 8, "test_size": 0.0, "val_size": 0.0, "tta": True, "pretrained": False}
-
-
-@pytest.fixture(scope="module")
-def lesion_model(tmp_path_factory):
-    import yaml
-    from conftest import make_kaggle_folder
-    root = tmp_path_factory.mktemp("lesion")
-    data = make_kaggle_folder(root / "data", per_class=6, size=64)
-    (root / "recipe.yaml").write_text(yaml.safe_dump(LESION_RECIPE))
-    assert main(["train", "--config", str(root / "recipe.yaml"), "--data", str(data), "--out", str(root / "run"),
-                 "--no-progress"]) == 0
-    return data, root / "run" / "efficientnet-lite0" / "checkpoint.pth", root
-
-
 def test_a_lesion_model_saves_and_loads_its_segmenter(lesion_model):
     from busi import checkpoint
     from busi.models import LesionNet

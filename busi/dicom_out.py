@@ -1,0 +1,198 @@
+"""Results as DICOM for the hospital's viewer: per source image a Structured Report (TID 1500 measurement report: the
+class probabilities, the decision and its rule, the model, the shift flag, the lesion outline and its size) and, where
+a lesion was outlined, a Segmentation of it; both filed in the source's study by its UIDs, their own UIDs derived
+from the source and the model so that writing them again makes the same objects (a PACS keeps them once)."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import BusiError
+
+SCHEME = "99BUSI"  # a private coding scheme (DICOM PS3.16 8.2): busi's own concepts, named in plain words
+MANUFACTURER = "busi (open source)"
+
+
+def _code(value: str, meaning: str | None = None):
+    from highdicom.sr import CodedConcept
+    return CodedConcept(value=value[:16], scheme_designator=SCHEME, meaning=(meaning or value)[:64])
+
+
+def model_key(path: str | Path) -> str:
+    """What distinguishes one model's results from another's: the checkpoint's content, hashed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def uid(*parts: str) -> str:
+    """A UID determined by its parts (2.25 form): the same source, kind and model always give the same object."""
+    from pydicom.uid import generate_uid
+    return generate_uid(prefix="2.25.", entropy_srcs=[str(p) for p in parts])  # prefix None would ignore the parts
+
+
+def result_uids(study: str, image: str, model: str) -> dict[str, str]:
+    """The SOP Instance and Series UIDs busi's SR and SEG of an image (its Study and SOP Instance UIDs) get with this
+    model: known before the image is fetched, so a rerun can skip what is stored."""
+    return {"sr": uid(image, "sr", model), "seg": uid(image, "seg", model),
+            "sr_series": uid(study, "sr-series", model), "seg_series": uid(study, "seg-series", model)}
+
+
+def lesion_mask(row: dict, rows: int, columns: int) -> np.ndarray | None:
+    """The outlined lesion of a prediction row as a rows x columns boolean mask of the source frame (None: none)."""
+    import cv2
+    polygon = (row.get("lesion") or {}).get("polygon")
+    if not polygon:
+        return None
+    mask = np.zeros((rows, columns), np.uint8)
+    cv2.fillPoly(mask, [np.asarray(polygon, np.int32)], 1)
+    return mask.astype(bool) if mask.any() else None
+
+
+def segmentation(source, mask: np.ndarray, uids: dict, model_name: str, frame: int | None = None):
+    """A binary DICOM Segmentation of the lesion on source (its frame, for a cine loop), referencing it."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    algorithm = hd.AlgorithmIdentificationSequence(name=f"busi {model_name}", version=__version__,
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    lesion = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="lesion (busi)",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm)
+    frames = int(getattr(source, "NumberOfFrames", 1) or 1)
+    pixel_array = mask[None]
+    if frames > 1:  # a loop: one segmentation frame per source frame, the outlined one alone not empty
+        pixel_array = np.zeros((frames, *mask.shape), bool)
+        pixel_array[frame or 0] = mask
+    return hd.seg.Segmentation(
+        source_images=[source], pixel_array=pixel_array, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[lesion], series_instance_uid=uids["seg_series"], series_number=9701,
+        sop_instance_uid=uids["seg"], instance_number=1, manufacturer=MANUFACTURER,
+        manufacturer_model_name=model_name[:64], software_versions=__version__, device_serial_number="0",
+        series_description="busi lesion outline")
+
+
+def structured_report(source, row: dict, uids: dict, model_name: str, rule: str, seg=None, frame: int | None = None):
+    """A TID 1500 measurement report of one prediction row on source: an image group with the probabilities, the
+    decision, its rule (as the algorithm's parameter) and the shift flag; a region group with the outline and its
+    size in millimetres (or pixels) where a lesion was outlined."""
+    from highdicom.sr import (AlgorithmIdentification, CodedConcept, Comprehensive3DSR, DeviceObserverIdentifyingAttributes,
+                              GraphicTypeValues, ImageRegion, Measurement, MeasurementReport,
+                              MeasurementsAndQualitativeEvaluations, ObservationContext, ObserverContext,
+                              PlanarROIMeasurementsAndQualitativeEvaluations, QualitativeEvaluation,
+                              SourceImageForMeasurementGroup, SourceImageForRegion, TrackingIdentifier)
+    from pydicom.sr.codedict import codes
+    algorithm = AlgorithmIdentification(name=f"busi {model_name}", version=__version__, parameters=[rule[:10240]])
+    frames = [frame + 1] if frame is not None and int(getattr(source, "NumberOfFrames", 1) or 1) > 1 else None
+    unitless = CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
+    image_group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=uid(uids["sr"], "image"), identifier="busi classification"),
+        source_images=[SourceImageForMeasurementGroup.from_source_image(source, referenced_frame_numbers=frames)],
+        algorithm_id=algorithm,
+        measurements=[Measurement(name=_code(f"p_{c}", f"probability of {c}"), value=float(p), unit=unitless,
+                                  algorithm_id=algorithm) for c, p in row["probabilities"].items()],
+        qualitative_evaluations=[
+            QualitativeEvaluation(_code("decision", "busi decision"), _code(row["predicted"])),
+            *([QualitativeEvaluation(_code("outside", "unlike the model's training images"),
+                                     codes.SCT.Yes if row["outside_training"] else codes.SCT.No)]
+              if "outside_training" in row else [])])
+    groups = [image_group]
+    lesion = row.get("lesion") or {}
+    if lesion.get("polygon"):
+        points = np.asarray(lesion["polygon"] + lesion["polygon"][:1], dtype=float)  # closed: ends where it began
+        mm = "width_mm" in lesion
+        unit = codes.UCUM.Millimeter if mm else CodedConcept(value="{pixels}", scheme_designator="UCUM", meaning="pixels")
+        area_unit = codes.UCUM.SquareMillimeter if mm else CodedConcept(value="{pixels}", scheme_designator="UCUM",
+                                                                         meaning="pixels")
+        sizes = [("width", "lesion width", lesion["width_mm" if mm else "width_px"], unit),
+                 ("depth", "lesion depth", lesion["depth_mm" if mm else "depth_px"], unit),
+                 ("area", "lesion area", lesion["area_mm2" if mm else "area_px"], area_unit),
+                 ("score", "lesion score", lesion["score"], unitless)]
+        groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(uid=uid(uids["sr"], "lesion"), identifier="busi lesion"),
+            referenced_region=ImageRegion(graphic_type=GraphicTypeValues.POLYLINE, graphic_data=points,
+                                          source_image=SourceImageForRegion.from_source_image(
+                                              source, referenced_frame_numbers=frames)),
+            finding_type=codes.SCT.Lesion, algorithm_id=algorithm,
+            measurements=[Measurement(name=_code(key, meaning), value=float(value), unit=u, algorithm_id=algorithm)
+                          for key, meaning, value, u in sizes]))
+    observer = ObserverContext(observer_type=codes.DCM.Device,
+                               observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+                                   uid=uid(uids["sr_series"], "device"), name=f"busi {model_name}"[:64],
+                                   manufacturer_name=MANUFACTURER))
+    report = MeasurementReport(observation_context=ObservationContext(observer_device_context=observer),
+                               procedure_reported=_code("breast-us", "ultrasound of the breast"),
+                               imaging_measurements=groups)
+    return Comprehensive3DSR(
+        evidence=[source, *([seg] if seg is not None else [])], content=report, series_instance_uid=uids["sr_series"],
+        series_number=9702, sop_instance_uid=uids["sr"], instance_number=1, manufacturer=MANUFACTURER,
+        series_description="busi classification", is_complete=True, is_final=False, is_verified=False)
+
+
+def results_for(source, row: dict, model: str, model_name: str, rule: str, frame: int | None = None) -> list:
+    """[SEG (where a lesion was outlined), SR] of one prediction row on a source dataset: the SEG first, as the SR
+    cites it."""
+    for needed in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if needed not in source:
+            raise BusiError(f"{getattr(source, 'filename', 'a DICOM image')}: no {needed}; results cannot be filed "
+                            "with its study")
+    source = _with_type2(source)
+    uids = result_uids(source.StudyInstanceUID, source.SOPInstanceUID, model)
+    mask = lesion_mask(row, int(source.Rows), int(source.Columns))
+    seg = segmentation(source, mask, uids, model_name, frame) if mask is not None else None
+    return [*([seg] if seg is not None else []), structured_report(source, row, uids, model_name, rule, seg, frame)]
+
+
+# Patient and study attributes DICOM requires present though they may be empty (type 2): scanners and exports leave
+# some out, and highdicom copies them into what it writes
+TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+         "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _with_type2(source):
+    missing = [k for k in TYPE2 if k not in source]
+    if not missing:
+        return source
+    import copy
+    source = copy.copy(source)  # the caller's dataset stays as read
+    for keyword in missing:
+        setattr(source, keyword, "")
+    return source
+
+
+def write(objects: list, folder: str | Path) -> list[Path]:
+    """Each object as <SOPInstanceUID>.dcm in folder (a name that says nothing about the patient)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for ds in objects:
+        target = folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(target, enforce_file_format=True)
+        written.append(target)
+    return written
+
+
+def write_for_rows(rows: list[dict], checkpoint_path: str | Path, config: dict, folder: str | Path) -> dict:
+    """busi predict --dicom-out: the SR (and SEG) of every prediction row made from a DICOM file, into folder.
+    -> {"files": paths written, "not_dicom": images that are not DICOM (no study to file a result in)}."""
+    import pydicom
+    from .folders import is_dicom_file
+    from .operating import describe
+    model, name = model_key(checkpoint_path), config["arch"]
+    rule = describe(config["operating_point"]) if config.get("operating_point") else "the most probable class"
+    files, not_dicom = [], []
+    for row in rows:
+        if "error" in row:
+            continue
+        if not is_dicom_file(Path(row["path"])):
+            not_dicom.append(row["path"])
+            continue
+        source = pydicom.dcmread(row["path"], stop_before_pixels=True)
+        files += write(results_for(source, row, model, name, rule, row.get("frame")), folder)
+    return {"files": files, "not_dicom": not_dicom}

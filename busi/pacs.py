@@ -1,0 +1,156 @@
+"""busi pacs: the hospital's archive's breast-ultrasound images classified where they are. DICOMweb finds them
+(QIDO-RS), fetches them (WADO-RS) and takes each result back into its study (STOW-RS) as a Structured Report and,
+where a lesion was outlined, a Segmentation (busi.dicom_out). Results have UIDs derived from their source and the
+model, so a run that is stopped and started again skips what is stored and stores nothing twice."""
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from pathlib import Path
+
+from .errors import BusiError
+
+# Image storage SOP classes busi classifies (ultrasound, single and multi-frame, and secondary captures of it);
+# reports, segmentations, presentation states and key objects in the same study are left alone.
+IMAGE_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.6.1": "US Image",
+    "1.2.840.10008.5.1.4.1.1.3.1": "US Multi-frame Image",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image",
+    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture Image",
+}
+SOP_CLASS, SOP_UID, SERIES_UID, STUDY_UID = "00080016", "00080018", "0020000E", "0020000D"
+
+
+def _value(item: dict, tag: str) -> str | None:
+    values = (item.get(tag) or {}).get("Value") or []
+    return str(values[0]) if values else None
+
+
+class Archive:
+    """A PACS's DICOMweb service, every failure a one-line BusiError naming the server and what to do."""
+
+    def __init__(self, url: str, user: str | None = None, password: str | None = None):
+        from dicomweb_client.api import DICOMwebClient
+        from requests import Session
+        session = Session()
+        if user is not None:
+            session.auth = (user, password or "")
+        self.url = url.rstrip("/")
+        self.client = DICOMwebClient(self.url, session=session)
+        # its default retries any failure five times with back-off (30 s before a refused connection is said); a run
+        # that stops is started again instead, and skips what it stored
+        self.client.set_http_retry_params(retry=False)
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        import requests
+        try:
+            return fn(*args, **kwargs)
+        except requests.exceptions.ConnectionError:
+            raise BusiError(f"{self.url}: no DICOMweb server answers there (while trying to {what}); check --url (for "
+                            "Orthanc: http://HOST:8042/dicom-web, with its DICOMweb plugin on) and that it is "
+                            "running") from None
+        except requests.exceptions.HTTPError as e:
+            code = getattr(e.response, "status_code", "?")
+            hint = " (give --user and --password)" if code in (401, 403) else ""
+            raise BusiError(f"{self.url}: refused to {what} (HTTP {code}){hint}") from None
+
+    def probe(self) -> None:
+        """One small query, so that an archive that is down or refuses is said before any model is loaded."""
+        self._call("search for studies", self.client.search_for_studies, limit=1)
+
+    def studies(self, since: str | None = None) -> list[str]:
+        """Study Instance UIDs of the archive's ultrasound studies (since a date, YYYYMMDD, when given)."""
+        filters = {"ModalitiesInStudy": "US", **({"StudyDate": f"{since}-"} if since else {})}
+        found = self._call("search for studies", self.client.search_for_studies, search_filters=filters)
+        return [u for u in (_value(s, STUDY_UID) for s in found) if u]
+
+    def instances(self, study: str) -> list[dict]:
+        return self._call("list a study's images", self.client.search_for_instances, study_instance_uid=study)
+
+    def fetch(self, study: str, series: str, sop: str):
+        return self._call("fetch an image", self.client.retrieve_instance, study, series, sop)
+
+    def store(self, objects: list) -> None:
+        """One STOW-RS request for the SEG and SR of an image: stored together or, where the server says it failed,
+        a one-line error."""
+        answer = self._call("store results", self.client.store_instances, objects)
+        failed = answer.get("FailedSOPSequence") if answer is not None else None
+        if failed:
+            reason = failed[0].get("FailureReason", "?")
+            raise BusiError(f"{self.url}: did not store {len(failed)} of busi's results (failure reason {reason})")
+
+
+def run_pacs(checkpoint_path: str | Path, url: str, studies: list[str] | None = None, since: str | None = None,
+             out: str | Path | None = None, overwrite: bool = False, progress: bool = True, engine: str = "auto",
+             user: str | None = None, password: str | None = None) -> tuple[dict, Path]:
+    """Classify every ultrasound image of the given studies (else every ultrasound study, since a date when given) and
+    store its SR and SEG back in its study. -> (summary, run folder with pacs.csv). Images whose results are stored
+    already (by this model) are skipped; an image that cannot be read is a row with its error, the rest go on."""
+    import yaml
+    from tqdm.auto import tqdm
+    from . import __version__
+    from .dicom import hashed
+    from .dicom_out import model_key, result_uids, results_for
+    from .inference import LoadedModel
+    from .runs import run_dir
+    archive = Archive(url, user, password)
+    wanted = list(studies or []) or archive.studies(since)
+    loaded = LoadedModel(checkpoint_path)
+    model, name = model_key(checkpoint_path), loaded.config["arch"]
+    rule = _rule_text(loaded.config)
+    folder = run_dir(out, "pacs", overwrite)
+    work = []  # (study, series, sop, sr uid) of every image not yet classified by this model
+    skipped = {"already stored": 0, "not an image": 0}
+    for study in wanted:
+        items = archive.instances(study)
+        present = {_value(i, SOP_UID) for i in items}
+        for item in items:
+            if _value(item, SOP_CLASS) not in IMAGE_CLASSES:
+                skipped["not an image"] += 1
+            elif result_uids(study, _value(item, SOP_UID), model)["sr"] in present:
+                skipped["already stored"] += 1
+            else:
+                work.append((study, _value(item, SERIES_UID), _value(item, SOP_UID)))
+    loaded.use_engine(engine, len(work))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(
+        {"command": "pacs", "checkpoint": str(checkpoint_path), "url": url, "studies": len(wanted), "since": since,
+         "busi_version": __version__}, sort_keys=False))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="busi-pacs-") as tmp, open(folder / "pacs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "predicted", *[f"p_{c}" for c in loaded.classes], "lesion", "stored", "sr_uid",
+                         "seg_uid", "error"])
+        for study, series, sop in tqdm(work, desc="classifying the archive's images", disable=not progress, leave=False):
+            key = hashed(sop)  # the run folder names no patient, study or image
+            try:
+                source = archive.fetch(study, series, sop)
+                path = Path(tmp) / "image.dcm"  # busi reads files: the image lives there while it is classified
+                source.save_as(path, enforce_file_format=True)
+                row = loaded.describe([loaded.prepare(path)])[0]
+                path.unlink()
+                objects = results_for(source, row, model, name, rule, row.get("frame"))
+                archive.store(objects)
+            except BusiError as e:
+                if str(e).startswith(archive.url):  # the archive itself failed: no point in going on
+                    raise
+                rows.append({"image": key, "error": str(e)})
+                writer.writerow([key, "", *[""] * len(loaded.classes), "", "no", "", "", str(e)])
+                continue
+            seg = next((o.SOPInstanceUID for o in objects if o.Modality == "SEG"), "")
+            rows.append({"image": key, "predicted": row["predicted"], "sr": objects[-1].SOPInstanceUID, "seg": seg})
+            writer.writerow([key, row["predicted"], *[row["probabilities"][c] for c in loaded.classes],
+                             "yes" if seg else "no", "yes", objects[-1].SOPInstanceUID, seg, ""])
+            f.flush()
+    summary = {"studies": len(wanted), "classified_and_stored": sum("error" not in r for r in rows),
+               "failed": sum("error" in r for r in rows), "skipped": skipped,
+               "predicted": {c: sum(r.get("predicted") == c for r in rows) for c in loaded.classes}}
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary, folder
+
+
+def _rule_text(config: dict) -> str:
+    from .operating import describe
+    point = config.get("operating_point")
+    return describe(point) if point else "the most probable class"

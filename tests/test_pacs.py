@@ -1,0 +1,163 @@
+"""busi pacs against a real Orthanc (Debian's orthanc and orthanc-dicomweb, started here on a loopback port): 50
+studies pulled, classified and their results stored back and read again; a run stopped midway and run again stores
+nothing twice and loses nothing; a PACS that is down or refuses is one line."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from busi.cli import main
+from conftest import write_dicom
+
+ORTHANC = shutil.which("Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+N_STUDIES = 50
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"  # busi's reports (the test's own report is a Basic Text SR)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """An empty Orthanc with DICOMweb on a free loopback port: its DICOMweb root URL."""
+    if not ORTHANC or not DICOMWEB_PLUGIN.is_file():
+        message = "needs Orthanc and its DICOMweb plugin: apt-get install orthanc orthanc-dicomweb (as .ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp("orthanc")
+    port = _free_port()
+    config = {"Name": "busi-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+              "HttpPort": port, "DicomServerEnabled": False, "DicomPort": _free_port(), "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "Plugins": [str(DICOMWEB_PLUGIN)],
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (root / "orthanc.json").write_text(json.dumps(config))
+    with open(root / "orthanc.log", "w") as log:
+        server = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"{base}/system", timeout=1)
+            break
+        except OSError:
+            if server.poll() is not None:
+                pytest.fail(f"Orthanc stopped: {(root / 'orthanc.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+    yield f"{base}/dicom-web"
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def _count(url: str, modality: str) -> dict[str, int]:
+    """{source image UID: how many objects of this modality cite it} over the whole archive, read by QIDO and WADO."""
+    import highdicom as hd
+    from dicomweb_client.api import DICOMwebClient
+    client = DICOMwebClient(url)
+    cited: dict[str, int] = {}
+    for study in client.search_for_studies():
+        uid = study["0020000D"]["Value"][0]
+        for item in client.search_for_instances(study_instance_uid=uid, search_filters={"Modality": modality}):
+            if modality == "SR" and item["00080016"]["Value"][0] != COMPREHENSIVE_3D_SR:
+                continue
+            ds = client.retrieve_instance(uid, item["0020000E"]["Value"][0], item["00080018"]["Value"][0])
+            if modality == "SR":
+                group = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_image_measurement_groups()[0]
+                source = group.source_images[0].referenced_sop_instance_uid
+            else:
+                source = ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+            cited[source] = cited.get(source, 0) + 1
+    return cited
+
+
+def test_fifty_studies_classified_and_stored_back_once_even_when_stopped_midway(orthanc, lesion_model, tmp_path,
+                                                                                 monkeypatch, capsys):
+    import highdicom as hd
+    import pydicom
+    from dicomweb_client.api import DICOMwebClient
+    from busi import pacs
+    data, ckpt, _ = lesion_model
+    pngs = sorted(data.rglob("*).png"))
+    (tmp_path / "src").mkdir()
+    files = [write_dicom(tmp_path / "src" / f"{n}.dcm", np.asarray(Image.open(pngs[n % len(pngs)]).convert("RGB")),
+                         "MONOCHROME2", region_mm=0.2) for n in range(N_STUDIES)]  # a study each
+    first_study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    write_dicom(tmp_path / "src" / "report.dcm", np.zeros((8, 8, 3), np.uint8), pixels=False,
+                study=first_study)  # a report in a study: left alone
+    DICOMwebClient(orthanc).store_instances([pydicom.dcmread(f) for f in tmp_path.glob("src/*.dcm")])
+
+    # stopped after 20 images (as by Ctrl-C): what was stored stays, the run folder goes
+    real_store, stored = pacs.Archive.store, []
+
+    def store_then_stop(self, objects):
+        if len(stored) == 20:
+            raise KeyboardInterrupt
+        real_store(self, objects)
+        stored.append(objects)
+    monkeypatch.setattr(pacs.Archive, "store", store_then_stop)
+    assert main(["pacs", "--url", orthanc, "--checkpoint", str(ckpt), "--out", str(tmp_path / "first"),
+                 "--no-progress"]) == 130
+    assert not (tmp_path / "first").exists() and len(_count(orthanc, "SR")) == 20
+    monkeypatch.setattr(pacs.Archive, "store", real_store)
+
+    capsys.readouterr()
+    assert main(["pacs", "--url", orthanc, "--checkpoint", str(ckpt), "--out", str(tmp_path / "again"),
+                 "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert f"{N_STUDIES - 20} image(s) of {N_STUDIES} studies classified" in said
+    assert "20 had results from this model already" in said
+    reports = _count(orthanc, "SR")
+    sources = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: f for f in tmp_path.glob("src/[0-9]*.dcm")}
+    assert set(reports) == set(sources) and set(reports.values()) == {1}  # every image once, none twice
+
+    # read again from the archive, the results are what predict says of the same files
+    assert main(["predict", "--checkpoint", str(ckpt), "--json", *map(str, sources.values())]) == 0
+    rows = {r["path"]: r for r in json.loads(capsys.readouterr().out)}
+    client = DICOMwebClient(orthanc)
+    for study in client.search_for_studies():
+        uid = study["0020000D"]["Value"][0]
+        for item in client.search_for_instances(study_instance_uid=uid, search_filters={"Modality": "SR"}):
+            if item["00080016"]["Value"][0] != COMPREHENSIVE_3D_SR:
+                continue
+            sr = hd.sr.Comprehensive3DSR.from_dataset(client.retrieve_instance(
+                uid, item["0020000E"]["Value"][0], item["00080018"]["Value"][0]))
+            group = sr.content.get_image_measurement_groups()[0]
+            row = rows[str(sources[group.source_images[0].referenced_sop_instance_uid])]
+            said = {e.name.meaning: e.value.meaning for e in group.get_qualitative_evaluations()}
+            assert said["busi decision"] == row["predicted"]
+            assert {m.name.meaning: m.value for m in group.get_measurements()} == pytest.approx(
+                {f"probability of {c}": p for c, p in row["probabilities"].items()}, abs=1e-5)
+    outlined = {uid for uid, f in sources.items() if rows[str(f)]["lesion"].get("box")}
+    assert set(_count(orthanc, "SEG")) == outlined
+
+    # a third run: nothing left to do, nothing stored
+    assert main(["pacs", "--url", orthanc, "--checkpoint", str(ckpt), "--out", str(tmp_path / "third"),
+                 "--no-progress"]) == 0
+    assert f"{N_STUDIES} had results from this model already" in capsys.readouterr().out
+    assert set(_count(orthanc, "SR").values()) == {1}
+    for f in (tmp_path / "again").rglob("*"):  # the run folder names no patient
+        assert b"PAT-123456" not in f.read_bytes() and "PAT-123456" not in f.name
+
+
+def test_a_pacs_that_is_down_or_refuses_is_one_line(orthanc, lesion_model, tmp_path, capsys):
+    _, ckpt, _ = lesion_model
+    dead = f"http://127.0.0.1:{_free_port()}/dicom-web"
+    assert main(["pacs", "--url", dead, "--checkpoint", str(ckpt), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no DICOMweb server answers there" in err and dead in err
+    assert main(["pacs", "--url", orthanc.replace("/dicom-web", "/no-such-root"), "--checkpoint", str(ckpt),
+                 "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refused to search for studies (HTTP 404)" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
