@@ -32,11 +32,12 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--n", type=int, default=600)
     ap.add_argument("--frames", type=int, default=100)
+    ap.add_argument("--parts", nargs="+", choices=("read", "cine"), default=["read", "cine"])
     args = ap.parse_args()
     pngs = sorted(p for p in args.data.rglob("*.png") if "_mask" not in p.name)[:args.n]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for kind in ("png", "dicom"):
+        for kind in ("png", "dicom") if "read" in args.parts else ():
             for p in pngs:
                 target = tmp / kind / p.parent.name / p.name
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +46,7 @@ def main() -> None:
                 else:
                     write_dicom(target.with_suffix(".dcm"), np.asarray(Image.open(p).convert("RGB")), "MONOCHROME2")
         steps = ("crop", "overlays")
-        for kind in ("png", "dicom"):
+        for kind in ("png", "dicom") if "read" in args.parts else ():
             times = []
             for _ in range(2):
                 start = time.perf_counter()
@@ -59,7 +60,8 @@ def main() -> None:
         (tmp / "single").mkdir()
         for n, frame in enumerate(rgb):
             write_dicom(tmp / "single" / f"{n:03d}.dcm", frame, "MONOCHROME2")
-        for what, target in (("cine loop", tmp / "loop.dcm"), ("single-frame files", tmp / "single")):
+        scored = (("cine loop", tmp / "loop.dcm"), ("single-frame files", tmp / "single"))
+        for what, target in scored if "cine" in args.parts else ():
             start = time.perf_counter()
             subprocess.run([sys.executable, "-m", "busi.cli", "predict", str(target), "--json", "--no-progress",
                             "--engine", "onnx"], check=True, capture_output=True)

@@ -128,6 +128,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto", help="what runs the network: "
                    "auto (ONNX Runtime where installed, once this checkpoint's export is cached or for 500 images or "
                    "more: the export takes a minute, once), torch or onnx")
+    p.add_argument("--dicom-out", metavar="DIR", help="also write each DICOM image's result as DICOM (SR and SEG, "
+                   "as predict --dicom-out does: one more pass over the folder's DICOM images)")
 
     p = sub.add_parser("predict", help="class and probabilities for images or folders of images")
     p.add_argument("--checkpoint", help="checkpoint.pth, or a model written by `busi export` (default: the bundled "
@@ -512,6 +514,26 @@ def _evaluate(args, cfg) -> int | None:
                   f"{rest['macro_f1']:.3f}, " + ", ".join(f"recall {c} {v:.2f}" for c, v in rest["recall"].items()
                                                           if v is not None))
     print(f"results in {folder}/; report: {folder / 'report.html'}")
+    if args.dicom_out:
+        from .folders import is_dicom_file, scan
+        from .inference import run_predict
+        found = scan(args.data)
+        files = [found.file(s) for s in found.samples if is_dicom_file(found.file(s))]
+        rows = run_predict(args.checkpoint, files, progress=args.progress, engine=args.engine)
+        return 1 if _dicom_out(args, rows)["failed"] else 0
+
+
+def _dicom_out(args, rows: list[dict]) -> dict:
+    """--dicom-out of predict and evaluate: the SR and SEG of each row from a DICOM image, and one line saying so."""
+    from .dicom_out import write_for_rows
+    from .inference import config_of
+    done = write_for_rows(rows, args.checkpoint, config_of(args.checkpoint), args.dicom_out)
+    print(f"busi: {len(done['files'])} DICOM result file(s) (SR, and SEG where a lesion was outlined) in "
+          f"{args.dicom_out}/" + (f"; {len(done['not_dicom'])} image(s) are not DICOM, so have no study to be filed in: "
+                                  "none for them" if done["not_dicom"] else ""), file=sys.stderr)
+    for line in done["failed"]:
+        print(f"busi: error: {line}", file=sys.stderr)
+    return done
 
 
 def _predict(args, cfg) -> int | None:
@@ -524,13 +546,7 @@ def _predict(args, cfg) -> int | None:
     elif args.out:
         raise BusiError("--out is only used with --explain")
     rows = run_predict(args.checkpoint, args.inputs, explain_dir, progress=args.progress, engine=args.engine)
-    if args.dicom_out:
-        from .dicom_out import write_for_rows
-        from .inference import config_of
-        done = write_for_rows(rows, args.checkpoint, config_of(args.checkpoint), args.dicom_out)
-        print(f"busi: {len(done['files'])} DICOM result file(s) (SR, and SEG where a lesion was outlined) in "
-              f"{args.dicom_out}/" + (f"; {len(done['not_dicom'])} image(s) are not DICOM, so have no study to be "
-                                      "filed in: none for them" if done["not_dicom"] else ""), file=sys.stderr)
+    done = _dicom_out(args, rows) if args.dicom_out else {"failed": []}
     operating_point = operating_point_of(args.checkpoint)
     if operating_point:
         from .operating import describe
@@ -561,7 +577,7 @@ def _predict(args, cfg) -> int | None:
         raise BusiError("no images found in " + ", ".join(args.inputs))
     if explain_dir is not None:
         print(f"Grad-CAM overlays in {explain_dir}/", file=sys.stderr)
-    return 1 if any("error" in r for r in rows) else 0
+    return 1 if any("error" in r for r in rows) or done["failed"] else 0
 
 
 def _pacs(args, cfg) -> int | None:

@@ -145,8 +145,17 @@ def results_for(source, row: dict, model: str, model_name: str, rule: str, frame
     source = _with_type2(source)
     uids = result_uids(source.StudyInstanceUID, source.SOPInstanceUID, model)
     mask = lesion_mask(row, int(source.Rows), int(source.Columns))
-    seg = segmentation(source, mask, uids, model_name, frame) if mask is not None else None
-    return [*([seg] if seg is not None else []), structured_report(source, row, uids, model_name, rule, seg, frame)]
+    # A SEG of one frame of a loop needs the loop's Frame of Reference (highdicom, DICOM's multi-frame SEG): without
+    # one the SR's outline, drawn on the frame, is the lesion's only record
+    loop_without_frame_of_reference = (int(getattr(source, "NumberOfFrames", 1) or 1) > 1
+                                       and "FrameOfReferenceUID" not in source)
+    try:
+        seg = (segmentation(source, mask, uids, model_name, frame)
+               if mask is not None and not loop_without_frame_of_reference else None)
+        return [*([seg] if seg is not None else []), structured_report(source, row, uids, model_name, rule, seg, frame)]
+    except (ValueError, TypeError, AttributeError, KeyError) as e:  # what highdicom says of a header it cannot use
+        raise BusiError(f"{getattr(source, 'filename', 'a DICOM image')}: its results could not be written as DICOM "
+                        f"({str(e).splitlines()[0][:160]})") from None
 
 
 # Patient and study attributes DICOM requires present though they may be empty (type 2): scanners and exports leave
@@ -180,13 +189,14 @@ def write(objects: list, folder: str | Path) -> list[Path]:
 
 def write_for_rows(rows: list[dict], checkpoint_path: str | Path, config: dict, folder: str | Path) -> dict:
     """busi predict --dicom-out: the SR (and SEG) of every prediction row made from a DICOM file, into folder.
-    -> {"files": paths written, "not_dicom": images that are not DICOM (no study to file a result in)}."""
+    -> {"files": paths written, "not_dicom": images that are not DICOM (no study to file a result in), "failed": one
+    line per image whose results could not be written}."""
     import pydicom
     from .folders import is_dicom_file
     from .operating import describe
     model, name = model_key(checkpoint_path), config["arch"]
     rule = describe(config["operating_point"]) if config.get("operating_point") else "the most probable class"
-    files, not_dicom = [], []
+    files, not_dicom, failed = [], [], []
     for row in rows:
         if "error" in row:
             continue
@@ -194,5 +204,8 @@ def write_for_rows(rows: list[dict], checkpoint_path: str | Path, config: dict, 
             not_dicom.append(row["path"])
             continue
         source = pydicom.dcmread(row["path"], stop_before_pixels=True)
-        files += write(results_for(source, row, model, name, rule, row.get("frame")), folder)
-    return {"files": files, "not_dicom": not_dicom}
+        try:
+            files += write(results_for(source, row, model, name, rule, row.get("frame")), folder)
+        except BusiError as e:  # the rest of the folder still gets its results
+            failed.append(str(e))
+    return {"files": files, "not_dicom": not_dicom, "failed": failed}

@@ -209,24 +209,30 @@ class LoadedModel:
         """A cine loop's row: every frame scored, in batches as they are decoded, and the loop answered by its most
         suspicious frame (the most severe decision, then the highest probability of malignancy), whose row it takes
         with "frame" (from 0), "frames" and how many frames said each class ("frames_said")."""
+        from concurrent.futures import ThreadPoolExecutor
         from .dicom import frames
         said: dict[str, int] = {c: 0 for c in self.classes}
-        best, n, chunk = None, 0, []
+        best, n = None, 0
 
-        def take(rows):
-            nonlocal best
-            for row in rows:
-                said[row["predicted"]] += 1
-                if best is None or _suspicion(row) > _suspicion(best):
-                    best = row
-        for index, image in enumerate(frames(path)):
-            chunk.append(self.prepare(path, image, index))
-            n += 1
-            if len(chunk) == batch_size:
-                take(self.describe(chunk))
-                chunk = []
-        if chunk:
-            take(self.describe(chunk))
+        def chunks():
+            chunk = []
+            for index, image in enumerate(frames(path)):
+                chunk.append(self.prepare(path, image, index))
+                if len(chunk) == batch_size:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
+        prepared = chunks()
+        with ThreadPoolExecutor(max_workers=1) as reader:  # the next frames decoded and cleaned while these run
+            coming = reader.submit(next, prepared, None)
+            while (chunk := coming.result()) is not None:
+                coming = reader.submit(next, prepared, None)
+                for row in self.describe(chunk):
+                    n += 1
+                    said[row["predicted"]] += 1
+                    if best is None or _suspicion(row) > _suspicion(best):
+                        best = row
         if explain:  # Grad-CAM of the frame that answers for the loop only
             from .dicom import pixels
             best = self.describe([self.prepare(path, pixels(path, best["frame"]), best["frame"])], explain=True)[0]

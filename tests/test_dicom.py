@@ -113,9 +113,9 @@ def test_the_header_gives_patient_scanner_and_millimetres_but_never_the_identifi
 def test_predict_and_evaluate_on_dicoms_write_no_identifier_anywhere(tmp_path, capsys):
     """Known identifiers (a name in UTF-8 with umlauts, the ID, the accession number) in every file's header; every
     output of predict, its overlays and an evaluate run is searched for them."""
-    from conftest import make_kaggle_folder
-    from conftest import LESION_RECIPE
+    import pydicom
     import yaml
+    from conftest import LESION_RECIPE, make_kaggle_folder
     png = make_kaggle_folder(tmp_path / "png", per_class=6, size=64)
     data = tmp_path / "dicom"
     for image in png.rglob("*).png"):
@@ -138,8 +138,11 @@ def test_predict_and_evaluate_on_dicoms_write_no_identifier_anywhere(tmp_path, c
     outlined = [r["lesion"] for r in rows if r["lesion"].get("box")]
     assert all(lesion["width_mm"] == pytest.approx(lesion["width_px"] * 0.2, abs=0.01) for lesion in outlined)
     assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "ev"),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--dicom-out", str(tmp_path / "to_pacs")]) == 0
     printed = printed.out + printed.err + "".join(capsys.readouterr())
+    # the results meant for the archive carry their image's patient module (it files them by patient): apart
+    modalities = [pydicom.dcmread(f, stop_before_pixels=True).Modality for f in (tmp_path / "to_pacs").glob("*.dcm")]
+    assert modalities.count("SR") == 18
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["group_column"] == "scanner (DICOM header)" and list(metrics["per_group"]) == ["Acme Sono 9"]
     assert "patients" in metrics["malignant_vs_benign"]["ci_method"]  # the header's patients, resampled
