@@ -83,7 +83,7 @@ class Archive:
 
 def run_pacs(checkpoint_path: str | Path, url: str, studies: list[str] | None = None, since: str | None = None,
              out: str | Path | None = None, overwrite: bool = False, progress: bool = True, engine: str = "auto",
-             user: str | None = None, password: str | None = None) -> tuple[dict, Path]:
+             user: str | None = None, password: str | None = None, batch_size: int = 16) -> tuple[dict, Path]:
     """Classify every ultrasound image of the given studies (else every ultrasound study, since a date when given) and
     store its SR and SEG back in its study. -> (summary, run folder with pacs.csv). Images whose results are stored
     already (by this model) are skipped; an image that cannot be read is a row with its error, the rest go on."""
@@ -100,7 +100,7 @@ def run_pacs(checkpoint_path: str | Path, url: str, studies: list[str] | None = 
     model, name = model_key(checkpoint_path), loaded.config["arch"]
     rule = _rule_text(loaded.config)
     folder = run_dir(out, "pacs", overwrite)
-    work = []  # (study, series, sop, sr uid) of every image not yet classified by this model
+    work = []  # (study, series, image) UIDs of every image not yet classified by this model
     skipped = {"already stored": 0, "not an image": 0}
     for study in wanted:
         items = archive.instances(study)
@@ -122,32 +122,59 @@ def run_pacs(checkpoint_path: str | Path, url: str, studies: list[str] | None = 
         writer = csv.writer(f)
         writer.writerow(["image", "predicted", *[f"p_{c}" for c in loaded.classes], "lesion", "stored", "sr_uid",
                          "seg_uid", "error"])
-        for study, series, sop in tqdm(work, desc="classifying the archive's images", disable=not progress, leave=False):
-            key = hashed(sop)  # the run folder names no patient, study or image
-            try:
-                source = archive.fetch(study, series, sop)
-                path = Path(tmp) / "image.dcm"  # busi reads files: the image lives there while it is classified
-                source.save_as(path, enforce_file_format=True)
-                row = loaded.describe([loaded.prepare(path)])[0]
-                path.unlink()
-                objects = results_for(source, row, model, name, rule, row.get("frame"))
-                archive.store(objects)
-            except BusiError as e:
-                if str(e).startswith(archive.url):  # the archive itself failed: no point in going on
-                    raise
-                rows.append({"image": key, "error": str(e)})
-                writer.writerow([key, "", *[""] * len(loaded.classes), "", "no", "", "", str(e)])
-                continue
-            seg = next((o.SOPInstanceUID for o in objects if o.Modality == "SEG"), "")
-            rows.append({"image": key, "predicted": row["predicted"], "sr": objects[-1].SOPInstanceUID, "seg": seg})
-            writer.writerow([key, row["predicted"], *[row["probabilities"][c] for c in loaded.classes],
-                             "yes" if seg else "no", "yes", objects[-1].SOPInstanceUID, seg, ""])
-            f.flush()
+        bar = tqdm(total=len(work), desc="classifying the archive's images", disable=not progress, leave=False)
+        for start in range(0, len(work), batch_size):  # fetched and classified in batches, stored one by one
+            batch = [(n, *item) for n, item in enumerate(work[start:start + batch_size], start)]
+            said = _classify(archive, loaded, batch, Path(tmp))
+            for n, study, series, sop in batch:
+                key = hashed(sop)  # the run folder names no patient, study or image
+                source, row = said[n]
+                try:
+                    if isinstance(row, BusiError):
+                        raise row
+                    objects = results_for(source, row, model, name, rule, row.get("frame"))
+                    archive.store(objects)
+                except BusiError as e:
+                    if str(e).startswith(archive.url):  # the archive itself failed: no point in going on
+                        raise
+                    rows.append({"image": key, "error": str(e)})
+                    writer.writerow([key, "", *[""] * len(loaded.classes), "", "no", "", "", str(e)])
+                    continue
+                seg = next((o.SOPInstanceUID for o in objects if o.Modality == "SEG"), "")
+                rows.append({"image": key, "predicted": row["predicted"]})
+                writer.writerow([key, row["predicted"], *[row["probabilities"][c] for c in loaded.classes],
+                                 "yes" if seg else "no", "yes", objects[-1].SOPInstanceUID, seg, ""])
+                f.flush()
+            bar.update(len(batch))
+        bar.close()
     summary = {"studies": len(wanted), "classified_and_stored": sum("error" not in r for r in rows),
                "failed": sum("error" in r for r in rows), "skipped": skipped,
                "predicted": {c: sum(r.get("predicted") == c for r in rows) for c in loaded.classes}}
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary, folder
+
+
+def _classify(archive: Archive, loaded, batch: list[tuple], tmp: Path) -> dict:
+    """{n: (the fetched dataset, its prediction row or the BusiError that stopped it)} for a batch of (n, study,
+    series, image): still images through the network together, a cine loop frame by frame (LoadedModel.describe_loop).
+    Each image lives in tmp, under a name of its own, only while it is classified."""
+    fetched, prepared, said = {}, [], {}
+    for n, study, series, sop in batch:
+        fetched[n] = archive.fetch(study, series, sop)
+        path = tmp / f"{n}.dcm"
+        fetched[n].save_as(path, enforce_file_format=True)
+        try:
+            if loaded.is_loop(path):
+                said[n] = loaded.describe_loop(path)
+            else:
+                prepared.append((n, loaded.prepare(path)))
+        except BusiError as e:
+            said[n] = e
+    rows = loaded.describe([p for _, p in prepared]) if prepared else []
+    said.update({n: row for (n, _), row in zip(prepared, rows)})
+    for n, _, _, _ in batch:
+        (tmp / f"{n}.dcm").unlink(missing_ok=True)
+    return {n: (fetched[n], said[n]) for n in fetched}
 
 
 def _rule_text(config: dict) -> str:

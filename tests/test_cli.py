@@ -316,9 +316,9 @@ def test_resume_after_a_kill_mid_epoch_equals_the_run_never_interrupted(tmp_path
     import sys
     import time
     from conftest import make_kaggle_folder
-    data = make_kaggle_folder(tmp_path / "data", per_class=16, size=96)
+    data = make_kaggle_folder(tmp_path / "data", per_class=16, size=64)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({
-        "models": ["resnet18"], "pretrained": False, "epochs": 5, "image_size": 96, "batch_size": 8, "val_size": 0.2,
+        "models": ["resnet18"], "pretrained": False, "epochs": 5, "image_size": 64, "batch_size": 8, "val_size": 0.2,
         "min_scale": 0.8, "brightness": 0.1, "contrast": 0.1, "precision": "32-true"}))  # every random draw in use
 
     def train(out, *extra):

@@ -43,6 +43,13 @@ def test_every_encoding_reads_to_the_pixels_it_was_made_from(tmp_path, scan_rgb,
         assert any("16-bit" in n for n in notes)
 
 
+def test_a_lossless_jpeg_pydicom_ships_reads_as_its_rle_twin():
+    """JPEG lossless (process 14), which no encoder here writes: pydicom's own file of it against its RLE twin."""
+    from pydicom.data import get_testdata_file
+    lossless = read_image(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
+    assert lossless.shape == (100, 100, 3) and np.array_equal(lossless, read_image(get_testdata_file("SC_rgb_rle.dcm")))
+
+
 def test_jpeg_baseline_in_ybr_and_palette_colour_read_as_rgb(tmp_path, scan_rgb):
     """A scanner's lossy JPEG (YBR_FULL_422, as most write it) within JPEG's tolerance; a palette-colour image exactly."""
     import io

@@ -59,6 +59,7 @@ def test_export_errors(ckpt, tmp_path, capsys):
         (tmp_path / name).write_bytes(b"\x08\x01garbage")
         with pytest.raises(BusiError, match=name + ": not a readable exported busi model"):
             run_predict(tmp_path / name, [data / "benign"])
-    good = export(path, "onnx", tmp_path / "ok.onnx")
-    with pytest.raises(BusiError, match="already exists"):
-        export(path, "onnx", good)
+    (tmp_path / "taken.onnx").write_bytes(b"someone's file")
+    with pytest.raises(BusiError, match="already exists"):  # refused before any work, never overwritten
+        export(path, "onnx", tmp_path / "taken.onnx")
+    assert (tmp_path / "taken.onnx").read_bytes() == b"someone's file"

@@ -61,24 +61,17 @@ def orthanc(tmp_path_factory):
 
 
 def _count(url: str, modality: str) -> dict[str, int]:
-    """{source image UID: how many objects of this modality cite it} over the whole archive, read by QIDO and WADO."""
-    import highdicom as hd
+    """{study UID: how many of busi's objects of this modality it holds}, by QIDO (one image per study here)."""
     from dicomweb_client.api import DICOMwebClient
     client = DICOMwebClient(url)
-    cited: dict[str, int] = {}
+    counted: dict[str, int] = {}
     for study in client.search_for_studies():
         uid = study["0020000D"]["Value"][0]
-        for item in client.search_for_instances(study_instance_uid=uid, search_filters={"Modality": modality}):
-            if modality == "SR" and item["00080016"]["Value"][0] != COMPREHENSIVE_3D_SR:
-                continue
-            ds = client.retrieve_instance(uid, item["0020000E"]["Value"][0], item["00080018"]["Value"][0])
-            if modality == "SR":
-                group = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_image_measurement_groups()[0]
-                source = group.source_images[0].referenced_sop_instance_uid
-            else:
-                source = ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
-            cited[source] = cited.get(source, 0) + 1
-    return cited
+        found = [i for i in client.search_for_instances(study_instance_uid=uid, search_filters={"Modality": modality})
+                 if modality != "SR" or i["00080016"]["Value"][0] == COMPREHENSIVE_3D_SR]
+        if found:
+            counted[uid] = len(found)
+    return counted
 
 
 def test_fifty_studies_classified_and_stored_back_once_even_when_stopped_midway(orthanc, lesion_model, tmp_path,
@@ -108,7 +101,7 @@ def test_fifty_studies_classified_and_stored_back_once_even_when_stopped_midway(
     monkeypatch.setattr(pacs.Archive, "store", store_then_stop)
     assert main(["pacs", "--url", orthanc, "--checkpoint", str(ckpt), "--out", str(tmp_path / "first"),
                  "--no-progress"]) == 130
-    assert not (tmp_path / "first").exists() and len(_count(orthanc, "SR")) == 20
+    assert not (tmp_path / "first").exists() and sum(_count(orthanc, "SR").values()) == 20
     monkeypatch.setattr(pacs.Archive, "store", real_store)
 
     capsys.readouterr()
@@ -118,13 +111,14 @@ def test_fifty_studies_classified_and_stored_back_once_even_when_stopped_midway(
     assert f"{N_STUDIES - 20} image(s) of {N_STUDIES} studies classified" in said
     assert "20 had results from this model already" in said
     reports = _count(orthanc, "SR")
-    sources = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: f for f in tmp_path.glob("src/[0-9]*.dcm")}
-    assert set(reports) == set(sources) and set(reports.values()) == {1}  # every image once, none twice
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    sources = {h.SOPInstanceUID: f for h, f in zip(headers, files)}
+    assert set(reports) == {h.StudyInstanceUID for h in headers} and set(reports.values()) == {1}  # once, never twice
 
     # read again from the archive, the results are what predict says of the same files
     assert main(["predict", "--checkpoint", str(ckpt), "--json", *map(str, sources.values())]) == 0
     rows = {r["path"]: r for r in json.loads(capsys.readouterr().out)}
-    client = DICOMwebClient(orthanc)
+    client, cited = DICOMwebClient(orthanc), []
     for study in client.search_for_studies():
         uid = study["0020000D"]["Value"][0]
         for item in client.search_for_instances(study_instance_uid=uid, search_filters={"Modality": "SR"}):
@@ -138,7 +132,11 @@ def test_fifty_studies_classified_and_stored_back_once_even_when_stopped_midway(
             assert said["busi decision"] == row["predicted"]
             assert {m.name.meaning: m.value for m in group.get_measurements()} == pytest.approx(
                 {f"probability of {c}": p for c, p in row["probabilities"].items()}, abs=1e-5)
-    outlined = {uid for uid, f in sources.items() if rows[str(f)]["lesion"].get("box")}
+            regions = sr.content.get_planar_roi_measurement_groups()
+            assert bool(regions) == bool(row["lesion"].get("box"))  # an outline where predict found one
+            cited.append(group.source_images[0].referenced_sop_instance_uid)
+    assert sorted(cited) == sorted(sources)  # each report cites its own image
+    outlined = {h.StudyInstanceUID for h, f in zip(headers, files) if rows[str(f)]["lesion"].get("box")}
     assert set(_count(orthanc, "SEG")) == outlined
 
     # a third run: nothing left to do, nothing stored
