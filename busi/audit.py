@@ -295,7 +295,8 @@ def dicom_summary(dataset: Dataset) -> dict:
     """What the DICOM files' headers say: how many, of how many patients (never who), scanners, encodings, cine
     loops, and how many carry a pixel size (for lesion sizes in millimetres)."""
     from .dicom import facts
-    found = [facts(dataset.file(s)) for s in dataset.samples if is_dicom_file(dataset.file(s))]
+    files = dict.fromkeys(dataset.file(s) for s in dataset.samples)  # a loop's frames (--cine-frames all): one file
+    found = [facts(f) for f in files if is_dicom_file(f)]
     return {"files": len(found), "patients": len({f["patient"] for f in found if f["patient"]}),
             "scanners": dict(Counter(f["scanner"] or "unnamed" for f in found)),
             "transfer_syntaxes": dict(Counter(f["transfer_syntax"] or "unknown" for f in found)),

@@ -55,6 +55,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="clean every image before training and prediction (kept in the checkpoint): crop (to the scan "
                         "region), overlays (paint out calipers and text), clahe (equalise grey levels), pad (to a "
                         "square with black, so resizing keeps proportions)")
+    p.add_argument("--cine-frames", choices=["middle", "all"], help="what a DICOM cine loop trains with: its middle "
+                   "frame (default) or every frame, each a sample (a loop's frames stay on one side of every split)")
     p.add_argument("--ultrasound-p", type=float, help="chance of each ultrasound-like augmentation (speckle, gain, blur, "
                                                       "depth attenuation) per image (default 0)")
     p.add_argument("--out", help="run folder (default: runs/<timestamp>-<name>)")
@@ -62,7 +64,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
-RUN_KEYS = ("data", "meta", "id_column", "patient_column", "group_column", "malignant_recall", "models", "preprocess", "ultrasound_p", "classes", "image_size", "epochs", "batch_size", "lr", "weight_decay", "seed", "split",
+RUN_KEYS = ("data", "meta", "id_column", "patient_column", "group_column", "malignant_recall", "models", "preprocess", "cine_frames", "ultrasound_p", "classes", "image_size", "epochs", "batch_size", "lr", "weight_decay", "seed", "split",
             "weights", "pretrained", "accelerator", "devices", "precision", "channels_last", "strategy", "num_nodes", "test_size",
             "val_size", "fit_temperature", "folds", "repeats", "external", "external_meta", "external_id_column", "external_patient_column",
             "external_group_column")

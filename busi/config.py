@@ -70,6 +70,9 @@ class RunConfig:
     # overlays (calipers and text painted out), clahe (adaptive histogram equalisation), pad (to a square, so that
     # resizing keeps the image's proportions); busi/preprocess.py
     preprocess: list[str] = field(default_factory=list)
+    # a DICOM cine loop is one labelled image: its middle frame trains, or with "all" every frame does (each frame a
+    # sample of its own, the loop's frames always on one side of a split: they are one patient and near-copies)
+    cine_frames: str = "middle"
     # augmentation, drawn per image on whole batches
     flip_p: float = 0.5
     max_rotation: float = 10.0
@@ -152,6 +155,7 @@ def _validate(cfg: RunConfig, source: str) -> RunConfig:
         (0 <= cfg.test_size < 1, "'test_size' must be in [0, 1) (0: train on every image, test with `busi evaluate`)"),
         (0 <= cfg.val_size < 1, "'val_size' must be in [0, 1)"),
         (cfg.split in ("grouped", "random", "source"), "'split' must be 'grouped', 'random' or 'source'"),
+        (cfg.cine_frames in ("middle", "all"), "'cine_frames' must be 'middle' or 'all'"),
         (cfg.image_size >= 32, "'image_size' must be at least 32"),
         (cfg.epochs >= 1, "'epochs' must be at least 1"),
         (cfg.batch_size >= 1, "'batch_size' must be at least 1"),

@@ -43,7 +43,7 @@ def _to_rgb8(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def open_image(path: str | Path, notes: list[str] | None = None) -> Image.Image:
+def open_image(path: str | Path, notes: list[str] | None = None, frame: int | None = None) -> Image.Image:
     """Decode one image file into an 8-bit RGB PIL image, or raise BusiError naming the file.
 
     notes, when given, collects what was unusual but usable ("16-bit"), for one warning over many images.
@@ -51,7 +51,7 @@ def open_image(path: str | Path, notes: list[str] | None = None) -> Image.Image:
     path = Path(path)
     if is_dicom_file(path):
         from .dicom import pixels
-        im = Image.fromarray(pixels(path, notes=notes))
+        im = Image.fromarray(pixels(path, frame, notes))
         w, h = im.size
         if w * h > MAX_PIXELS or min(w, h) < MIN_SIDE:
             raise BusiError(f"{path}: a DICOM image of {w}x{h} pixels: not a scan's size (at least {MIN_SIDE} a side, "
@@ -81,10 +81,10 @@ def open_image(path: str | Path, notes: list[str] | None = None) -> Image.Image:
 
 
 def read_image(path: str | Path, size: int | None = None, notes: list[str] | None = None, steps=(),
-               geometry: dict | None = None) -> np.ndarray:
+               geometry: dict | None = None, frame: int | None = None) -> np.ndarray:
     """HxWx3 uint8 array, through the preprocessing steps (busi.preprocess) and resized to size x size (as the seed
     did, aspect ratio not kept) when size is given; geometry receives how the steps cut and padded it."""
-    im = open_image(path, notes)
+    im = open_image(path, notes, frame)
     if steps:
         im = Image.fromarray(preprocess.apply(np.array(im), steps, geometry=geometry))
     if size is not None and notes is not None and min(im.size) < size:
@@ -127,7 +127,7 @@ def _decode(dataset: Dataset, sample: Sample, image_size: int, steps, geometry: 
     notes: list[str] = []
     try:
         cut = {} if geometry is not None else None
-        image = read_image(dataset.file(sample), image_size, notes, steps, cut)
+        image = read_image(dataset.file(sample), image_size, notes, steps, cut, dataset.frame(sample))
         if cut:  # steps that cut or padded it
             geometry[sample.path] = cut
         return image, None, notes

@@ -68,7 +68,7 @@ def pixels(path: str | Path, frame: int | None = None, notes: list[str] | None =
         arr = pixel_array(ds, index=index if frames > 1 else None)
     except (NotImplementedError, RuntimeError, ValueError) as e:
         raise _undecodable(path, ds, e) from None
-    if notes is not None and frames > 1:
+    if notes is not None and frames > 1 and frame is None:
         notes.append(f"a cine loop: frame {index} of {frames} used")
     return _rgb8(arr, ds, notes)
 

@@ -10,6 +10,7 @@ from .errors import BusiError
 
 BUSI_CLASSES = ("benign", "malignant", "normal")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+FRAME_MARK = "#frame="  # a sample standing for one frame of a cine loop: "<the loop's path>#frame=<n>" (every_frame)
 # BUSI names masks "benign (12)_mask.png" and, for extra lesions, "benign (12)_mask_1.png".
 MASK_NAME = re.compile(r"^(?P<stem>.+)_mask(?:_\d+)?$")
 
@@ -42,11 +43,16 @@ class Dataset:
     info: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def file(self, sample: Sample | str) -> Path:
-        path = sample.path if isinstance(sample, Sample) else sample
+        path = (sample.path if isinstance(sample, Sample) else sample).split(FRAME_MARK)[0]
         if self.sources:
             name, rest = path.split("/", 1)
             return self.sources[name] / rest
         return self.root / path
+
+    @staticmethod
+    def frame(sample: Sample) -> int | None:
+        """The frame of a cine loop a sample stands for (every_frame), None for a whole file."""
+        return int(sample.path.split(FRAME_MARK)[1]) if FRAME_MARK in sample.path else None
 
     def source_of(self, sample: Sample) -> str:
         return sample.path.split("/", 1)[0] if self.sources else self.root.name
@@ -78,6 +84,23 @@ def source_names(roots: list[Path]) -> list[str]:
     if len(set(out)) < len(out):
         raise BusiError(f"the same data folder is given twice: {', '.join(str(r) for r in roots)}")
     return out
+
+
+def every_frame(dataset: Dataset) -> Dataset:
+    """Each frame of a DICOM cine loop as a sample of its own ("benign/loop.dcm#frame=3"), with the loop's label."""
+    from .errors import BusiError
+    out = []
+    for sample in dataset.samples:
+        path, frames = dataset.file(sample), 1
+        if is_dicom_file(path):
+            from .dicom import facts
+            try:
+                frames = facts(path)["frames"]
+            except BusiError:  # left whole: decoding it says what is wrong, once
+                pass
+        out += [sample] if frames <= 1 else [Sample(f"{sample.path}{FRAME_MARK}{i}", sample.label, sample.mask_paths)
+                                             for i in range(frames)]
+    return dataset.with_samples(out)
 
 
 def scan_sources(roots, classes=None) -> Dataset:

@@ -49,6 +49,9 @@ def prepare(cfg: RunConfig, progress: bool = True, notes: list[str] = ()) -> tup
     if cfg.init_checkpoint:
         from .external import relabel
         dataset, absent = relabel(dataset, checkpoint.read(cfg.init_checkpoint)["config"]["classes"], cfg.init_checkpoint)
+    if cfg.cine_frames == "all":
+        from .folders import every_frame
+        dataset = every_frame(dataset)
     hardware.announce(notes)
     report = audit(dataset, progress=progress)
     if dataset.sources:

@@ -218,3 +218,28 @@ def test_every_frame_of_a_cine_loop_is_scored_and_the_loop_answered_by_its_most_
     assert row["probabilities"] == pytest.approx(twin["probabilities"], abs=1e-5) and row["predicted"] == twin["predicted"]
     from busi.inference import _suspicion
     assert all(_suspicion(r) <= _suspicion(twin) for r in each)
+
+
+def test_a_loop_trains_as_its_middle_frame_or_as_every_frame_when_told(tmp_path, capsys):
+    """--cine-frames all: each frame a sample of its own, with the loop's label, a loop's frames on one side of the
+    split (one patient); the default: one sample per loop."""
+    from conftest import make_kaggle_folder
+    png = make_kaggle_folder(tmp_path / "png", per_class=4, size=64)
+    data = tmp_path / "dicom"
+    for cls in ("benign", "malignant"):
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((png / cls).glob("*).png"))]
+        for n in range(4):  # four loops of three frames, a patient each
+            (data / cls).mkdir(parents=True, exist_ok=True)
+            write_dicom(data / cls / f"loop{n}.dcm", np.stack([images[n], images[(n + 1) % 4], images[(n + 2) % 4]]),
+                        "MONOCHROME2", patient_id=f"{cls}-{n}")
+    args = ["train", "--data", str(data), "--model", "custom-cnn", "--image-size", "32", "--epochs", "1",
+            "--batch-size", "8", "--val-size", "0", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "middle")]) == 0
+    split = json.loads((tmp_path / "middle" / "split.json").read_text())
+    assert len(split["train"]) + len(split["test"]) == 8
+    assert main([*args, "--cine-frames", "all", "--out", str(tmp_path / "all")]) == 0
+    split = json.loads((tmp_path / "all" / "split.json").read_text())
+    assert len(split["train"]) + len(split["test"]) == 24 and all("#frame=" in p for p in split["train"])
+    loops = lambda part: {p.split("#")[0] for p in split[part]}  # noqa: E731
+    assert split["test"] and not loops("train") & loops("test")  # a loop never on both sides
+    assert "busi: error" not in capsys.readouterr().err
