@@ -209,7 +209,7 @@ class Rows:
     def __getitem__(self, index):
         if isinstance(index, tuple):
             return self[index[0]][index[1:]]
-        if not isinstance(index, (list, tuple, range)):
+        if not isinstance(index, (list, range)):
             return self[[int(index)]][0]
         wanted = [int(i) for i in index if int(i) not in self.made]
         if wanted:

@@ -61,7 +61,7 @@ def pixels(path: str | Path, frame: int | None = None, notes: list[str] | None =
     path = Path(path)
     ds = _with_pixels(path)
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    index = frames // 2 if frame is None else frame
+    index = middle_frame(frames) if frame is None else frame
     if not 0 <= index < frames:
         raise BusiError(f"{path}: has {frames} frame(s), no frame {index}")
     try:
@@ -71,6 +71,11 @@ def pixels(path: str | Path, frame: int | None = None, notes: list[str] | None =
     if notes is not None and frames > 1 and frame is None:
         notes.append(f"a cine loop: frame {index} of {frames} used")
     return _rgb8(arr, ds, notes)
+
+
+def middle_frame(frames: int) -> int:
+    """The frame a cine loop is read as where one frame stands for it (training, evaluate, the web page)."""
+    return frames // 2
 
 
 def frames(path: str | Path):

@@ -195,7 +195,7 @@ def write_for_rows(rows: list[dict], checkpoint_path: str | Path, config: dict, 
     from .folders import is_dicom_file
     from .operating import describe
     model, name = model_key(checkpoint_path), config["arch"]
-    rule = describe(config["operating_point"]) if config.get("operating_point") else "the most probable class"
+    rule = describe(config.get("operating_point"))
     files, not_dicom, failed = [], [], []
     for row in rows:
         if "error" in row:

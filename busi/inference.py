@@ -192,11 +192,11 @@ class LoadedModel:
                                     origin=origin)
         spacing = None
         if is_dicom_file(Path(path)):
-            from .dicom import facts
+            from .dicom import facts, middle_frame
             found = facts(path)
             spacing = found["mm_per_pixel"]
-            if frame is None and found["frames"] > 1:  # read_image took the middle one
-                frame = found["frames"] // 2
+            if frame is None and found["frames"] > 1:  # the frame read_image took
+                frame = middle_frame(found["frames"])
         return Prepared(str(path), original, origin, model_input(original, self.config["image_size"]), spacing, frame)
 
     def is_loop(self, path: str | Path) -> bool:

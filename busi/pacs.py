@@ -93,12 +93,13 @@ def run_pacs(checkpoint_path: str | Path, url: str, studies: list[str] | None = 
     from .dicom import hashed
     from .dicom_out import model_key, result_uids, results_for
     from .inference import LoadedModel
+    from .operating import describe
     from .runs import run_dir
     archive = Archive(url, user, password)
     wanted = list(studies or []) or archive.studies(since)
     loaded = LoadedModel(checkpoint_path)
     model, name = model_key(checkpoint_path), loaded.config["arch"]
-    rule = _rule_text(loaded.config)
+    rule = describe(loaded.config.get("operating_point"))
     folder = run_dir(out, "pacs", overwrite)
     work = []  # (study, series, image) UIDs of every image not yet classified by this model
     skipped = {"already stored": 0, "not an image": 0}
@@ -175,9 +176,3 @@ def _classify(archive: Archive, loaded, batch: list[tuple], tmp: Path) -> dict:
     for n, _, _, _ in batch:
         (tmp / f"{n}.dcm").unlink(missing_ok=True)
     return {n: (fetched[n], said[n]) for n in fetched}
-
-
-def _rule_text(config: dict) -> str:
-    from .operating import describe
-    point = config.get("operating_point")
-    return describe(point) if point else "the most probable class"

@@ -119,8 +119,7 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
     wrong = (predicted != labels).nonzero().flatten().tolist()
     wrong.sort(key=lambda i: -float(confidence[i]))  # most confident mistakes first: the worrying ones
     shown = wrong[:20]
-    images[shown]  # noqa: B018 -- one batch: images may be busi.data.Rows, read again on demand
-    gallery([images[i].permute(1, 2, 0).numpy() for i in shown],
+    gallery([image.permute(1, 2, 0).numpy() for image in images[shown]],  # one batch: images may be data.Rows
             [_caption(paths[i], classes, labels[i], predicted[i], float(confidence[i])) for i in shown],
             folder / "misclassified.png", f"Misclassified, {rule}: the {len(shown)} most confident of {len(wrong)}")
     metrics["pictures"] = {"rule": rule, "misclassified": len(wrong), "misclassified_shown": len(shown)}
@@ -134,9 +133,8 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
                 # no expert masks here: the model's own outlines (where it found a lesion) say whether its heatmap
                 # looked at the lesion it found; made only for the images the figure samples
                 size = config["image_size"]
-                maps = lesion_maps
                 masks = Rows(len(labels), lambda rows: (torch.nn.functional.interpolate(
-                    maps[rows].float(), size=(size, size), mode="bilinear") >= LESION_LEVEL).to(torch.uint8))
+                    lesion_maps[rows].float(), size=(size, size), mode="bilinear") >= LESION_LEVEL).to(torch.uint8))
                 mask_status = ["lesion" if float(s) >= LESION_LEVEL else "empty" for s in lesion_scores]
                 against = "the model's own lesion outlines (no expert masks in this folder)"
             _explain(folder, model, config, images, labels, predicted, confidence, paths, masks, mask_status, metrics,
@@ -153,17 +151,17 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
 def _lesion_gallery(folder, images, labels, predicted, paths, classes, maps, dice, masks, mask_status) -> None:
     """lesions.png: the model's outline (white) beside the expert's (green): the worst Dice first, then the best, then
     normal scans (where an outline is a false alarm)."""
-    known = [i for i, st in enumerate(mask_status or []) if st == "lesion" and dice is not None]
+    known = {i for i, st in enumerate(mask_status or []) if st == "lesion" and dice is not None}
     by_dice = sorted(known, key=lambda i: float(dice[i]))
     normal = [i for i in range(len(labels)) if "normal" in classes and int(labels[i]) == classes.index("normal")]
     chosen = list(dict.fromkeys(by_dice[:6] + by_dice[::-1][:6] + normal[:3])) or list(range(min(12, len(labels))))
-    maps[chosen], images[chosen]  # noqa: B018 -- one batch each (busi.data.Rows): not a model pass per image
-    if masks is not None and known:
-        masks[[i for i in chosen if i in known]]  # noqa: B018
+    # one batch each (images, maps and masks may be data.Rows: read again, or a model pass, for these images only)
+    with_mask = [i for i in chosen if i in known] if masks is not None else []
+    expert = dict(zip(with_mask, masks[with_mask])) if with_mask else {}
     drawn, captions = [], []
-    for i in chosen:
-        mask = masks[i, 0].numpy().astype(bool) if masks is not None and i in known else None
-        drawn.append(outlines_drawn(images[i].permute(1, 2, 0).numpy(), maps[i, 0].float().numpy(), mask))
+    for i, image, prob_map in zip(chosen, images[chosen], maps[chosen]):
+        mask = expert[i][0].numpy().astype(bool) if i in expert else None
+        drawn.append(outlines_drawn(image.permute(1, 2, 0).numpy(), prob_map[0].float().numpy(), mask))
         said = f"true {classes[int(labels[i])]}, said {classes[int(predicted[i])]}"
         captions.append(f"{Path(paths[i]).name}\n{said}" + (f", Dice {float(dice[i]):.2f}" if i in known else ""))
     gallery(drawn, captions, folder / "lesions.png", "Lesion outlines: the model's (white), the expert's (green); "
@@ -184,17 +182,19 @@ def _explain(folder, model, config, images, labels, predicted, confidence, paths
     if n_masked > LOCALIZATION_SAMPLE:
         with_lesion = sorted(np.random.default_rng(0).choice(with_lesion, LOCALIZATION_SAMPLE, replace=False).tolist())
     needed = sorted(set(chosen) | set(with_lesion))
-    heat = dict(zip(needed, gradcam(model, images[needed], predicted[needed].tolist(), config["mean"], config["std"]))) if needed else {}
-    gallery([overlay(images[i].permute(1, 2, 0).numpy(), heat[i]) for i in chosen],
+    batch = images[needed] if needed else None  # one batch (images may be data.Rows, read again for these only)
+    needed_images = dict(zip(needed, batch)) if needed else {}
+    heat = dict(zip(needed, gradcam(model, batch, predicted[needed].tolist(), config["mean"], config["std"]))) if needed else {}
+    gallery([overlay(needed_images[i].permute(1, 2, 0).numpy(), heat[i]) for i in chosen],
             [_caption(paths[i], classes, labels[i], predicted[i], float(confidence[i])) for i in chosen],
             folder / "gradcam.png", f"Grad-CAM of the class said ({rule}): {len(right[:GALLERY_SIZE])} right, "
                                     f"{len(wrong[:GALLERY_SIZE])} wrong",
             colors=["darkgreen"] * len(right[:GALLERY_SIZE]) + ["darkred"] * len(wrong[:GALLERY_SIZE]))
     if masks is not None and mask_status is not None:
-        masks[with_lesion]  # noqa: B018 -- one batch (busi.data.Rows)
         metrics["localization"] = summarize_localization(
             np.stack([heat[i] for i in with_lesion]) if with_lesion else np.zeros((0, 1, 1)),
-            [masks[i, 0].numpy().astype(bool) for i in with_lesion], [int(labels[i]) for i in with_lesion],
+            [m[0].numpy().astype(bool) for m in masks[with_lesion]] if with_lesion else [],
+            [int(labels[i]) for i in with_lesion],
             classes, mask_status)
         if n_masked > len(with_lesion):
             metrics["localization"]["sample"] = (f"Grad-CAM of a fixed random sample of {len(with_lesion)} of the "
