@@ -10,8 +10,11 @@ unused) trains on the other sources' masks (a normal scan's mask is empty) and o
 one. Written: lesion_oof.csv (per image: lesion score, Dice and IoU against the expert's mask, the fold),
 lesion_metrics.json (per held-out source: Dice, normal-vs-lesion AUROC, detection). With --classifier-cv (a
 `busi cv --split source` run of the classifier on the same sources), the lesion-first rule is scored on both
-models' out-of-fold predictions: 'normal' below a lesion threshold fitted on the pooled hospital-out lesion scores,
-else malignant from p(malignant | lesion) = p_m / (p_m + p_b) at a threshold fitted the same way, beside today's rule.
+models' out-of-fold predictions: 'normal' below a lesion threshold, else malignant from p(malignant | lesion) =
+p_m / (p_m + p_b) at a second threshold, both fitted together on the hospital-out predictions (busi.operating.
+fit_joint_rule: 90% of the cancers at every held-out hospital, at most 10% of lesions called normal, then the most
+normal scans called normal and benign lesions benign), with its trade-off, beside last release's fit (lesion
+threshold for 95% of the lesions first: lesion95_rule_with_*).
 With --folds K the segmenters are cross-validated within the pooled sources instead (grouped by patient and
 near-duplicates: at home, where normal scans are in training); --rule-from busi/assets/card.json then applies the
 bundled model's stored rule to these predictions instead of fitting one.
@@ -39,7 +42,7 @@ from busi.lesion import dice_iou, lesion_scores  # noqa: E402
 from busi.meta import read_meta  # noqa: E402
 from busi.metrics import cluster_resamples  # noqa: E402
 from busi.models import build, normalization  # noqa: E402
-from busi.operating import fit_lesion_rule, lesion_rule_figures  # noqa: E402
+from busi.operating import fit_joint_rule, fit_lesion_rule, lesion_rule_figures, rule_tradeoff  # noqa: E402
 from busi.crossval import fold_plans  # noqa: E402
 from busi.split import group_ids  # noqa: E402
 from busi.train import fit  # noqa: E402
@@ -180,14 +183,21 @@ def main():
         y = torch.tensor([classes.index(r["true"]) for r, _ in joined])
         scores = torch.tensor([r["lesion_score"] for r, _ in joined])
         held = [r["source"] if "source" in r else r["held_out"] for r, _ in joined]
+        clusters = [by_path[r["path"]] for r, _ in joined]
         if args.rule_from:  # a model's card.json (its stored rule) or a hospital-out run's lesion_metrics.json
             given = json.loads(args.rule_from.read_text())
             rule = given.get("operating_point") or next(v["rule"] for k, v in given.items() if k.startswith("rule_with"))
-        else:
-            rule = fit_lesion_rule(p, scores, y, classes, malignant_recall=0.9, lesion_recall=0.95,
-                                   where="hospital-out out-of-fold predictions")
+        else:  # both thresholds fitted together, the recall bound held at every held-out hospital (the bundled fit)
+            rule = fit_joint_rule(p, scores, y, classes, malignant_recall=0.9, groups=held,
+                                  where="hospital-out out-of-fold predictions")
+            rule["tradeoff"] = rule_tradeoff(p, scores, y, classes, held)
+            # last release's fit beside it: the lesion threshold for 95% of the lesions, then the malignant one
+            before = fit_lesion_rule(p, scores, y, classes, malignant_recall=0.9, lesion_recall=0.95,
+                                     where="hospital-out out-of-fold predictions")
+            metrics[f"lesion95_rule_with_{run.name}"] = {"rule": before, "per_held_out_source": lesion_rule_figures(
+                p, scores, y, classes, before, held, clusters=clusters, n_boot=1000)}
         metrics[f"rule_with_{run.name}"] = {"rule": rule, "per_held_out_source": lesion_rule_figures(
-            p, scores, y, classes, rule, held, clusters=[by_path[r["path"]] for r, _ in joined], n_boot=1000)}
+            p, scores, y, classes, rule, held, clusters=clusters, n_boot=1000)}
     (out / "lesion_metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
 

@@ -116,42 +116,52 @@ def run_adapt(checkpoint_path: str | Path, data, out: str | Path | None = None, 
     return record, save_derived(out, adapted, config, extras, record, overwrite)
 
 
-def lesion_threshold_here(lesion_scores: torch.Tensor, labels: torch.Tensor, classes, lesion_recall: float | None,
-                          before: dict, where: str) -> dict:
-    """The lesion-first rule's lesion threshold re-set on these images: the score that finds lesion_recall of their
-    lesions (benign and malignant images); the stored one is kept, and said so, with fewer than MIN_POSITIVES lesions."""
-    from .operating import MIN_POSITIVES, rounded_down, threshold_for_recall
-    lesion_recall = lesion_recall or before.get("lesion_recall", 0.95)
-    lesion = torch.zeros(len(labels), dtype=torch.bool)
-    for name in ("benign", "malignant"):
-        if name in classes:
-            lesion |= labels == list(classes).index(name)
-    if int(lesion.sum()) < MIN_POSITIVES:
-        warn(f"{where}: {int(lesion.sum())} lesion image(s), fewer than {MIN_POSITIVES}: the lesion threshold "
-             f"{before['lesion_threshold']:.3f} is kept from {before.get('fitted_where', 'the parent model')}")
-        return {"lesion_threshold": before["lesion_threshold"],
-                "lesion_threshold_from": before.get("fitted_where", "the parent model")}
-    t_l = rounded_down(threshold_for_recall(lesion_scores[lesion], lesion_recall))
-    return {"lesion_threshold": t_l, "lesion_recall": lesion_recall, "fitted_on_lesions": int(lesion.sum()),
-            "lesion_threshold_from": f"images of {where}",
-            "previous_lesion_threshold": before["lesion_threshold"]}
+def lesion_rule_here(said, labels: torch.Tensor, classes, target_recall: float, max_lesions_called_normal: float | None,
+                     before: dict, patients: list[str] | None, where: str) -> dict:
+    """The lesion-first rule re-fitted on a hospital's labelled images (see run_calibrate), with its promise."""
+    from .operating import MAX_LESIONS_CALLED_NORMAL, MIN_POSITIVES, cross_fitted, decide, fit_joint_rule
+    classes = list(classes)
+    cap = max_lesions_called_normal if max_lesions_called_normal is not None else before.get(
+        "max_lesions_called_normal", MAX_LESIONS_CALLED_NORMAL)
+    normals = int((labels == classes.index("normal")).sum()) if "normal" in classes else 0
+    keep = None
+    if normals < MIN_POSITIVES:
+        keep = before["lesion_threshold"]
+        warn(f"{where}: {normals} normal scan(s), fewer than {MIN_POSITIVES}: the lesion threshold {keep:.3f} is kept "
+             f"from {before.get('fitted_where', 'the parent model')}; only the malignant threshold is re-set")
+    fit = {"max_lesions_called_normal": cap, "lesion_threshold": keep}
+    rule = fit_joint_rule(said.probs, said.lesion_scores, labels, classes, target_recall, where=f"images of {where}", **fit)
+    promise = cross_fitted(said.probs, said.lesion_scores, labels, classes, target_recall, patients, **fit)
+    negatives = labels != classes.index("malignant")
+    called = decide(said.probs, classes, rule, said.lesion_scores)
+    return {**rule, "recall_where_fitted": rule["where_fitted"]["malignant_recall"],
+            "expected_recall": promise["malignant_recall"], "recall_ci": promise["recall_ci"],
+            "ci_method": promise["ci_method"], "cross_fitted": promise,
+            "previous_lesion_threshold": before["lesion_threshold"],
+            "fitted_on_patients": len(set(patients)) if patients else None,
+            "others_called_malignant": round(float((called[negatives] == classes.index("malignant")).float().mean()), 4)
+            if negatives.any() else None}
 
 
 def run_calibrate(checkpoint_path: str | Path, data, target_recall: float, out: str | Path | None = None,
                   overwrite: bool = False, meta: str | None = None, id_column: str = "ID",
-                  patient_column: str | None = None, progress: bool = True, lesion_recall: float | None = None
-                  ) -> tuple[dict, Path]:
-    """busi calibrate: the checkpoint with its malignant threshold re-set on labelled images of data (a folder with one
+                  patient_column: str | None = None, progress: bool = True,
+                  max_lesions_called_normal: float | None = None) -> tuple[dict, Path]:
+    """busi calibrate: the checkpoint with its decision rule re-set on labelled images of data (a folder with one
     sub-folder per class, some of the model's classes or all), with the recall it can promise new patients. A model
-    that decides from its lesion outline gets its lesion threshold re-set first (lesion_recall of these lesions)."""
+    that decides from its lesion outline gets both thresholds fitted together, as the bundled rule was
+    (operating.fit_joint_rule: target_recall of the cancers through both steps, at most max_lesions_called_normal of
+    the lesions called normal, then the most normal scans called normal and benign lesions benign; the lesion
+    threshold is kept where fewer than MIN_POSITIVES normal scans are there to fit it on), and the recall it promises
+    comes from the rule cross-fitted over patients (operating.cross_fitted), never from the images it was fitted on."""
     from .data import load, scan
     from .external import relabel
     from .meta import read_meta
-    from .operating import LESION_FIRST, decide, fit_with_ci, lesion_given
+    from .operating import LESION_FIRST, decide, fit_with_ci
     if not 0 < target_recall <= 1:
         raise BusiError(f"--malignant-recall must be in (0, 1], got {target_recall}")
-    if lesion_recall is not None and not 0 < lesion_recall <= 1:
-        raise BusiError(f"--lesion-recall must be in (0, 1], got {lesion_recall}")
+    if max_lesions_called_normal is not None and not 0 <= max_lesions_called_normal < 1:
+        raise BusiError(f"--max-lesions-called-normal must be in [0, 1), got {max_lesions_called_normal}")
     if patient_column and not meta:
         raise BusiError("--patient-column needs --meta FILE.csv")
     loaded = LoadedModel(checkpoint_path)
@@ -167,19 +177,12 @@ def run_calibrate(checkpoint_path: str | Path, data, target_recall: float, out: 
         patients = [rows.get(p, {}).get(patient_column) or f"image:{p}" for p in paths]
     said = loaded.run(images)
     before = config.get("operating_point")
-    scored = said.probs
-    lesion_first = bool(before) and before.get("rule") == LESION_FIRST
-    if lesion_first:
-        lesion = lesion_threshold_here(said.lesion_scores, labels, config["classes"], lesion_recall, before, str(data))
-        k, b = (list(config["classes"]).index(c) for c in ("malignant", "benign"))
-        # the malignant threshold is on p(malignant | lesion) and set for the whole rule: a cancer with no lesion found
-        # scores -1 here (it is called normal whatever its threshold), so the rule's recall is what is fitted and promised
-        scored = said.probs.clone()
-        scored[:, k] = torch.where(said.lesion_scores >= lesion["lesion_threshold"], lesion_given(said.probs, k, b), -1.0)
-    point = fit_with_ci(scored, labels, config["classes"], target_recall, patients, where=str(data))
-    point["fitted_where"] = f"images of {data}"
-    if lesion_first:
-        point = {**before, **point, **lesion, "rule": LESION_FIRST}
+    if before and before.get("rule") == LESION_FIRST:
+        point = lesion_rule_here(said, labels, config["classes"], target_recall, max_lesions_called_normal, before,
+                                 patients, str(data))
+    else:
+        point = fit_with_ci(said.probs, labels, config["classes"], target_recall, patients, where=str(data))
+        point["fitted_where"] = f"images of {data}"
     k = list(config["classes"]).index(point["class"])
     malignant = labels == k
     record = {"command": "calibrate", "data": str(data), "n_images": len(paths), "operating_point": point,

@@ -14,6 +14,7 @@ import yaml
 
 from . import __version__, checkpoint
 from .errors import BusiError
+from .operating import MAX_LESIONS_CALLED_NORMAL
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MODEL = ASSETS / "recommended.pth"
@@ -176,20 +177,27 @@ def _joined(classifier_runs: list[Path], lesion_runs: list[Path], classes: list[
 
 
 def lesion_rule_from_cv(classifier_runs: list[Path], lesion_runs: list[Path], classes: list[str],
-                        target_recall: float, lesion_recall: float, home: tuple[list[Path], list[Path]] | None = None
-                        ) -> dict:
+                        target_recall: float, max_lesions_called_normal: float = MAX_LESIONS_CALLED_NORMAL,
+                        home: tuple[list[Path], list[Path]] | None = None, per_hospital: bool = True) -> dict:
     """The lesion-first rule fitted on hospital-out out-of-fold predictions: class probabilities from `busi cv --split
     source` runs of the classifier, lesion scores from benchmarks/lesion.py runs of the segmenter (each image scored
     by models that never saw its hospital); with what the rule does per held-out source, and the segmenter's Dice
-    there. home: (within-source cv runs of the classifier, benchmarks/lesion.py --folds runs): what the same rule does
-    at home, where normal scans were in training."""
-    from .operating import fit_lesion_rule, lesion_rule_figures
+    there. Both thresholds are fitted together (operating.fit_joint_rule), with the recall bound held at every held-out
+    hospital (per_hospital) or over them pooled; the trade-off (sensitivity, specificity and normal recall per
+    held-out hospital against the recall asked for) is kept beside the rule. home: (within-source cv runs of the
+    classifier, benchmarks/lesion.py --folds runs): what the same rule does at home, where normal scans were in
+    training."""
+    from .operating import fit_joint_rule, lesion_rule_figures, rule_tradeoff
     probs, lesion, labels, sources, segmentation = _joined(classifier_runs, lesion_runs, classes)
     where = ("out-of-fold predictions of hospital-out cross-validation (each image's class probabilities and lesion "
              "score from models that never saw its hospital)")
-    rule = fit_lesion_rule(probs, lesion, labels, classes, target_recall, lesion_recall, where=where)
+    groups = sources if per_hospital else None
+    rule = fit_joint_rule(probs, lesion, labels, classes, target_recall, max_lesions_called_normal, where=where,
+                          groups=groups)
     rule["fitted_on_runs"] = [run.name for run in list(classifier_runs) + list(lesion_runs)]
     rule["per_source"] = lesion_rule_figures(probs, lesion, labels, classes, rule, sources)
+    rule["tradeoff"] = rule_tradeoff(probs, lesion, labels, classes, sources,
+                                     max_lesions_called_normal=max_lesions_called_normal, per_group_bounds=per_hospital)
     rule["segmentation_hospital_out"] = segmentation
     if home:
         probs, lesion, labels, sources, segmentation = _joined(*home, classes)
@@ -217,8 +225,9 @@ def data_summary(run: Path, meta: dict[str, dict[str, str]] | None = None) -> di
 
 def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path = MODEL,
            threshold_runs: list[Path] = (), patients: dict[str, str] | None = None, home_runs: list[Path] = (),
-           adapted_threshold_runs: list[Path] = (), lesion_runs: list[Path] = (), lesion_recall: float = 0.95,
-           lesion_home_runs: list[Path] = ()) -> dict:
+           adapted_threshold_runs: list[Path] = (), lesion_runs: list[Path] = (),
+           max_lesions_called_normal: float = MAX_LESIONS_CALLED_NORMAL, lesion_home_runs: list[Path] = (),
+           per_hospital: bool = True) -> dict:
     """Turn a finished `busi train` run of the recommended recipe into the bundled model: fp16 tensors where they move
     no probability of the example images by more than 1e-3, else fp32, with the card's data (card.json) beside it.
 
@@ -243,8 +252,9 @@ def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path
         config["parent"]["checkpoint"] = Path(config["parent"]["checkpoint"]).name
     if lesion_runs:  # a segmenter beside the classifier: the lesion-first rule, fitted hospital-out
         config["operating_point"] = lesion_rule_from_cv(
-            list(threshold_runs), list(lesion_runs), list(config["classes"]), recipe["malignant_recall"], lesion_recall,
-            (list(home_runs), list(lesion_home_runs)) if home_runs and lesion_home_runs else None)
+            list(threshold_runs), list(lesion_runs), list(config["classes"]), recipe["malignant_recall"],
+            max_lesions_called_normal, (list(home_runs), list(lesion_home_runs)) if home_runs and lesion_home_runs else None,
+            per_hospital)
     elif threshold_runs:
         config["operating_point"] = operating_point_from_cv(list(threshold_runs), list(config["classes"]),
                                                             recipe["malignant_recall"], patients or {},

@@ -205,14 +205,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
-    p = sub.add_parser("calibrate", help="re-set the malignant threshold on your own labelled images")
+    p = sub.add_parser("calibrate", help="re-set the decision rule on your own labelled images (a lesion-first model: "
+                                         "both thresholds, fitted together as the bundled rule was)")
     p.add_argument("--checkpoint", help="the model (default: the bundled model, see `busi model`)")
     p.add_argument("--data", required=True, help="labelled images, one sub-folder per class (some of the model's "
                                                  "classes are enough; malignant ones are needed)")
-    p.add_argument("--malignant-recall", type=float, default=0.9, help="share of malignant images the threshold must "
-                                                                      "find (default 0.9)")
-    p.add_argument("--lesion-recall", type=float, help="a model that decides from its lesion outline: share of the "
-                   "lesions (benign and malignant images) the lesion threshold must find here (default: the model's, 0.95)")
+    p.add_argument("--malignant-recall", type=float, default=0.9, help="share of malignant images the rule must call "
+                   "malignant (default 0.9; a cancer with no lesion found counts as missed); among the rules that keep "
+                   "it, the one calling the most normal scans normal and benign lesions benign")
+    p.add_argument("--max-lesions-called-normal", type=float, help="a model that decides from its lesion outline: the "
+                   "largest share of lesions (benign and malignant) the rule may call normal (default: the model's, 0.1)")
     p.add_argument("--meta", help="CSV with a row per image, for --patient-column")
     p.add_argument("--id-column", default="ID", help="its column of file names without extension (default: ID)")
     p.add_argument("--patient-column", help="meta column naming the patient: the interval resamples patients")
@@ -418,24 +420,44 @@ def _calibrate(args, cfg) -> int | None:
     """busi calibrate."""
     from .adapt import run_calibrate
     record, folder = run_calibrate(args.checkpoint, args.data, args.malignant_recall, args.out, args.overwrite,
-                                   args.meta, args.id_column, args.patient_column, args.progress, args.lesion_recall)
+                                   args.meta, args.id_column, args.patient_column, args.progress,
+                                   args.max_lesions_called_normal)
     op, before = record["operating_point"], record["previous_operating_point"]
     if "previous_lesion_threshold" in op:
-        print(f"lesion threshold {op['lesion_threshold']:.3f} (was {op['previous_lesion_threshold']:.3f}): finds "
-              f"{op['lesion_recall']:.0%} of the {op['fitted_on_lesions']} lesions of {args.data}; below it a scan is "
-              "called normal")
-    was = (f" (was {before['threshold']:.3f}, which found {record['previous_recall_here']:.1%} of them here)"
-           if before else "")
-    ci = op["recall_ci"]
-    others = op.get("others_called_malignant")
-    score = "p(malignant | lesion)" if op.get("rule") == "lesion-first" else "p(malignant)"
-    print(f"threshold on {score} {op['threshold']:.3f}{was}: finds {op['recall_where_fitted']:.1%} of the "
-          f"{op['fitted_on_positives']} malignant images of {args.data}"
-          + (f", and calls {others:.1%} of the others malignant" if others is not None else
-             "; no benign or normal images there, so what it does to them is not measured"))
-    if ci:
-        print(f"recall to expect on new patients like these: {op['expected_recall']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
-              f"({op['ci_method']})")
+        at = op["where_fitted"]
+        print(f"lesion threshold {op['lesion_threshold']:.3f} (was {op['previous_lesion_threshold']:.3f}) and threshold "
+              f"on p(malignant | lesion) {op['threshold']:.3f} (was {before['threshold']:.3f}), fitted together on "
+              f"{op['fitted_on']} images of {args.data}: there the rule calls {at['malignant_recall']:.1%} of "
+              f"{op['fitted_on_positives']} malignant images malignant"
+              + (f", {at['normal_recall']:.1%} of {op['fitted_on_normals']} normal scans normal" if at["normal_recall"]
+                 is not None else "") + (f", {at['benign_called_benign']:.1%} of benign lesions benign"
+                                          if at["benign_called_benign"] is not None else "")
+              + f" and {at['lesions_called_normal']:.1%} of lesions normal")
+        promise = op["cross_fitted"]
+        if promise["malignant_recall"] is not None:
+            ci = promise["recall_ci"]
+            print(f"what to expect on new patients like these (the rule cross-fitted over {promise['folds']} folds of "
+                  f"them): malignant recall {promise['malignant_recall']:.3f}"
+                  + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+                  + (f", normal scans called normal {promise['normal_recall']:.3f}" if promise["normal_recall"]
+                     is not None else "")
+                  + (f", specificity {promise['specificity']:.3f}" if promise["specificity"] is not None else ""))
+            if promise["malignant_recall"] < args.malignant_recall:
+                print(f"busi: warning: cross-fitted, the rule finds {promise['malignant_recall']:.1%} of the cancers, "
+                      f"below the {args.malignant_recall:.0%} asked for: expect less than {args.malignant_recall:.0%} "
+                      "on new patients, or label more malignant images", file=sys.stderr)
+    else:
+        was = (f" (was {before['threshold']:.3f}, which found {record['previous_recall_here']:.1%} of them here)"
+               if before else "")
+        ci = op["recall_ci"]
+        others = op.get("others_called_malignant")
+        print(f"threshold on p(malignant) {op['threshold']:.3f}{was}: finds {op['recall_where_fitted']:.1%} of the "
+              f"{op['fitted_on_positives']} malignant images of {args.data}"
+              + (f", and calls {others:.1%} of the others malignant" if others is not None else
+                 "; no benign or normal images there, so what it does to them is not measured"))
+        if ci:
+            print(f"recall to expect on new patients like these: {op['expected_recall']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
+                  f"({op['ci_method']})")
     print(f"wrote {folder / 'checkpoint.pth'}; next, measure it on patients these images are not of: busi evaluate "
           f"--checkpoint {folder / 'checkpoint.pth'} --data TEST_PART (what is left after that: busi finetune, when it "
           "still falls short)")

@@ -78,6 +78,21 @@ def segmentation(source, mask: np.ndarray, uids: dict, model_name: str, frame: i
         series_description="busi lesion outline")
 
 
+def decision_basis(row: dict, unit, algorithm) -> list:
+    """The figure the decision rests on and the threshold it was held against (operating.basis), first in the image
+    group, so that a reader sees why a scan is 'malignant' rather than only its three class probabilities."""
+    from highdicom.sr import Measurement
+    said = row.get("basis")
+    if not said:
+        return []
+    out = [Measurement(name=_code("basis", f"decided on: {said['figure']}"), value=float(said["value"]), unit=unit,
+                       algorithm_id=algorithm)]
+    if said.get("threshold") is not None:
+        out.append(Measurement(name=_code("basis-threshold", f"threshold of {said['figure']}"),
+                               value=float(said["threshold"]), unit=unit, algorithm_id=algorithm))
+    return out
+
+
 def structured_report(source, row: dict, uids: dict, model_name: str, rule: str, seg=None, frame: int | None = None):
     """A TID 1500 measurement report of one prediction row on source: an image group with the probabilities, the
     decision, its rule (as the algorithm's parameter) and the shift flag; a region group with the outline and its
@@ -95,8 +110,9 @@ def structured_report(source, row: dict, uids: dict, model_name: str, rule: str,
         tracking_identifier=TrackingIdentifier(uid=uid(uids["sr"], "image"), identifier="busi classification"),
         source_images=[SourceImageForMeasurementGroup.from_source_image(source, referenced_frame_numbers=frames)],
         algorithm_id=algorithm,
-        measurements=[Measurement(name=_code(f"p_{c}", f"probability of {c}"), value=float(p), unit=unitless,
-                                  algorithm_id=algorithm) for c, p in row["probabilities"].items()],
+        measurements=[*decision_basis(row, unitless, algorithm),
+                      *(Measurement(name=_code(f"p_{c}", f"probability of {c}"), value=float(p), unit=unitless,
+                                    algorithm_id=algorithm) for c, p in row["probabilities"].items())],
         qualitative_evaluations=[
             QualitativeEvaluation(_code("decision", "busi decision"), _code(row["predicted"])),
             *([QualitativeEvaluation(_code("outside", "unlike the model's training images"),

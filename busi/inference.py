@@ -16,9 +16,9 @@ from .data import IMAGENET_MEAN, IMAGENET_STD, MASK_NAME, model_input, normalize
 from .folders import is_dicom_file, is_image_file
 from .errors import BusiError
 from .export import ExportedModel, is_exported
-from .lesion import lesion_scores, outline
+from .lesion import decision_outline, lesion_scores
 from .models import has_segmenter
-from .operating import decide
+from .operating import basis, decide
 
 # Metrics (torchmetrics), figures (matplotlib) and the audit (OpenCV) are imported where they are used: predicting
 # one image needs none of them, and they take seconds to import.
@@ -272,17 +272,22 @@ class LoadedModel:
                 row["predicted_argmax"] = self.classes[int(said.probs[j].argmax())]
             if said.distances is not None:
                 row["outside_training"] = bool(said.distances[j] > self.config["shift"]["threshold"])
+            score = None if said.lesion_scores is None else float(said.lesion_scores[j])
+            row["basis"] = basis(said.probs[j], score, self.classes, self.config.get("operating_point"), k)
             found = None
             if said.lesion_maps is not None:
                 h, w = item.original.shape[:2]
-                found = outline(said.lesion_maps[j, 0].float().numpy(), h, w, item.mm_per_pixel)
-                row["lesion"] = {"score": round(float(said.lesion_scores[j]), 4),
-                                 **(shifted(found, item.origin) if found else {"box": None, "note": "no lesion outlined"})}
+                # the outline goes with the decision: a lesion for benign or malignant, none for normal
+                found = decision_outline(said.lesion_maps[j, 0].float().numpy(), h, w, self.classes[k] != "normal",
+                                         item.mm_per_pixel)
+                row["lesion"] = {"score": round(score, 4),
+                                 **(shifted(found, item.origin) if found else {"box": None, "note": "no lesion: called normal"
+                                                                               if self.classes[k] == "normal" else
+                                                                               "no lesion outlined"})}
             if explain:
                 from .explain import gradcam, overlay
                 heat = gradcam(self.model, item.input, [k], self.config["mean"], self.config["std"])[0]
-                caption = f"{self.classes[k]} (p = {float(said.probs[j, k]):.0%})"
-                row["overlay"] = overlay(item.original, heat, found and found["polygon"], caption)
+                row["overlay"] = overlay(item.original, heat, found and found["polygon"], row["basis"]["text"])
             rows.append(row)
         return rows
 

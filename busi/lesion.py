@@ -22,6 +22,23 @@ def lesion_scores(maps: torch.Tensor) -> torch.Tensor:
     return smooth.flatten(1).amax(1)
 
 
+def decision_outline(prob_map: np.ndarray, height: int, width: int, called_lesion: bool,
+                     mm_per_pixel: tuple[float, float] | None = None) -> dict | None:
+    """The outline that goes with a decision: none for a scan called normal, whatever faint spots its map holds; for a
+    scan called benign or malignant the lesion it was judged on, so a lesion decision never comes with 'no lesion'.
+    Outlined at LESION_LEVEL where the map reaches it, else at half the map's peak (the region the lesion score came
+    from; 'faint' says so): the lesion threshold of the rule can sit well below LESION_LEVEL."""
+    if not called_lesion:
+        return None
+    found = outline(prob_map, height, width, mm_per_pixel)
+    if found is None and float(prob_map.max()) > 0:
+        level = float(prob_map.max()) / 2
+        found = outline(prob_map, height, width, mm_per_pixel, level)
+        if found is not None:
+            found.update({"faint": True, "level": round(level, 4)})
+    return found
+
+
 def dice_iou(maps: torch.Tensor, masks: torch.Tensor, mask_status: list[str] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, Dice and IoU of the outline (map >= LESION_LEVEL) against a mask (N1SS, any size: resized to the
@@ -42,16 +59,16 @@ def dice_iou(maps: torch.Tensor, masks: torch.Tensor, mask_status: list[str] | N
     return dice, iou
 
 
-def outline(prob_map: np.ndarray, height: int, width: int, mm_per_pixel: tuple[float, float] | None = None
-            ) -> dict | None:
+def outline(prob_map: np.ndarray, height: int, width: int, mm_per_pixel: tuple[float, float] | None = None,
+            level: float = LESION_LEVEL) -> dict | None:
     """The largest lesion of a probability map, in the pixels of the image the model saw (height x width, before
     resizing; busi.inference places it on the file's image). -> box [x0, y0, x1, y1], area,
     width, depth (its vertical extent: depth into the breast) and their ratio (depth-to-width above 1, 'taller than
     wide', is a BI-RADS sign of malignancy), and the polygon [[x, y], ...]; in millimetres too where the pixel size is
-    known. None when nothing reaches LESION_LEVEL.
+    known. None when nothing reaches level (LESION_LEVEL unless told).
     """
     grid = cv2.resize(prob_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    binary = (grid >= LESION_LEVEL).astype(np.uint8)
+    binary = (grid >= level).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
     if n <= 1:
         return None

@@ -104,6 +104,137 @@ def fit_lesion_rule(probs: torch.Tensor, lesion_scores: torch.Tensor, labels: to
             "fitted_on_positives": int(malignant.sum()), "fitted_on_lesions": int(lesion.sum()), "fitted_where": where}
 
 
+MAX_LESIONS_CALLED_NORMAL = 0.10  # the joint fit's cap on lesions (benign or malignant) called 'normal'
+MAX_CANDIDATES = 400  # lesion thresholds tried by the joint fit: every score on small sets, quantiles beyond
+
+
+def fit_joint_rule(probs: torch.Tensor, lesion_scores: torch.Tensor, labels: torch.Tensor, classes,
+                   malignant_recall: float = 0.9, max_lesions_called_normal: float = MAX_LESIONS_CALLED_NORMAL,
+                   where: str = "validation images", lesion_threshold: float | None = None, groups=None) -> dict:
+    """The lesion-first rule's two thresholds fitted together for what matters: the rule as a whole (a cancer with no
+    lesion found counts as missed) calls at least malignant_recall of the malignant images malignant, calls at most
+    max_lesions_called_normal of the lesions 'normal', and among the rules that keep both, calls the most normal scans
+    normal and benign lesions benign (the sum of those two shares). A normal scan called malignant costs more than a
+    benign lesion called normal, and both cost less than a missed cancer: hence the recall bound first, then the two
+    shares. groups (e.g. each image's held-out hospital): both bounds hold in every group (with at least MIN_POSITIVES
+    malignant images, for the recall), and the shares are averaged over groups, so no hospital pays for another.
+    lesion_threshold: keep it and fit only the malignant threshold (a set without normal scans to fit on)."""
+    classes = list(classes)
+    m, b = classes.index(POSITIVE), classes.index("benign")
+    n = classes.index("normal") if "normal" in classes else -1
+    y, s = labels.numpy(), lesion_scores.double().numpy()
+    q = lesion_given(probs, m, b).double().numpy()
+    mal, ben, nor = y == m, y == b, y == n
+    lesion = mal | ben
+    if int(mal.sum()) < MIN_POSITIVES or int(lesion.sum()) < MIN_POSITIVES:
+        raise BusiError(f"{where}: {int(mal.sum())} malignant and {int(lesion.sum())} lesion image(s): at least "
+                        f"{MIN_POSITIVES} of each are needed to set the lesion-first rule")
+    names = np.asarray(groups if groups is not None else ["all"] * len(y)).astype(str)
+    parts = [names == g for g in sorted(set(names.tolist()))]
+    bound = [g & mal for g in parts if (g & mal).sum() >= MIN_POSITIVES] or [mal]
+    needed = [math.ceil(malignant_recall * int(g.sum()) - 1e-9) for g in bound]
+    mean_over = lambda hits, among: (float(np.mean([hits[g & among].mean() for g in parts if (g & among).any()]))  # noqa: E731
+                                     if among.any() else 0.0)
+    if lesion_threshold is not None:
+        candidates = np.array([lesion_threshold])
+    else:  # 0 calls nothing normal; each score a lesion threshold could sit at (rounded down, as it is stored)
+        values = np.unique(np.floor(s * 1e6) / 1e6)
+        if len(values) > MAX_CANDIDATES:
+            values = np.unique(np.quantile(values, np.linspace(0, 1, MAX_CANDIDATES), method="lower"))
+        candidates = np.concatenate([[0.0], values])
+    best = None
+    for t_l in candidates:
+        found = s >= t_l
+        q_found = [np.sort(q[g & found])[::-1] for g in bound]
+        if any(len(f) < k for f, k in zip(q_found, needed)):
+            break  # higher lesion thresholds find fewer cancers still
+        called_normal = ~found
+        if lesion_threshold is None and any(called_normal[g & lesion].mean() > max_lesions_called_normal
+                                            for g in parts if (g & lesion).any()):
+            break
+        t_m = rounded_down(min(float(f[k - 1]) if k else 1.0 for f, k in zip(q_found, needed)))
+        benign_called_benign = mean_over(found & (q < t_m), ben)
+        normal_called_normal = mean_over(called_normal, nor)
+        value = normal_called_normal + benign_called_benign
+        if best is None or value > best[0] + 1e-12:
+            best = (value, float(t_l), t_m)
+    if best is None:
+        raise BusiError(f"{where}: no lesion threshold keeps {malignant_recall:.0%} of the cancers found")
+    _, t_l, t_m = best
+    called = np.where(s < t_l, n, np.where(q >= t_m, m, b))
+    share = lambda hit, among: round(float(hit[among].mean()), 4) if among.any() else None  # noqa: E731
+    return {"rule": LESION_FIRST, "class": POSITIVE, "threshold": t_m, "target_recall": malignant_recall,
+            "lesion_threshold": rounded_down(t_l), "fitted_jointly": lesion_threshold is None,
+            "max_lesions_called_normal": max_lesions_called_normal,
+            "where_fitted": {"malignant_recall": share(called == m, mal), "normal_recall": share(called == n, nor),
+                             "benign_called_benign": share(called == b, ben),
+                             "lesions_called_normal": share(called == n, lesion)},
+            "fitted_on": int(len(labels)), "fitted_on_positives": int(mal.sum()), "fitted_on_lesions": int(lesion.sum()),
+            "fitted_on_normals": int(nor.sum()), "fitted_where": where,
+            **({"bounds_held_per": "group"} if groups is not None else {})}
+
+
+def cross_fitted(probs: torch.Tensor, lesion_scores: torch.Tensor, labels: torch.Tensor, classes, malignant_recall: float,
+                 clusters=None, folds: int = 5, seed: int = 0, n_boot: int = 1000, **fit) -> dict:
+    """What the joint rule promises on new patients like these: fitted on the other folds of patients (grouped and
+    stratified), judged on each fold in turn, so every image is decided by a rule that never saw it; the malignant
+    recall, normal recall, specificity and lesions called normal of those out-of-fold decisions, the recall with a 95%
+    bootstrap interval over patients (images when none are known). fit: fit_joint_rule's other arguments."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from .metrics import cluster_resamples
+    classes = list(classes)
+    m, b = classes.index(POSITIVE), classes.index("benign")
+    n = classes.index("normal") if "normal" in classes else -1
+    unit = "patients" if clusters is not None else "images"
+    clusters = np.asarray([str(c) for c in clusters] if clusters is not None else np.arange(len(labels)).astype(str))
+    y = labels.numpy()
+    k = max(2, min(folds, len(set(clusters[y == m].tolist()))))
+    called = np.full(len(y), -1)
+    for train, test in StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, clusters):
+        try:
+            rule = fit_joint_rule(probs[train], lesion_scores[train], labels[train], classes, malignant_recall, **fit)
+        except BusiError:  # too few malignant images left to fit on: this fold's images stay undecided
+            continue
+        called[test] = decide(probs[test], classes, rule, lesion_scores[test]).numpy()
+    done = called >= 0
+    mal, ben, nor = done & (y == m), done & (y == b), done & (y == n)
+    share = lambda hit, among: round(float(hit[among].mean()), 4) if among.any() else None  # noqa: E731
+    decided = np.flatnonzero(done)
+    recalls = []
+    for pick in cluster_resamples(clusters[done], n_boot, seed):
+        rows = decided[pick]
+        rows = rows[y[rows] == m]
+        if len(rows):
+            recalls.append(float((called[rows] == m).mean()))
+    return {"folds": k, "images_decided": int(done.sum()), "malignant_recall": share(called == m, mal),
+            "recall_ci": [round(float(np.quantile(recalls, q)), 4) for q in (0.025, 0.975)] if recalls else None,
+            "normal_recall": share(called == n, nor), "specificity": share(called != m, ben),
+            "lesions_called_normal": share(called == n, mal | ben),
+            "ci_method": f"the rule fitted on {k - 1} of {k} folds of {unit} and applied to the fold left out; 95% "
+                         f"bootstrap over {len(set(clusters[done].tolist()))} {unit} of those decisions"}
+
+
+def rule_tradeoff(probs: torch.Tensor, lesion_scores: torch.Tensor, labels: torch.Tensor, classes, groups,
+                  recalls=(0.8, 0.85, 0.9, 0.95, 0.98), max_lesions_called_normal: float = MAX_LESIONS_CALLED_NORMAL,
+                  per_group_bounds: bool = True) -> list[dict]:
+    """For each malignant-recall target, the joint rule fitted on every image and what it does per group (held-out
+    hospital): the trade-off between cancers found and normal scans and benign lesions spared."""
+    out = []
+    for r in recalls:
+        try:
+            rule = fit_joint_rule(probs, lesion_scores, labels, classes, r, max_lesions_called_normal,
+                                  groups=groups if per_group_bounds else None)
+        except BusiError:
+            continue
+        figures = lesion_rule_figures(probs, lesion_scores, labels, classes, rule, groups)
+        out.append({"target_recall": r, "threshold": rule["threshold"], "lesion_threshold": rule["lesion_threshold"],
+                    "per_group": {g: {k: f["lesion_first"][k] for k in ("sensitivity", "specificity", "normal_recall",
+                                                                         "lesions_called_normal", "accuracy")}
+                                  for g, f in figures.items()}})
+    return out
+
+
 def _rule_outcomes(predicted: torch.Tensor, y: torch.Tensor, m: int, b: int, n: int) -> dict:
     mal, ben, nor = y == m, y == b, y == n
     share = lambda hit, among: round(float(hit[among].float().mean()), 4) if among.any() else None  # noqa: E731
@@ -155,9 +286,48 @@ def lesion_rule_figures(probs: torch.Tensor, lesion_scores: torch.Tensor, labels
     return out
 
 
+def basis(probs: torch.Tensor, lesion_score: float | None, classes, operating_point: dict | None, predicted: int
+          ) -> dict:
+    """The figure one image's decision rests on, against the threshold it was compared with: what a caption, a report
+    or a table shows beside the decision so that the two never seem to disagree (a scan called 'malignant' at
+    p(malignant) 24% under the lesion-first rule was judged on p(malignant | lesion), not on p(malignant))."""
+    classes = list(classes)
+    said = classes[predicted]
+    if operating_point and operating_point.get("rule") == LESION_FIRST:
+        t_l = operating_point["lesion_threshold"]
+        if said == "normal":
+            return {"figure": "lesion score", "value": round(float(lesion_score), 4), "threshold": t_l,
+                    "text": f"normal: no lesion found (lesion score {lesion_score:.2f} < {t_l:.2f})"}
+        m, b = classes.index(POSITIVE), classes.index("benign")
+        q = float(lesion_given(probs[None], m, b)[0])
+        t_m = operating_point["threshold"]
+        sign = ">=" if said == POSITIVE else "<"
+        return {"figure": "p(malignant | lesion)", "value": round(q, 4), "threshold": t_m,
+                "text": f"{said}: lesion found, p(malignant | lesion) {q:.0%} {sign} {t_m:.0%}"}
+    if operating_point and operating_point.get("class") in classes:
+        k = classes.index(operating_point["class"])
+        t, p = operating_point["threshold"], float(probs[k])
+        sign = ">=" if said == operating_point["class"] else "<"
+        return {"figure": f"p({operating_point['class']})", "value": round(p, 4), "threshold": t,
+                "text": f"{said}: p({operating_point['class']}) {p:.0%} {sign} {t:.0%}"}
+    return {"figure": f"p({said})", "value": round(float(probs[predicted]), 4), "threshold": None,
+            "text": f"{said}: p({said}) {float(probs[predicted]):.0%}, the most probable class"}
+
+
 def describe(operating_point: dict | None) -> str:
     if not operating_point:
         return "argmax (no operating point)"
+    if operating_point.get("rule") == LESION_FIRST and "lesion_recall" not in operating_point:
+        cap = operating_point.get("max_lesions_called_normal")
+        return (f"'normal' when no lesion is found (lesion score below {operating_point['lesion_threshold']:.3f}); "
+                f"otherwise 'malignant' when p(malignant)/(p(malignant)+p(benign)) is at least "
+                f"{operating_point['threshold']:.3f}, else 'benign'. Both thresholds were fitted together on "
+                f"{operating_point.get('fitted_where', 'validation images')}: at least "
+                f"{operating_point['target_recall']:.0%} of {operating_point['fitted_on_positives']} malignant images "
+                f"called malignant (a cancer with no lesion found counts as missed)"
+                + (f", at most {cap:.0%} of the lesions called normal" if cap is not None and operating_point.get(
+                    "fitted_jointly", True) else "")
+                + ", and as many normal scans called normal and benign lesions benign as that allows")
     if operating_point.get("rule") == LESION_FIRST:
         return (f"'normal' when no lesion is outlined (lesion score below {operating_point['lesion_threshold']:.3f}, "
                 f"set to find {operating_point['lesion_recall']:.0%} of {operating_point['fitted_on_lesions']} lesions); "

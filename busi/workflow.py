@@ -23,7 +23,7 @@ from .folders import scan_sources
 from .meta import source_meta
 from .confidence import fit_temperature
 from .lesion import lesion_scores
-from .operating import MIN_POSITIVES, fit_lesion_rule, fit_threshold
+from .operating import MIN_POSITIVES, fit_joint_rule, fit_threshold
 from .errors import BusiError
 from .models import IMAGENET_WEIGHTS, Ensemble, build, count_parameters, has_segmenter, normalization, with_segmenter
 from .plots import loss_curves
@@ -175,8 +175,8 @@ def fit_temperature_and_rule(model, config: dict, cfg: RunConfig, val) -> None:
         point = fit_threshold(val_probs, val[1], list(config["classes"]), cfg.malignant_recall)
         if val_maps is not None and "benign" in config["classes"] and point is not None:
             try:  # a segmenter decides 'normal' and where malignancy is judged (busi.operating's lesion-first rule)
-                point = fit_lesion_rule(val_probs, lesion_scores(val_maps), val[1], list(config["classes"]),
-                                        cfg.malignant_recall, where="validation images")
+                point = fit_joint_rule(val_probs, lesion_scores(val_maps), val[1], list(config["classes"]),
+                                       cfg.malignant_recall, where="validation images")
             except BusiError as e:
                 warn(f"{e}; the model keeps the plain malignant threshold")
         parent = checkpoint.read(cfg.init_checkpoint)["config"].get("operating_point") if cfg.init_checkpoint else None

@@ -190,9 +190,16 @@ def test_predict_dicom_out_files_a_report_and_a_segmentation_in_the_images_study
         row = rows[by_image[image_uid]]
         said = {e.name.meaning: e.value.meaning for e in group.get_qualitative_evaluations()}
         assert said["busi decision"] == row["predicted"]
-        probabilities = {m.name.meaning: m.value for m in group.get_measurements()}
+        measured = {m.name.meaning: float(m.value) for m in group.get_measurements()}
+        probabilities = {k: v for k, v in measured.items() if k.startswith("probability of")}
         assert probabilities == pytest.approx({f"probability of {c}": p for c, p in row["probabilities"].items()},
                                               abs=1e-5)
+        # the figure the decision rests on comes first, with its threshold: the SR never shows only a class
+        # probability that seems to contradict its decision
+        basis = row["basis"]
+        assert measured[f"decided on: {basis['figure']}"] == pytest.approx(basis["value"], abs=1e-5)
+        assert measured[f"threshold of {basis['figure']}"] == pytest.approx(basis["threshold"], abs=1e-6)
+        assert group.get_measurements()[0].name.meaning == f"decided on: {basis['figure']}"
         assert sr.StudyInstanceUID == pydicom.dcmread(by_image[image_uid], stop_before_pixels=True).StudyInstanceUID
     for seg in segs:
         image_uid = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID

@@ -90,3 +90,91 @@ def _yaml(tmp_path, text):
     path = tmp_path / "c.yaml"
     path.write_text(text)
     return path
+
+
+def _hospital(seed: int, counts=(60, 30, 60), normal_scores=(0.0, 0.45), lesion_scores=(0.3, 1.0), missed=3):
+    """(probs, lesion scores, labels) of one hospital: normal scans score lower than lesions, with an overlap; `missed`
+    cancers have no lesion found at all (score 0.01), however high their p(malignant)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([k for k, n in enumerate(counts) for _ in range(n)])
+    probs = torch.softmax(torch.randn(len(labels), 3, generator=g) + 1.5 * torch.nn.functional.one_hot(labels, 3), 1)
+    low, high = (torch.tensor(v) for v in (normal_scores, lesion_scores))
+    u = torch.rand(len(labels), generator=g)
+    scores = torch.where(labels == 2, low[0] + u * (low[1] - low[0]), high[0] + u * (high[1] - high[0]))
+    cancers = torch.argwhere(labels == 1).flatten()[:missed]
+    scores[cancers] = 0.01
+    probs[cancers] = torch.tensor([0.05, 0.9, 0.05])
+    return probs, scores, labels
+
+
+def test_joint_rule_keeps_the_cancers_counting_those_with_no_lesion_found_as_missed():
+    from busi.operating import fit_joint_rule
+    probs, scores, labels = _hospital(0)
+    rule = fit_joint_rule(probs, scores, labels, CLASSES, malignant_recall=0.9)
+    called = decide(probs, CLASSES, rule, scores)
+    malignant = labels == 1
+    found = int((called[malignant] == 1).sum())
+    assert found >= 27 and found / 30 == pytest.approx(rule["where_fitted"]["malignant_recall"], abs=1e-4)
+    # the three cancers with no lesion found are called normal whatever their p(malignant) (0.9): they are missed,
+    # so the malignant threshold must reach 27 of the other 27 found
+    assert (called[torch.argwhere(malignant).flatten()[:3]] == 2).all()
+    # among rules that keep the recall it calls normal scans normal: the lesion threshold rises past the normal scans
+    # (scores below 0.45) as far as the lesions (0.3 and up) allow
+    normal_recall = int((called[labels == 2] == 2).sum()) / 60
+    assert rule["lesion_threshold"] > 0.2 and normal_recall > 0.5
+    assert normal_recall == pytest.approx(rule["where_fitted"]["normal_recall"], abs=1e-4)
+    assert int((called[labels != 2] == 2).sum()) <= 9  # the cap: at most 10% of the 90 lesions called normal
+    # a rule that asks for more cancers calls fewer normal scans and benign lesions right, never more
+    strict = fit_joint_rule(probs, scores, labels, CLASSES, malignant_recall=0.97)
+    at = strict["where_fitted"]
+    assert at["malignant_recall"] >= 0.9666
+    assert at["normal_recall"] + at["benign_called_benign"] <= (rule["where_fitted"]["normal_recall"]
+                                                                + rule["where_fitted"]["benign_called_benign"]) + 1e-9
+
+
+def test_joint_rule_holds_the_recall_at_every_hospital_when_told_their_groups():
+    from busi.operating import fit_joint_rule, lesion_rule_figures
+    a, b = _hospital(1, missed=0), _hospital(2, lesion_scores=(0.05, 0.6), missed=2)  # b's lesions score lower
+    probs, scores, labels = (torch.cat([x, y]) for x, y in zip(a, b))
+    groups = ["a"] * len(a[2]) + ["b"] * len(b[2])
+    pooled = fit_joint_rule(probs, scores, labels, CLASSES, 0.9)
+    each = fit_joint_rule(probs, scores, labels, CLASSES, 0.9, groups=groups)
+    figures = lesion_rule_figures(probs, scores, labels, CLASSES, each, groups)
+    assert all(f["lesion_first"]["sensitivity"] >= 0.8999 for f in figures.values())
+    assert each["lesion_threshold"] <= pooled["lesion_threshold"] and each["threshold"] <= pooled["threshold"]
+
+
+def test_joint_rule_keeps_a_given_lesion_threshold_and_refuses_too_few_cancers():
+    from busi.errors import BusiError
+    from busi.operating import fit_joint_rule
+    probs, scores, labels = _hospital(3)
+    kept = fit_joint_rule(probs, scores, labels, CLASSES, 0.9, lesion_threshold=0.123)
+    assert kept["lesion_threshold"] == 0.123 and kept["fitted_jointly"] is False
+    few = torch.cat([torch.argwhere(labels != 1).flatten(), torch.argwhere(labels == 1).flatten()[:5]])
+    with pytest.raises(BusiError, match="at least 10"):
+        fit_joint_rule(probs[few], scores[few], labels[few], CLASSES, 0.9)
+
+
+def test_cross_fitted_promise_judges_each_patient_by_a_rule_fitted_without_them():
+    from busi.operating import cross_fitted
+    probs, scores, labels = _hospital(4, counts=(80, 40, 80))
+    patients = [f"p{i // 2}" for i in range(len(labels))]  # two images a patient
+    promise = cross_fitted(probs, scores, labels, CLASSES, 0.9, patients, folds=5)
+    assert promise["folds"] == 5 and promise["images_decided"] == len(labels)
+    low, high = promise["recall_ci"]
+    assert low <= promise["malignant_recall"] <= high and high - low > 0
+    assert "patients" in promise["ci_method"] and promise["normal_recall"] is not None
+
+
+def test_the_basis_of_a_decision_is_the_figure_it_was_judged_on():
+    from busi.operating import basis
+    rule = {"rule": "lesion-first", "class": "malignant", "threshold": 0.2, "lesion_threshold": 0.3}
+    p = torch.tensor([0.60, 0.16, 0.24])  # p(malignant) 16%, but 21% of what the classifier gives lesions: malignant
+    said = basis(p, 0.8, CLASSES, rule, 1)
+    assert said["figure"] == "p(malignant | lesion)" and said["value"] == pytest.approx(0.16 / 0.76, abs=1e-4)
+    assert said["text"] == "malignant: lesion found, p(malignant | lesion) 21% >= 20%"
+    normal = basis(torch.tensor([0.05, 0.9, 0.05]), 0.1, CLASSES, rule, 2)
+    assert normal["figure"] == "lesion score" and "no lesion found" in normal["text"] and "0.10 < 0.30" in normal["text"]
+    plain = basis(torch.tensor([0.3, 0.25, 0.45]), None, CLASSES, {"class": "malignant", "threshold": 0.2}, 1)
+    assert plain["text"] == "malignant: p(malignant) 25% >= 20%"
+    assert basis(torch.tensor([0.3, 0.25, 0.45]), None, CLASSES, None, 2)["threshold"] is None
