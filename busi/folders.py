@@ -105,23 +105,29 @@ def every_frame(dataset: Dataset) -> Dataset:
 
 def scan_sources(roots, classes=None) -> Dataset:
     """One folder, or several pooled: each keeps its name as a source; a source may hold a subset of the classes (another
-    hospital's benign/malignant set), but no class the first folder (or --classes) lacks."""
+    hospital's benign/malignant set). Without --classes the classes are the first folder's, joined by any of benign,
+    malignant and normal that another source adds (BUS-BRA first, then a set with normal scans), in name order; a
+    folder of any other name that the first lacks is refused, never taught as a class of its own."""
     roots = [Path(r) for r in ([roots] if isinstance(roots, (str, Path)) else roots)]
     if len(roots) == 1:
         return scan(roots[0], classes)
     first = scan(roots[0], classes)
     names = source_names(roots)
-    samples, skipped = [], {}
-    for name, root in zip(names, roots):
-        ds = first if root == roots[0] else scan(root)
-        extra = [c for c in ds.classes if c not in first.classes]
-        if extra:
+    scanned = [first] + [scan(root) for root in roots[1:]]
+    target = first.classes
+    for root, ds in zip(roots, scanned):
+        extra = [c for c in ds.classes if c not in target]
+        if extra and (classes is not None or any(c not in BUSI_CLASSES for c in extra + list(target))):
             raise BusiError(f"{root}: class folder(s) {', '.join(extra)} are not among the classes of {roots[0]} "
                             f"({', '.join(first.classes)})")
-        samples += [Sample(f"{name}/{s.path}", first.classes.index(ds.classes[s.label]),
+        if extra:
+            target = tuple(sorted({*target, *extra}))
+    samples, skipped = [], {}
+    for name, ds in zip(names, scanned):
+        samples += [Sample(f"{name}/{s.path}", target.index(ds.classes[s.label]),
                            tuple(f"{name}/{m}" for m in s.mask_paths)) for s in ds.samples]
         skipped.update({f"{name}/{k}": v for k, v in ds.skipped.items()})
-    return Dataset(roots[0], first.classes, samples, skipped, dict(zip(names, roots)))
+    return Dataset(roots[0], target, samples, skipped, dict(zip(names, roots)))
 
 
 def scan(root: str | Path, classes: tuple[str, ...] | list[str] | None = None) -> Dataset:
