@@ -1,8 +1,10 @@
 """Rebuild the bundled model (busi/assets/): train configs/recommended.yaml on every source we may ship, write its card.
 
-    python scripts/bundle_model.py --data ../shared/data/busi_dev --data ../shared/data/busbra_dev \
-        --meta ../shared/data/busbra_dev/bus_data.csv --patient-column Case --group-column Device \
-        --hospital-cv benchmarks/results/hospitals-recommended --within-cv benchmarks/results/pooled-recommended
+    D="--data ../shared/data/busi_dev --data ../shared/data/busbra_dev --data ../shared/data/uclm_dev"
+    M="--meta ../shared/data/busbra_dev/bus_data.csv --meta ../shared/data/uclm_dev/meta.csv"
+    python scripts/bundle_model.py $D $M --hospital-cv benchmarks/results/hospitals3-recommended     # the classifier
+    python scripts/bundle_model.py $D $M --hospital-cv benchmarks/results/hospitals3-recommended \
+        --lesion-cv benchmarks/results/lesion3-hospitals                  # its segmenter beside it, and the rule
     (add --from-run RUN to bundle a finished `busi train` run of the same recipe and data instead of training)
 
 --hospital-cv: `busi cv --split source` runs of the recipe (each source held out in turn): the card leads with their
@@ -27,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from busi import bundled  # noqa: E402
+from busi.errors import BusiError  # noqa: E402
 from busi.meta import source_meta  # noqa: E402
 
 CITATIONS = {  # what the card repeats of each source we may ship (../shared/data/*/README.md, LICENSE.txt)
@@ -36,7 +39,13 @@ CITATIONS = {  # what the card repeats of each source we may ship (../shared/dat
                    "Ultrasound Dataset for Assessing Computer-aided Diagnosis Systems\", Medical Physics 51(4):3110–3123, "
                    "2024. National Institute of Cancer, Rio de Janeiro; free use and redistribution with its copyright "
                    "notice kept (busi/assets/LICENSE-BUS-BRA.txt), citation required.", "BUS-BRA"),
+    "uclm_dev": ("BUS-UCLM: N. Vallez et al., \"BUS-UCLM: Breast ultrasound lesion segmentation dataset\", Scientific "
+                 "Data 12, 242 (2025). A hospital in Spain, Siemens ACUSON S2000, 2022–2023; CC BY-NC 4.0 "
+                 "(non-commercial use, with attribution): a model trained on it is for non-commercial use too.",
+                 "BUS-UCLM"),
 }
+# the scanner of a source whose meta CSV names none (the card's per-scanner counts): from its README
+SCANNERS = {"uclm_dev": "Siemens ACUSON S2000"}
 
 
 def _ci(v) -> str:
@@ -115,14 +124,27 @@ def lesion_rule_lines(op: dict, name: dict) -> list[str]:
             sep = (f"; normal vs lesion AUROC {v['normal_vs_lesion_auroc']:.3f}" if "normal_vs_lesion_auroc" in v else "")
             seg.append(f"{name.get(source, source)} held out: Dice {v['dice_mean']:.3f} (median {v['dice_median']:.3f}) "
                        f"over {v['lesion_images']} lesion images{sep} ({run})")
-    return ["**The stored decision rule** (lesion-first): 'normal' when the model outlines no lesion (its lesion score "
-            f"below {op['lesion_threshold']:.3f}, set to find {op['lesion_recall']:.0%} of the lesions); otherwise "
-            f"'malignant' when p(malignant) / (p(malignant) + p(benign)) is at least {op['threshold']:.3f} (set for "
-            f"{op['target_recall']:.0%} of the malignant images), else 'benign'. A scan with no lesion outlined is "
-            "never called malignant, however high its p(malignant). Both thresholds were fitted on "
-            f"{op['fitted_on']} {op['fitted_where']}: {op['fitted_on_lesions']} lesions, {op['fitted_on_positives']} "
-            "of them malignant.", "",
-            "What the rule did there, per held-out hospital: " + "; ".join(per) + ".", "",
+    how = (f"set to find {op['lesion_recall']:.0%} of the lesions" if "lesion_recall" in op else
+           "both thresholds fitted together: at least "
+           f"{op['target_recall']:.0%} of the cancers at every held-out hospital (a cancer with no lesion found counts "
+           f"as missed), at most {op.get('max_lesions_called_normal', 0.1):.0%} of the lesions called normal, then as "
+           "many normal scans called normal and benign lesions benign as that allows")
+    trade = op.get("tradeoff") or []
+    tradeoff = (["The trade-off, per held-out hospital (the same joint fit for each malignant recall asked for; "
+                 "sensitivity / specificity / normal scans called normal):", "",
+                 "| malignant recall asked | " + " | ".join(name.get(g, g) for g in trade[0]["per_group"]) + " |",
+                 "|---|" + "---|" * len(trade[0]["per_group"])]
+                + [f"| {t['target_recall']:.0%} | " + " | ".join(
+                    f"{_pct(v['sensitivity'])} / {_pct(v['specificity'])} / {_pct(v['normal_recall'])}"
+                    for v in t["per_group"].values()) + " |" for t in trade] + [""]) if trade else []
+    return ["**The stored decision rule** (lesion-first): 'normal' when the model finds no lesion (its lesion score "
+            f"below {op['lesion_threshold']:.3f}); otherwise 'malignant' when p(malignant) / (p(malignant) + "
+            f"p(benign)) is at least {op['threshold']:.3f}, else 'benign' ({how}). A scan with no lesion found is "
+            "never called malignant, however high its p(malignant), and a scan called benign or malignant always "
+            f"shows the lesion it was judged on. Fitted on {op['fitted_on']} {op['fitted_where']}: "
+            f"{op['fitted_on_lesions']} lesions, {op['fitted_on_positives']} of them malignant"
+            + (f", and {op['fitted_on_normals']} normal scans" if op.get("fitted_on_normals") else "") + ".", "",
+            "What the rule did there, per held-out hospital: " + "; ".join(per) + ".", "", *tradeoff,
             *([f"At home (segmenters and classifiers cross-validated within the pooled sources, normal scans in "
                f"training: {', '.join(op['at_home']['runs'])}), the same rule: " + "; ".join(
                    f"{name.get(k, k)}: sensitivity {pct(v['lesion_first']['sensitivity'])}, specificity "
@@ -145,8 +167,9 @@ def lesion_rule_lines(op: dict, name: dict) -> list[str]:
             + "; ".join(seg) + ". `busi predict` gives each image's outline (box, polygon, width, depth, "
             "depth-to-width), `busi evaluate` its Dice against your masks.", "",
             "At your hospital: `busi evaluate --data YOUR_LABELLED_FOLDER` first (it says when your images lie "
-            "outside what the model trained on); re-set the malignant threshold on your own labelled images with "
-            "`busi calibrate --data YOUR_LABELLED_FOLDER --malignant-recall 0.9` (the lesion threshold is kept).", ""]
+            "outside what the model trained on); then `busi calibrate --data YOUR_LABELLED_FOLDER --malignant-recall "
+            "0.9` re-fits both thresholds together the same way on your images (the lesion threshold only where 10 "
+            "normal scans or more are there) and says the recall it can promise, cross-fitted over your patients.", ""]
 
 
 def card(data: dict) -> str:
@@ -157,9 +180,9 @@ def card(data: dict) -> str:
     ho = data.get("hospital_out") or {}
     if ho:
         lines += ["## What to expect at a hospital it never saw",
-                  "Hospital-out cross-validation of the same recipe (`busi cv --split source`): a model trained on one "
-                  "source, tested on the other, which it never saw. This model trains on both, so at a third hospital "
-                  "expect figures of this kind, not the home figures below:", ""]
+                  "Hospital-out cross-validation of the same recipe (`busi cv --split source`): each source held out "
+                  "in turn, tested by a model trained on the others, which never saw it. This model trains on all of "
+                  "them, so at another hospital expect figures of this kind, not the home figures below:", ""]
         for source, runs in ho.items():
             first = dict(runs[0])
             for key in ("shift_flagged", "adapted_auroc"):  # older runs lack some figures: the first run that has them
@@ -224,8 +247,9 @@ def card(data: dict) -> str:
               *([f"- Lesion segmenter beside it (`configs/lesion.yaml`): EfficientNet-Lite0 encoder from ImageNet "
                  f"weights and a U-Net decoder (segmentation-models-pytorch) at {r['lesion_size']}×{r['lesion_size']} "
                  f"px, {r['epochs']} epochs of binary cross-entropy + Dice on every training image's lesion mask (a "
-                 "normal scan's is empty), with the augmentation below; the classifier is the previously bundled one, "
-                 "kept as it was (its recipe: `configs/recommended.yaml`, 30 epochs)."] if r.get("lesion_size") else []),
+                 "normal scan's is empty), with the augmentation below, trained beside the classifier, which is kept "
+                 "as it was (its recipe: `configs/recommended.yaml`, 30 epochs, on the same sources)."]
+                if r.get("lesion_size") else []),
               f"- {'Classifier recipe' if r.get('lesion_size') else 'Recipe'}: `configs/recommended.yaml` — "
               f"{30 if r.get('lesion_size') else r['epochs']} epochs, AdamW lr {r['lr']}, weight decay "
               f"{r['weight_decay']}, cosine schedule, label smoothing {r['label_smoothing']}, flip / rotation / zoom / "
@@ -259,16 +283,20 @@ def card(data: dict) -> str:
     if summary:
         lines += [f"- Left out: {summary['left_out_label_conflicts']} images of BUSI's label-conflict groups (one scan "
                   "filed under two classes); about 10% of the images (grouped by patient) were kept aside to set the "
-                  "shift threshold. The rest of both datasets, and two more hospitals, are kept back by the team for "
+                  "shift threshold. The rest of each dataset, and one more hospital, are kept back by the team for "
                   "checks nobody tunes to.", ""]
     lines += ["## Intended use and limits",
               "- For research and teaching: trying the tool, comparing methods, a starting point to adapt to your own "
               "data. Not for screening or diagnosis.",
-              "- Two hospitals, five scanner models. BUSI images carry calipers and text; BUS-BRA's are cropped to the "
-              "scan. Other scanners, settings and populations may be scored worse — the hospital-out figures above are "
-              "the honest guide, and the shift warning says when your images differ.",
-              "- Normal scans come from BUSI only; lesion-free views of both sources' lesion images teach 'normal' too."
-              if r.get("lesion_windows") else "- Normal scans come from BUSI only.",
+              f"- {len(summary.get('sources') or {}) or 'Several'} hospitals: "
+              + "; ".join(name.get(k, k) for k in (summary.get("sources") or {}))
+              + ". BUSI images carry calipers and text; BUS-BRA's are cropped to the scan; BUS-UCLM's are Siemens "
+              "scans, some with Doppler colour. Other scanners, settings and populations may be scored worse — the "
+              "hospital-out figures above are the honest guide, and the shift warning says when your images differ.",
+              "- Normal scans come from " + (" and ".join(name.get(k, k) for k, v in (summary.get("sources") or {}).items()
+                                                         if v["classes"].get("normal")) or "BUSI") + " only.",
+              *(["- Trained on BUS-UCLM (CC BY-NC 4.0): this model is for non-commercial use."]
+                if "uclm_dev" in (summary.get("sources") or {}) else []),
               "- Three classes only (normal, benign, malignant); anything else (other organs, Doppler, elastography) "
               "still gets one of the three answers.", "",
               "## Provenance",
@@ -285,7 +313,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", action="append", required=True, help="a source folder (repeat): BUSI, BUS-BRA")
     parser.add_argument("--meta", action="append", default=[], help="meta CSV (e.g. BUS-BRA's bus_data.csv)")
-    parser.add_argument("--patient-column", default="Case")
+    parser.add_argument("--patient-column", default="Case,Patient", help="each CSV's patient column (alternatives: "
+                        "BUS-BRA's Case, BUS-UCLM's Patient)")
     parser.add_argument("--group-column", default="Device")
     parser.add_argument("--from-run", type=Path, help="a finished `busi train --config configs/recommended.yaml` run")
     parser.add_argument("--hospital-cv", type=Path, action="append", default=[],
@@ -307,7 +336,8 @@ def main():
     args = parser.parse_args()
     recipe = ROOT / "configs" / ("lesion.yaml" if args.lesion_cv else "recommended.yaml")
     data_flags = [x for d in args.data for x in ("--data", d)] + [x for m in args.meta for x in ("--meta", m)]
-    meta_flags = ["--patient-column", args.patient_column, "--group-column", args.group_column] if args.meta else []
+    # the group (scanner) column is read for the card only: not every source's CSV has one
+    meta_flags = ["--patient-column", args.patient_column] if args.meta else []
     train = ["busi", "train", "--config", str(recipe.relative_to(ROOT)), *data_flags, *meta_flags]
     command = "python scripts/bundle_model.py " + " ".join(sys.argv[1:])
     run = args.from_run
@@ -334,11 +364,20 @@ def main():
     if args.meta:
         split = json.loads((run / "split.json").read_text())
         paths = split["train"] + split["val"]
-        rows, _ = source_meta(paths, [p.split("/", 1)[0] for p in paths], args.meta, "ID",
-                              [args.patient_column, args.group_column])
-        info = {p: {"patient": f"{p.split('/', 1)[0]}:{v[args.patient_column]}", "group": v[args.group_column]}
-                for p, v in rows.items()}
-    patients = {p: v["patient"] for p, v in info.items()}
+        sources = [p.split("/", 1)[0] for p in paths]
+        rows, _ = source_meta(paths, sources, args.meta, "ID", [args.patient_column])
+        info = {p: {"patient": f"{p.split('/', 1)[0]}:{v[args.patient_column]}"} for p, v in rows.items()}
+        for meta in args.meta:  # scanners where a CSV names them, else the source's own (SCANNERS)
+            try:
+                groups, _ = source_meta(paths, sources, [meta], "ID", [args.group_column])
+            except BusiError:
+                continue
+            for p, v in groups.items():
+                info.setdefault(p, {})["group"] = v[args.group_column]
+        for p in paths:
+            if p.split("/", 1)[0] in SCANNERS:
+                info.setdefault(p, {}).setdefault("group", SCANNERS[p.split("/", 1)[0]])
+    patients = {p: v["patient"] for p, v in info.items() if "patient" in v}
     data = bundled.bundle(run, recipe, ROOT / "examples", command, threshold_runs=args.hospital_cv, patients=patients,
                           home_runs=[args.within_cv] if args.within_cv else [],
                           adapted_threshold_runs=[r for r in args.hospital_cv if args.adapted_threshold and "adapted_p_"
