@@ -163,6 +163,9 @@ def lead(m: dict, data: str | None = None) -> list[str]:
             said.append(f"{share} lie outside what the model trained on (about {shift_verdict['expected_share']:.0%} "
                         f"would for images like its training images): expect its figures here to be worse than where "
                         f"it was validated; {todo}.")
+        elif shift_verdict.get("too_few"):  # 1 of 4 flagged is no evidence either way
+            said.append(f"{share} flagged as unlike its training images: too few images to say whether they lie "
+                        "outside what the model trained on.")
         else:
             said.append(f"The images look like its training images ({share} flagged; about "
                         f"{shift_verdict['expected_share']:.0%} expected).")

@@ -14,6 +14,7 @@ K = 10  # the k-th nearest training image: one close copy does not make an image
 DIMS = 128  # principal directions kept of the features (the rest is measured as one residual distance)
 QUANTILE = 0.95  # the threshold: this share of held-out images of the training sources lies within it
 MIN_HELDOUT = 20  # fewer held-out images than this cannot place a 95% threshold
+TOO_FEW_TO_SAY = 20  # fewer images than this: a share of flagged ones says nothing about the folder as a whole
 FOLDER_P = 0.001  # a folder is 'outside' when this many flagged images would be that unlikely at the 5% rate …
 FOLDER_FACTOR = 3  # … and at least three times that rate: held-out folds of the training sources, measured in
 # cross-validation, ran at 5.6% and 9.6%, above the 5% the validation part sets (benchmarks/hospitals.md)
@@ -98,7 +99,8 @@ def verdict(flags: torch.Tensor, rate: float = 1 - QUANTILE) -> dict:
     n, k = int(len(flags)), int(flags.sum())
     p = float(binom.sf(k - 1, n, rate)) if n else 1.0
     return {"n": n, "flagged": k, "share": round(k / n, 4) if n else None, "expected_share": rate,
-            "p_value": p, "outside": bool(n and p < FOLDER_P and k / n >= FOLDER_FACTOR * rate)}
+            "p_value": p, "outside": bool(n and p < FOLDER_P and k / n >= FOLDER_FACTOR * rate),
+            "too_few": n < TOO_FEW_TO_SAY}
 
 
 def describe(v: dict, what: str = "these images") -> str:
@@ -107,5 +109,8 @@ def describe(v: dict, what: str = "these images") -> str:
         return (f"{v['flagged']} of {v['n']} of {what} ({v['share']:.0%}) lie outside what the model was trained on "
                 f"(≤ {v['expected_share']:.0%} of images like its training images do): expect its figures to be worse "
                 "here than where it was validated; re-set its threshold (busi calibrate) or adapt it (busi adapt)")
+    if v.get("too_few"):  # too few to call the folder like the training images (it can still be clearly unlike)
+        return (f"{v['flagged']} of {v['n']} of {what} flagged as unlike the model's training images: too few images "
+                f"(fewer than {TOO_FEW_TO_SAY}) to say whether the folder as a whole lies outside what it trained on")
     return (f"{what} look like the model's training images ({v['flagged']} of {v['n']} flagged, "
             f"{v['expected_share']:.0%} expected)")

@@ -388,11 +388,19 @@ def main():
     data["within_source"] = within(args.within_cv)
     if data["within_source"]:
         a = data["within_source"]["metrics"]["accuracy"]
-        data["cross_validation"] = f"at home (grouped CV, both sources): accuracy {_ci(a)}"
-    if data["hospital_out"]:
-        data["hospitals_never_seen"] = "; ".join(
-            f"{CITATIONS.get(s, (s, s))[1]} held out: AUROC {v[0]['auroc']['estimate']:.3f}"
-            for s, v in data["hospital_out"].items())
+        data["cross_validation"] = f"at home (grouped CV, every source): accuracy (most probable class) {_ci(a)}"
+    if data["hospital_out"]:  # the headline of `busi model` and the web page: the stored rule's figures first
+        at_rule = (data.get("operating_point") or {}).get("per_source") or {}
+
+        def headline(source, runs):
+            rule = (at_rule.get(source) or {}).get("lesion_first")
+            said = (f"sensitivity {_pct(rule['sensitivity'])}, specificity {_pct(rule['specificity'])}"
+                    + (f", normal scans called normal {_pct(rule['normal_recall'])}, 3-class accuracy "
+                       f"{rule['accuracy']:.2f}" if rule.get("normal_recall") is not None else "")
+                    + " at the stored rule; " if rule else "")
+            return (f"{CITATIONS.get(source, (source, source))[1]} held out: {said}malignant-vs-benign AUROC "
+                    f"{runs[0]['auroc']['estimate']:.3f}")
+        data["hospitals_never_seen"] = "; ".join(headline(s, v) for s, v in data["hospital_out"].items())
     bundled.CARD_DATA.write_text(json.dumps(data, indent=2) + "\n")
     bundled.CARD.write_text(card(data))
     for d in args.data:

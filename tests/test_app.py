@@ -140,3 +140,18 @@ def test_too_many_images_in_one_request_get_a_message(server):
     image = _real_image()
     answer, gallery = Client(url, verbose=False).predict([handle_file(str(image))] * (MAX_IMAGES + 1), api_name="/analyse")
     assert f"Too many images ({MAX_IMAGES + 1})" in answer and not gallery
+
+
+def test_the_page_leads_with_the_figures_of_the_rule_users_get(tmp_path):
+    import json
+    from busi.app import model_card
+    config = {"arch": "efficientnet-lite0", "classes": ["benign", "malignant", "normal"], "image_size": 224}
+    (tmp_path / "metrics.json").write_text(json.dumps({
+        "n": 100, "accuracy": 0.773, "macro_f1": 0.7, "per_class": {"malignant": {"recall": 0.8}},
+        "operating_point": {"accuracy": 0.640, "per_class": {"malignant": {"recall": 0.95}}}}))
+    card = model_card(tmp_path / "checkpoint.pth", config)
+    assert "at its decision rule: accuracy 0.640, malignant recall 0.950" in card["evaluation"]
+    assert "0.773" not in card["evaluation"]  # the argmax accuracy, which no user gets, is not the headline
+    (tmp_path / "metrics.json").write_text(json.dumps({"n": 100, "accuracy": 0.773, "macro_f1": 0.7,
+                                                       "per_class": {"malignant": {"recall": 0.8}}}))
+    assert "(most probable class): accuracy 0.773" in model_card(tmp_path / "checkpoint.pth", config)["evaluation"]

@@ -84,3 +84,14 @@ def test_a_large_folder_slightly_above_the_rate_is_not_outside():
     # but no sign of another hospital (hospital-out: 44-57%)
     assert not shift.verdict(torch.tensor([True] * 59 + [False] * 555))["outside"]
     assert shift.verdict(torch.tensor([True] * 269 + [False] * 336))["outside"]
+
+
+def test_a_handful_of_images_is_too_few_to_call_like_the_training_images():
+    v = shift.verdict(torch.tensor([True] + [False] * 3))  # 1 of 4 (25%): no evidence either way
+    said = shift.describe(v)
+    assert v["too_few"] and not v["outside"] and "too few images" in said and "look like" not in said
+    from busi.report import lead
+    text = " ".join(lead({"n": 4, "accuracy": 0.5, "macro_f1": 0.5, "per_class": {}, "shift": v}))
+    assert "too few images" in text and "look like" not in text
+    many = shift.verdict(torch.tensor([True] + [False] * 39))
+    assert not many["too_few"] and "look like" in shift.describe(many)
