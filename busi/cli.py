@@ -132,6 +132,10 @@ def parser() -> argparse.ArgumentParser:
                    "more: the export takes a minute, once), torch or onnx")
     p.add_argument("--dicom-out", metavar="DIR", help="also write each DICOM image's result as DICOM (SR and SEG, "
                    "as predict --dicom-out does: one more pass over the folder's DICOM images)")
+    p.add_argument("--compare", action="append", default=[], metavar="CHECKPOINT",
+                   help="another model (e.g. the parent of a fine-tuned or calibrated one) scored on the same images: "
+                        "both side by side at their own rules, with intervals, and which keeps its recall target "
+                        "(repeatable; comparison.json)")
 
     p = sub.add_parser("predict", help="class and probabilities for images or folders of images")
     p.add_argument("--checkpoint", help="checkpoint.pth, or a model written by `busi export` (default: the bundled "
@@ -273,7 +277,13 @@ def _print_finetuned(path: Path) -> None:
     config = read(path)["config"]
     print(f"fine-tuned from {config['parent']['checkpoint']} in {config['train_seconds']:.0f} s; decision rule: "
           f"{describe(config.get('operating_point'))}")
-    print(f"wrote {path}; measure it on patients it never saw: busi evaluate --checkpoint {path} --data HELDOUT")
+    op = config.get("operating_point") or {}
+    if op.get("cross_fit_folds"):
+        ci = op.get("recall_ci")
+        print(f"malignant recall to expect on new patients like these: {op['expected_recall']:.3f}"
+              + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f" ({op['ci_method']})")
+    print(f"wrote {path}; measure it beside its parent on patients it never saw: busi evaluate --checkpoint {path} "
+          f"--compare {config['parent']['checkpoint']} --data HELDOUT")
 
 
 def _lesion_cell(lesion: dict) -> str:
@@ -349,6 +359,9 @@ def _check_before_imports(args):
             raise BusiError("--group-column and --patient-column need --meta FILE.csv")
         if args.meta:
             check_columns(args.meta, [args.id_column, args.patient_column, getattr(args, "group_column", None)])
+        for other in getattr(args, "compare", []):
+            if not Path(other).is_file():
+                raise BusiError(f"{other}: --compare model file does not exist")
     if args.command == "audit":
         scan(args.data, args.classes)
     if args.command == "pacs":
@@ -401,6 +414,8 @@ def _finetune(args, cfg) -> int | None:
     _caution(cfg)
     folder = workflow.run_train(cfg, args.out or workflow.run_dir(None, "finetune"), args.overwrite,
                                 progress=args.progress)
+    from .finetune import cross_fitted_rule
+    cross_fitted_rule(cfg, folder, progress=args.progress)
     _print_finetuned(folder / cfg.models[0] / "checkpoint.pth")
 
 
@@ -537,6 +552,25 @@ def _evaluate(args, cfg) -> int | None:
                   f"(listed in metrics.json; n={rest['n']}): accuracy {rest['accuracy']:.3f}, macro-F1 "
                   f"{rest['macro_f1']:.3f}, " + ", ".join(f"recall {c} {v:.2f}" for c, v in rest["recall"].items()
                                                           if v is not None))
+    if args.compare:
+        import json
+        from .compare import compare, lines
+        patients = None
+        if args.meta and args.patient_column:
+            from .data import scan
+            from .meta import read_meta
+            paths = [s.path for s in scan(args.data).samples]
+            rows, _ = read_meta(args.meta, args.id_column, [args.patient_column], paths)
+            patients = [rows.get(p, {}).get(args.patient_column) or f"image:{p}" for p in paths]
+        # each model named by its file, or by its path where two files share a name (checkpoint.pth)
+        paths = [args.checkpoint, *args.compare]
+        named = [Path(p).name for p in paths]
+        side = compare({(n if named.count(n) == 1 else p): p for n, p in zip(named, paths)}, args.data, patients,
+                       args.engine, args.progress)
+        (folder / "comparison.json").write_text(json.dumps(side, indent=2) + "\n")
+        print("side by side on the same images, each at its own decision rule:")
+        for line in lines(side):
+            print(line)
     print(f"results in {folder}/; report: {folder / 'report.html'}")
     if args.dicom_out:
         from .folders import is_dicom_file, scan

@@ -235,7 +235,9 @@ def rule_tradeoff(probs: torch.Tensor, lesion_scores: torch.Tensor, labels: torc
     return out
 
 
-def _rule_outcomes(predicted: torch.Tensor, y: torch.Tensor, m: int, b: int, n: int) -> dict:
+def rule_outcomes(predicted: torch.Tensor, y: torch.Tensor, m: int, b: int, n: int) -> dict:
+    """Shares of hard decisions: cancers called malignant, benign lesions not, normal scans called normal (and called
+    malignant), lesions called normal, and accuracy (n: -1 where there is no normal class)."""
     mal, ben, nor = y == m, y == b, y == n
     share = lambda hit, among: round(float(hit[among].float().mean()), 4) if among.any() else None  # noqa: E731
     return {"sensitivity": share(predicted == m, mal), "specificity": share(predicted != m, ben),
@@ -263,11 +265,11 @@ def lesion_rule_figures(probs: torch.Tensor, lesion_scores: torch.Tensor, labels
         idx = torch.from_numpy(np.flatnonzero(groups == name))
         p, s, y = probs[idx], lesion_scores[idx], labels[idx]
         called = decide(p, classes, rule, s)
-        figures = {"lesion_first": _rule_outcomes(called, y, m, b, n),
-                   "classifier_alone": {**_rule_outcomes(decide(p, classes, alone), y, m, b, n),
+        figures = {"lesion_first": rule_outcomes(called, y, m, b, n),
+                   "classifier_alone": {**rule_outcomes(decide(p, classes, alone), y, m, b, n),
                                         "threshold": alone["threshold"]}}
         if n_boot:
-            boots = [_rule_outcomes(called[pick], y[pick], m, b, n)
+            boots = [rule_outcomes(called[pick], y[pick], m, b, n)
                      for pick in map(torch.from_numpy, cluster_resamples(clusters[idx.numpy()], n_boot, seed))]
             figures["lesion_first"]["ci"] = {
                 k: [round(float(np.quantile(v, q)), 4) for q in (0.025, 0.975)]

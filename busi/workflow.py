@@ -115,7 +115,8 @@ def build_for(arch: str, cfg: RunConfig, n_classes: int):
 
 
 def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_dir: Path, test_idx=None,
-              resume: bool = False, progress: bool = True, checkpoints: bool = True, seed: int | None = None):
+              resume: bool = False, progress: bool = True, checkpoints: bool = True, seed: int | None = None,
+              shift_summary: bool = True):
     """Build, seed and train one model; calibrate it on the validation part and summarise its training images there
     (busi.shift). -> (model, config, history, extra tensors for the checkpoint)."""
     start = time.perf_counter()
@@ -158,7 +159,7 @@ def train_one(arch: str, cfg: RunConfig, classes, part, train_idx, val_idx, out_
         if len(val[1]) >= shift.MIN_HELDOUT:  # enough held-out images to say where 'like the training images' ends
             extras, config["shift"] = shift.summarize(shift.features(model, training[0], config["mean"], config["std"]),
                                                       shift.features(model, val[0], config["mean"], config["std"]))
-    if "shift" not in config and is_main_process():
+    if shift_summary and "shift" not in config and is_main_process():
         warn(f"{out_dir.name}: no shift summary ({len(val_idx)} validation images, {shift.MIN_HELDOUT} needed): this "
              "model cannot say when an image is unlike its training images (raise --val-size, or add images)")
     return model, config, history, extras

@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import pytest
@@ -32,8 +33,25 @@ def test_finetune_on_benign_and_malignant_only_keeps_normal(parent, tmp_path, ca
     out = tmp_path / "ft"
     assert main(["finetune", "--checkpoint", str(parent), "--data", str(local), "--epochs", "8", "--lr", "0.001",
                  "--batch-size", "8", "--out", str(out), "--no-progress"]) == 0
-    assert "fine-tuned from" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "fine-tuned from" in said and "malignant recall to expect on new patients" in said
     tuned = out / "custom-cnn" / "checkpoint.pth"
+    # its rule is set on every adapt image, each scored by a model tuned the same way without it: not a small slice
+    op = checkpoint.read(tuned)["config"]["operating_point"]
+    assert op["cross_fit_folds"] == 2 and op["fitted_on"] == 40 and op["fitted_on_positives"] == 20
+    assert "out-of-fold predictions of 40 images" in op["fitted_where"] and op["recall_ci"]
+    crossfit = json.loads((out / "cross_fit.json").read_text())
+    assert len(crossfit["predictions"]) == 40 and crossfit["replaced"]["fitted_on_positives"] < 20
+    # the tuned model beside its parent on the same held-apart images, each at its own rule
+    assert main(["evaluate", "--checkpoint", str(tuned), "--compare", str(parent), "--data", str(test),
+                 "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "side by side on the same images" in said and said.count("recall target") == 2
+    side = json.loads((tmp_path / "ev" / "comparison.json").read_text())
+    assert set(side) == {str(tuned), str(parent)} and all(v["images"] == 30 for v in side.values())
+    tuned_side, parent_side = side[str(tuned)], side[str(parent)]
+    assert tuned_side["keeps_target"] == (tuned_side["sensitivity"] >= tuned_side["target_recall"] == 0.9)
+    assert parent_side["target_recall"] is None and "has no recall target" in said  # the parent decides by argmax
     # a plain fine-tune (cross-entropy over every class, no distillation) measured 0.0 here: normal forgotten
     assert _normal_recall(tuned, test) >= 0.8
     _, config, extras = checkpoint.load(tuned, extras=True)
