@@ -130,6 +130,57 @@ def summarize(rows: list[dict], clusters: list[int], n_boot: int = 1000) -> dict
     return out
 
 
+NAMES = {"busi_dev": "BUSI", "busbra_dev": "BUS-BRA", "uclm_dev": "BUS-UCLM"}
+
+
+def markdown(metrics: dict, classifier_runs: list[Path]) -> str:
+    """Per held-out hospital and rule: what the issue's table asks (normal recall, lesions called normal, normal-vs-
+    lesion AUROC, malignant-vs-benign AUROC, sensitivity / specificity at the rule, 3-class accuracy, Dice), each with
+    its 95% interval over patients joined with near-duplicates, and the CPU minutes of training behind it."""
+    def ci(value, interval, pct=True):
+        if value is None:
+            return "–"
+        f = (lambda v: f"{v:.0%}") if pct else (lambda v: f"{v:.3f}")  # noqa: E731
+        return f(value) + (f" [{f(interval[0])}, {f(interval[1])}]" if interval else "")
+    out = []
+    seg = metrics["segmentation"]
+    for run in classifier_runs:
+        summary = next(iter(json.loads((run / "cv_metrics.json").read_text()).values()))
+        minutes = {}  # a hospital-out fold's test part is its held-out hospital: matched by size
+        with open(run / "fold_metrics.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                minutes[int(row["n_test"])] = float(row["train_seconds"]) / 60
+        for key, title in ((f"rule_with_{run.name}", "joint rule (both thresholds fitted together, 90% of the cancers "
+                                                      "at every held-out hospital)"),
+                           (f"lesion95_rule_with_{run.name}", "last release's fit (lesion threshold for 95% of the "
+                                                              "lesions, then the malignant one)")):
+            if key not in metrics:
+                continue
+            rule = metrics[key]["rule"]
+            out += [f"**{title}**, on `{run.name}` + its segmenters: lesion threshold {rule['lesion_threshold']:.3f}, "
+                    f"p(malignant | lesion) threshold {rule['threshold']:.3f}", "",
+                    "| held out | images | normal recall | lesions called normal | normal vs lesion AUROC | "
+                    "malignant vs benign AUROC | sensitivity / specificity | 3-class accuracy | Dice | CPU min |",
+                    "|---|---|---|---|---|---|---|---|---|---|"]
+            for source, f in sorted(metrics[key]["per_held_out_source"].items()):
+                r, c = f["lesion_first"], f["lesion_first"].get("ci", {})
+                g = seg.get(source, {})
+                mvb = (summary["per_source"].get(source) or {}).get("malignant_vs_benign") or {}
+                auroc = mvb.get("auroc") or {}
+                cpu = f"{minutes.get(f['images'], float('nan')):.0f} + {g.get('train_minutes', float('nan')):.0f}"
+                out.append(
+                    f"| {NAMES.get(source, source)} | {f['images']} ({g.get('normal_images', 0)} normal) | "
+                    f"{ci(r['normal_recall'], c.get('normal_recall'))} | "
+                    f"{ci(r['lesions_called_normal'], c.get('lesions_called_normal'))} | "
+                    f"{ci(g.get('normal_vs_lesion_auroc'), g.get('normal_vs_lesion_auroc_ci'), False)} | "
+                    f"{ci(auroc.get('estimate'), [auroc['ci_low'], auroc['ci_high']] if auroc else None, False)} | "
+                    f"{ci(r['sensitivity'], c.get('sensitivity'))} / {ci(r['specificity'], c.get('specificity'))} | "
+                    f"{ci(r['accuracy'], c.get('accuracy'), False)} | "
+                    f"{ci(g.get('dice_mean'), g.get('dice_ci'), False)} | {cpu} |")
+            out.append("")
+    return "\n".join(out)
+
+
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -149,6 +200,7 @@ def main():
                     "lesion_metrics.json: apply that rule here instead of fitting one")
     ap.add_argument("--out", required=True)
     ap.add_argument("--reuse", action="store_true", help="score an earlier run's lesion_oof.csv again, no training")
+    ap.add_argument("--md", type=Path, help="also write the per-hospital table (markdown) to this file")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,6 +251,8 @@ def main():
         metrics[f"rule_with_{run.name}"] = {"rule": rule, "per_held_out_source": lesion_rule_figures(
             p, scores, y, classes, rule, held, clusters=clusters, n_boot=1000)}
     (out / "lesion_metrics.json").write_text(json.dumps(metrics, indent=2))
+    if args.md:
+        args.md.write_text(markdown(metrics, [Path(run) for run in args.classifier_cv]) + "\n")
     print(json.dumps(metrics, indent=2))
 
 
