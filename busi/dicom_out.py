@@ -12,13 +12,35 @@ import numpy as np
 from . import __version__
 from .errors import BusiError
 
-SCHEME = "99BUSI"  # a private coding scheme (DICOM PS3.16 8.2): busi's own concepts, named in plain words
+SCHEME = "99BUSI"  # a private coding scheme (DICOM PS3.16 8.2), declared in every SR: busi's own concepts alone
 MANUFACTURER = "busi (open source)"
+# The standard codes for what has one (SNOMED CT, DICOM's DCM): the finding and the decision's value, the probability
+# of cancer, the procedure, the lesion's size; a viewer or registry reads "benign" or "malignant" from them
+DECISION_VALUES = {"normal": ("17621005", "SCT", "Normal"), "benign": ("30807003", "SCT", "Benign"),
+                   "malignant": ("21594007", "SCT", "Malignant")}
+STANDARD = {"decision": ("121071", "DCM", "Finding"), "p_malignant": ("111047", "DCM", "Probability of cancer"),
+            "breast-us": ("47079000", "SCT", "Ultrasonography of breast"), "width": ("103355008", "SCT", "Width"),
+            "depth": ("131197000", "SCT", "Depth"), "area": ("42798000", "SCT", "Area")}
 
 
 def _code(value: str, meaning: str | None = None):
+    """The standard code for value where busi knows one, else busi's private code with its meaning in words."""
     from highdicom.sr import CodedConcept
+    if value in STANDARD or value in DECISION_VALUES:
+        code, scheme, name = STANDARD.get(value) or DECISION_VALUES[value]
+        return CodedConcept(value=code, scheme_designator=scheme, meaning=name)
     return CodedConcept(value=value[:16], scheme_designator=SCHEME, meaning=(meaning or value)[:64])
+
+
+def declare_private_scheme(ds) -> None:
+    """The private scheme named in the Coding Scheme Identification Sequence (SOP Common), as PS3.3 C.12.1.1.9 asks."""
+    from pydicom.dataset import Dataset
+    item = Dataset()
+    item.CodingSchemeDesignator = SCHEME
+    item.CodingSchemeName = "busi: breast-ultrasound classifier concepts"
+    item.CodingSchemeVersion = __version__
+    item.CodingSchemeResponsibleOrganization = MANUFACTURER
+    ds.CodingSchemeIdentificationSequence = [item]
 
 
 def model_key(path: str | Path) -> str:
@@ -70,12 +92,15 @@ def segmentation(source, mask: np.ndarray, uids: dict, model_name: str, frame: i
     if frames > 1:  # a loop: one segmentation frame per source frame, the outlined one alone not empty
         pixel_array = np.zeros((frames, *mask.shape), bool)
         pixel_array[frame or 0] = mask
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=[source], pixel_array=pixel_array, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[lesion], series_instance_uid=uids["seg_series"], series_number=9701,
         sop_instance_uid=uids["seg"], instance_number=1, manufacturer=MANUFACTURER,
         manufacturer_model_name=model_name[:64], software_versions=__version__, device_serial_number="0",
         series_description="busi lesion outline")
+    if "ImageOrientationPatient" not in seg:  # General Image: type 2C where no patient orientation is given, as in US
+        seg.PatientOrientation = source.get("PatientOrientation", "")
+    return seg
 
 
 def decision_basis(row: dict, unit, algorithm) -> list:
@@ -114,7 +139,7 @@ def structured_report(source, row: dict, uids: dict, model_name: str, rule: str,
                       *(Measurement(name=_code(f"p_{c}", f"probability of {c}"), value=float(p), unit=unitless,
                                     algorithm_id=algorithm) for c, p in row["probabilities"].items())],
         qualitative_evaluations=[
-            QualitativeEvaluation(_code("decision", "busi decision"), _code(row["predicted"])),
+            QualitativeEvaluation(_code("decision"), _code(row["predicted"])),
             *([QualitativeEvaluation(_code("outside", "unlike the model's training images"),
                                      codes.SCT.Yes if row["outside_training"] else codes.SCT.No)]
               if "outside_training" in row else [])])
@@ -145,10 +170,28 @@ def structured_report(source, row: dict, uids: dict, model_name: str, rule: str,
     report = MeasurementReport(observation_context=ObservationContext(observer_device_context=observer),
                                procedure_reported=_code("breast-us", "ultrasound of the breast"),
                                imaging_measurements=groups)
-    return Comprehensive3DSR(
+    sr = Comprehensive3DSR(
         evidence=[source, *([seg] if seg is not None else [])], content=report, series_instance_uid=uids["sr_series"],
         series_number=9702, sop_instance_uid=uids["sr"], instance_number=1, manufacturer=MANUFACTURER,
         series_description="busi classification", is_complete=True, is_final=False, is_verified=False)
+    declare_private_scheme(sr)
+    return sr
+
+
+def said_in(sr) -> dict:
+    """What a busi SR (a highdicom Comprehensive3DSR read back) says: {"decision", "probabilities": {class: p},
+    "measured": {concept meaning: value}}, whichever codes (standard or busi's) carry each figure."""
+    group = sr.content.get_image_measurement_groups()[0]
+    meaning_of = {tuple(v[:2]): k for k, v in DECISION_VALUES.items()}
+    # read from the content items themselves: highdicom's getter takes a CODE named "Finding" for the finding type
+    decision = next(item.ConceptCodeSequence[0] for item in group[0].ContentSequence if item.ValueType == "CODE"
+                    and (item.ConceptNameCodeSequence[0].CodeValue,
+                         item.ConceptNameCodeSequence[0].CodingSchemeDesignator) == STANDARD["decision"][:2])
+    measured = {m.name.meaning: float(m.value) for m in group.get_measurements()}
+    probabilities = {k.removeprefix("probability of "): v for k, v in measured.items() if k.startswith("probability of")}
+    probabilities["malignant"] = measured[STANDARD["p_malignant"][2]]
+    return {"decision": meaning_of[(decision.CodeValue, decision.CodingSchemeDesignator)], "probabilities": probabilities,
+            "measured": measured}
 
 
 def results_for(source, row: dict, model: str, model_name: str, rule: str, frame: int | None = None) -> list:

@@ -1,6 +1,7 @@
 """DICOM in: the same pixels as the PNG it was made from, whatever the encoding; the header's patient, scanner and pixel
 size used; one line for a DICOM that holds no image; and no patient identifier in any output."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from PIL import Image
 from busi.cli import main
 from busi.data import read_image
 from busi.dicom import facts, is_dicom
+from busi.dicom_out import said_in
 from busi.errors import BusiError
 from busi.folders import scan
 from conftest import ACCESSION, PATIENT_ID, PATIENT_NAME, write_dicom
@@ -188,17 +190,18 @@ def test_predict_dicom_out_files_a_report_and_a_segmentation_in_the_images_study
         group = sr.content.get_image_measurement_groups()[0]
         image_uid = group.source_images[0].referenced_sop_instance_uid
         row = rows[by_image[image_uid]]
-        said = {e.name.meaning: e.value.meaning for e in group.get_qualitative_evaluations()}
-        assert said["busi decision"] == row["predicted"]
-        measured = {m.name.meaning: float(m.value) for m in group.get_measurements()}
-        probabilities = {k: v for k, v in measured.items() if k.startswith("probability of")}
-        assert probabilities == pytest.approx({f"probability of {c}": p for c, p in row["probabilities"].items()},
-                                              abs=1e-5)
+        said = said_in(sr)
+        assert said["decision"] == row["predicted"]
+        assert said["probabilities"] == pytest.approx(row["probabilities"], abs=1e-5)
+        measured = said["measured"]
         # the figure the decision rests on comes first, with its threshold: the SR never shows only a class
         # probability that seems to contradict its decision
         basis = row["basis"]
         assert measured[f"decided on: {basis['figure']}"] == pytest.approx(basis["value"], abs=1e-5)
-        assert measured[f"threshold of {basis['figure']}"] == pytest.approx(basis["threshold"], abs=1e-6)
+        if basis["threshold"] is not None:
+            assert measured[f"threshold of {basis['figure']}"] == pytest.approx(basis["threshold"], abs=1e-6)
+        else:  # the most probable class: no threshold to show
+            assert not any(k.startswith("threshold of") for k in measured)
         assert group.get_measurements()[0].name.meaning == f"decided on: {basis['figure']}"
         assert sr.StudyInstanceUID == pydicom.dcmread(by_image[image_uid], stop_before_pixels=True).StudyInstanceUID
     for seg in segs:
@@ -251,3 +254,47 @@ def test_a_loop_trains_as_its_middle_frame_or_as_every_frame_when_told(tmp_path,
     loops = lambda part: {p.split("#")[0] for p in split[part]}  # noqa: E731
     assert split["test"] and not loops("train") & loops("test")  # a loop never on both sides
     assert "busi: error" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (shutil.which("dciodvfy") and shutil.which("dsrdump")),
+                    reason="needs Debian's dicom3tools and dcmtk (.ci/run installs them)")
+def test_every_result_object_passes_the_standards_validator(lesion_model, tmp_path, capsys):
+    """dciodvfy (the standard's IOD and module checks) finds no error in any SR or SEG busi writes, for single frames
+    with and without a pixel size, colour and monochrome, and a cine loop; the only term it does not know is busi's
+    own scheme, which every SR declares; dsrdump renders each SR with the standard codes of the decision."""
+    import subprocess
+
+    import pydicom
+
+    from busi import checkpoint
+    data, ckpt, _ = lesion_model
+    model, config = checkpoint.load(ckpt)
+    every_scan_a_lesion = {"rule": "lesion-first", "class": "malignant", "threshold": 0.5, "lesion_threshold": 0.0,
+                           "target_recall": 0.9, "fitted_on_positives": 10, "fitted_where": "a test"}
+    ckpt = tmp_path / "lesions.pth"  # so that every input gets its SEG as well as its SR
+    checkpoint.save(ckpt, model, {**config, "operating_point": every_scan_a_lesion})
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(data.rglob("*).png"))[::2]]
+    sources = [write_dicom(tmp_path / "mono_mm.dcm", images[0], "MONOCHROME2", region_mm=0.2),
+               write_dicom(tmp_path / "mono.dcm", images[1], "MONOCHROME2"),
+               write_dicom(tmp_path / "rgb_mm.dcm", images[2], "RGB", region_mm=0.1),
+               write_dicom(tmp_path / "loop.dcm", np.stack(images[3:7]), "MONOCHROME2", region_mm=0.2)]
+    sources += [write_dicom(tmp_path / f"more{n}.dcm", image, "MONOCHROME2", region_mm=0.2)
+                for n, image in enumerate(images[7:])]
+    assert main(["predict", "--checkpoint", str(ckpt), "--dicom-out", str(tmp_path / "out"), *map(str, sources)]) == 0
+    capsys.readouterr()
+    written = sorted((tmp_path / "out").glob("*.dcm"))
+    kinds = [pydicom.dcmread(f, stop_before_pixels=True).Modality for f in written]
+    # the loop has no Frame of Reference: its SR carries the outline, and no SEG is written (dicom_out.results_for)
+    assert kinds.count("SR") == len(sources) and kinds.count("SEG") == len(sources) - 1
+    for f, kind in zip(written, kinds):
+        report = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True)
+        lines = (report.stdout + report.stderr).splitlines()
+        assert not [line for line in lines if line.startswith("Error")], (f.name, kind, lines)
+        unknown = [line for line in lines if "Unrecognized defined term" in line]
+        assert all("<99BUSI>" in line for line in unknown), unknown
+        if kind == "SR":
+            declared = pydicom.dcmread(f).CodingSchemeIdentificationSequence
+            assert [item.CodingSchemeDesignator for item in declared] == ["99BUSI"]
+            rendered = subprocess.run(["dsrdump", str(f)], capture_output=True, text=True)
+            assert rendered.returncode == 0 and '(47079000,SCT,"Ultrasonography of breast")' in rendered.stdout
+            assert any(f'(,,"Finding")=({code},SCT,' in rendered.stdout for code in ("17621005", "30807003", "21594007"))
