@@ -46,6 +46,8 @@ CITATIONS = {  # what the card repeats of each source we may ship (../shared/dat
 }
 # the scanner of a source whose meta CSV names none (the card's per-scanner counts): from its README
 SCANNERS = {"uclm_dev": "Siemens ACUSON S2000"}
+SOURCE_NOTES = {"busi_dev": "BUSI images carry calipers and text.", "busbra_dev": "BUS-BRA's are cropped to the scan.",
+                "uclm_dev": "BUS-UCLM's are Siemens scans, some with Doppler colour or caliper marks."}
 
 
 def _ci(v) -> str:
@@ -124,7 +126,8 @@ def lesion_rule_lines(op: dict, name: dict) -> list[str]:
             sep = (f"; normal vs lesion AUROC {v['normal_vs_lesion_auroc']:.3f}" if "normal_vs_lesion_auroc" in v else "")
             seg.append(f"{name.get(source, source)} held out: Dice {v['dice_mean']:.3f} (median {v['dice_median']:.3f}) "
                        f"over {v['lesion_images']} lesion images{sep} ({run})")
-    how = (f"set to find {op['lesion_recall']:.0%} of the lesions" if "lesion_recall" in op else
+    how = (f"the lesion threshold set to find {op['lesion_recall']:.0%} of the lesions, then the malignant one for "
+           f"{op['target_recall']:.0%} of the cancers through both steps" if "lesion_recall" in op else
            "both thresholds fitted together: at least "
            f"{op['target_recall']:.0%} of the cancers at every held-out hospital (a cancer with no lesion found counts "
            f"as missed), at most {op.get('max_lesions_called_normal', 0.1):.0%} of the lesions called normal, then as "
@@ -290,9 +293,9 @@ def card(data: dict) -> str:
               "data. Not for screening or diagnosis.",
               f"- {len(summary.get('sources') or {}) or 'Several'} hospitals: "
               + "; ".join(name.get(k, k) for k in (summary.get("sources") or {}))
-              + ". BUSI images carry calipers and text; BUS-BRA's are cropped to the scan; BUS-UCLM's are Siemens "
-              "scans, some with Doppler colour. Other scanners, settings and populations may be scored worse — the "
-              "hospital-out figures above are the honest guide, and the shift warning says when your images differ.",
+              + ". " + " ".join(SOURCE_NOTES[k] for k in (summary.get("sources") or {}) if k in SOURCE_NOTES)
+              + " Other scanners, settings and populations may be scored worse — the hospital-out figures above are "
+              "the honest guide, and the shift warning says when your images differ.",
               "- Normal scans come from " + (" and ".join(name.get(k, k) for k, v in (summary.get("sources") or {}).items()
                                                          if v["classes"].get("normal")) or "BUSI") + " only.",
               *(["- Trained on BUS-UCLM (CC BY-NC 4.0): this model is for non-commercial use."]
