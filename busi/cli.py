@@ -644,10 +644,12 @@ def _pacs(args, cfg) -> int | None:
     summary, folder = run_pacs(args.checkpoint, args.url, args.study, args.since, args.out, args.overwrite,
                                args.progress, args.engine, args.user, args.password)
     skipped = summary["skipped"]
+    own = skipped.get("busi's own results", 0)
     print(f"{summary['classified_and_stored']} image(s) of {summary['studies']} studies classified, their results "
           f"stored in their studies ({', '.join(f'{n} {c}' for c, n in summary['predicted'].items())}); "
-          f"{skipped['already stored']} had results from this model already, {skipped['not an image']} objects were "
-          f"not images; {summary['failed']} failed (pacs.csv says why). Run folder: {folder}/")
+          f"{skipped['already stored']} image(s) had results from this model already ({own} of its own results left "
+          f"alone), {skipped['not an image']} other object(s) were not images; {summary['failed']} failed (pacs.csv "
+          f"says why). Run folder: {folder}/")
     return 1 if summary["failed"] else 0
 
 

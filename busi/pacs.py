@@ -102,12 +102,17 @@ def run_pacs(checkpoint_path: str | Path, url: str, studies: list[str] | None = 
     rule = describe(loaded.config.get("operating_point"))
     folder = run_dir(out, "pacs", overwrite)
     work = []  # (study, series, image) UIDs of every image not yet classified by this model
-    skipped = {"already stored": 0, "not an image": 0}
+    skipped = {"already stored": 0, "busi's own results": 0, "not an image": 0}
     for study in wanted:
         items = archive.instances(study)
         present = {_value(i, SOP_UID) for i in items}
+        # the SR and SEG this model writes for each image of the study: known by their UIDs, never classified
+        own = {u for i in items for k, u in result_uids(study, _value(i, SOP_UID), model).items()
+               if k in ("sr", "seg")}
         for item in items:
-            if _value(item, SOP_CLASS) not in IMAGE_CLASSES:
+            if _value(item, SOP_UID) in own:
+                skipped["busi's own results"] += 1
+            elif _value(item, SOP_CLASS) not in IMAGE_CLASSES:
                 skipped["not an image"] += 1
             elif result_uids(study, _value(item, SOP_UID), model)["sr"] in present:
                 skipped["already stored"] += 1
@@ -121,8 +126,10 @@ def run_pacs(checkpoint_path: str | Path, url: str, studies: list[str] | None = 
     rows = []
     with tempfile.TemporaryDirectory(prefix="busi-pacs-") as tmp, open(folder / "pacs.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "predicted", *[f"p_{c}" for c in loaded.classes], "lesion", "stored", "sr_uid",
-                         "seg_uid", "error"])
+        # image: a salted hash of its SOP Instance UID; lesion_outlined: the outline the SR carries (a loop's on its
+        # answering frame); frame/frames/frames_said: a cine loop's answering frame and each class's count of frames
+        writer.writerow(["image", "predicted", *[f"p_{c}" for c in loaded.classes], "lesion_outlined", "frame",
+                         "frames", "frames_said", "results_stored", "sr_uid", "seg_uid", "error"])
         bar = tqdm(total=len(work), desc="classifying the archive's images", disable=not progress, leave=False)
         for start in range(0, len(work), batch_size):  # fetched and classified in batches, stored one by one
             batch = [(n, *item) for n, item in enumerate(work[start:start + batch_size], start)]
@@ -139,12 +146,15 @@ def run_pacs(checkpoint_path: str | Path, url: str, studies: list[str] | None = 
                     if str(e).startswith(archive.url):  # the archive itself failed: no point in going on
                         raise
                     rows.append({"image": key, "error": str(e)})
-                    writer.writerow([key, "", *[""] * len(loaded.classes), "", "no", "", "", str(e)])
+                    writer.writerow([key, "", *[""] * len(loaded.classes), "", "", "", "", "no", "", "", str(e)])
                     continue
                 seg = next((o.SOPInstanceUID for o in objects if o.Modality == "SEG"), "")
                 rows.append({"image": key, "predicted": row["predicted"]})
+                said_frames = row.get("frames_said") or {}
                 writer.writerow([key, row["predicted"], *[row["probabilities"][c] for c in loaded.classes],
-                                 "yes" if seg else "no", "yes", objects[-1].SOPInstanceUID, seg, ""])
+                                 "yes" if (row.get("lesion") or {}).get("box") else "no", row.get("frame", ""),
+                                 row.get("frames", ""), " ".join(f"{c}:{n}" for c, n in said_frames.items()),
+                                 "yes", objects[-1].SOPInstanceUID, seg, ""])
                 f.flush()
             bar.update(len(batch))
         bar.close()

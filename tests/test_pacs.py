@@ -1,8 +1,10 @@
 """busi pacs against a real Orthanc (Debian's orthanc and orthanc-dicomweb, started here on a loopback port): 50
 studies pulled, classified and their results stored back and read again; a run stopped midway and run again stores
 nothing twice and loses nothing; a PACS that is down or refuses is one line."""
+import csv
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -110,7 +112,13 @@ def test_fifty_studies_classified_and_stored_back_once_even_when_stopped_midway(
                  "--no-progress"]) == 0
     said = capsys.readouterr().out
     assert f"{N_STUDIES - 20} image(s) of {N_STUDIES} studies classified" in said
-    assert "20 had results from this model already" in said
+    own = re.search(r"20 image\(s\) had results from this model already \((\d+) of its own results left alone\), "
+                    r"1 other object\(s\) were not images", said)  # its SRs and SEGs are not 'not images'
+    assert own and int(own[1]) >= 20
+    with open(tmp_path / "again" / "pacs.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert {"lesion_outlined", "frame", "frames", "frames_said", "results_stored", "sr_uid", "seg_uid"} <= set(table[0])
+    assert all((r["lesion_outlined"] == "yes") >= bool(r["seg_uid"]) for r in table)  # a SEG only where outlined
     reports = _count(orthanc, "SR")
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     sources = {h.SOPInstanceUID: f for h, f in zip(headers, files)}
@@ -142,7 +150,9 @@ def test_fifty_studies_classified_and_stored_back_once_even_when_stopped_midway(
     # a third run: nothing left to do, nothing stored
     assert main(["pacs", "--url", orthanc, "--checkpoint", str(ckpt), "--out", str(tmp_path / "third"),
                  "--no-progress"]) == 0
-    assert f"{N_STUDIES} had results from this model already" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert (f"{N_STUDIES} image(s) had results from this model already ({N_STUDIES + len(outlined)} of its own results "
+            "left alone), 1 other object(s) were not images") in said
     assert set(_count(orthanc, "SR").values()) == {1}
     for f in (tmp_path / "again").rglob("*"):  # the run folder names no patient
         assert b"PAT-123456" not in f.read_bytes() and "PAT-123456" not in f.name
