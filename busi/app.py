@@ -45,6 +45,19 @@ class Predictor:
         return {"file": name, **{k: v for k, v in row.items() if k != "path"}}
 
 
+def forget_uploads(files) -> None:
+    """Delete what a browser uploaded once it is answered: a DICOM upload is patient data, and Gradio would keep it in
+    its upload folder after the server stops. Only files inside that folder are touched (never the examples)."""
+    from gradio.utils import get_upload_folder
+    uploads = Path(get_upload_folder()).resolve()
+    for f in files or []:
+        path = Path(getattr(f, "name", f)).resolve()
+        if path.is_file() and path.is_relative_to(uploads):
+            path.unlink(missing_ok=True)
+            if path.parent != uploads and not any(path.parent.iterdir()):
+                path.parent.rmdir()  # Gradio keeps each upload in a folder of its own
+
+
 def model_card(path: Path, config: dict) -> dict:
     """Name, date, classes and the metrics measured when it was trained (from its run folder or the bundled card)."""
     card = {"model": config["arch"], "trained_at": config.get("trained_at", "unknown"), "classes": config["classes"],
@@ -86,7 +99,8 @@ def _bars(result: dict) -> str:
         for c, p in sorted(result["probabilities"].items(), key=lambda kv: -kv[1]))
     shifted = (f'<div class="busi-note">{OUTSIDE}</div>' if result.get("outside_training") else "")
     return (f'<div class="busi-card"><div><b>{html.escape(result["file"])}</b> → '
-            f'<span class="busi-class">{html.escape(result["predicted"])}</span></div>{rows}'
+            f'<span class="busi-class">{html.escape(result["predicted"])}</span></div>'
+            f'<div class="busi-note">{html.escape(result["basis"]["text"])}</div>{rows}'
             f'{_lesion_line(result.get("lesion"))}{shifted}'
             f'<div class="busi-note">{DISCLAIMER}</div></div>')
 
@@ -138,20 +152,26 @@ def build_app(predictor: Predictor, examples: Path = EXAMPLES):
         if len(files) > MAX_IMAGES:
             return (f'<div class="busi-card busi-error">Too many images ({len(files)}): at most {MAX_IMAGES} per request.</div>',
                     [])
-        results = [predictor.classify(f) for f in files]
-        gallery = [(r["overlay"], f"{r['file']}: {r['predicted']} (p = {r['probabilities'][r['predicted']]:.0%})")
-                   for r in results if "overlay" in r]
+        try:
+            results = [predictor.classify(f) for f in files]
+        finally:
+            forget_uploads(files)
+        gallery = [(r["overlay"], f"{r['file']}: {r['basis']['text']}") for r in results if "overlay" in r]
         return "".join(_bars(r) for r in results), gallery
 
     def classify_api(file):
         """JSON for programs: the same answer as the page, without the picture."""
         if not file:
             return {"error": "no file"}
-        result = predictor.classify(file, explain=False)
+        try:
+            result = predictor.classify(file, explain=False)
+        finally:
+            forget_uploads([file])
         return {**result, "note": DISCLAIMER + (" " + OUTSIDE if result.get("outside_training") else "")}
 
     theme = gr.themes.Base(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # no web fonts
-    with gr.Blocks(analytics_enabled=False, title="busi — breast ultrasound classifier") as app:
+    # what the page drew (overlays of patients' scans) is deleted after 10 minutes, and all of it when the server stops
+    with gr.Blocks(analytics_enabled=False, title="busi — breast ultrasound classifier", delete_cache=(60, 600)) as app:
         gr.Markdown(f"# Breast ultrasound: normal, benign or malignant?\n⚠️ **{DISCLAIMER}**")
         gr.Markdown("\n\n".join(about))
         with gr.Row():

@@ -155,3 +155,18 @@ def test_the_page_leads_with_the_figures_of_the_rule_users_get(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"n": 100, "accuracy": 0.773, "macro_f1": 0.7,
                                                        "per_class": {"malignant": {"recall": 0.8}}}))
     assert "(most probable class): accuracy 0.773" in model_card(tmp_path / "checkpoint.pth", config)["evaluation"]
+
+
+def test_the_page_keeps_no_upload_once_it_has_answered(tmp_path, monkeypatch):
+    from gradio.utils import get_upload_folder
+
+    from busi.app import forget_uploads
+    uploads = Path(get_upload_folder())
+    own = uploads / "busi-test-upload"
+    own.mkdir(parents=True, exist_ok=True)
+    upload = own / "scan.dcm"
+    upload.write_bytes(b"patient data")
+    example = tmp_path / "example.png"  # a file outside the upload folder (the examples) is never touched
+    example.write_bytes(b"x")
+    forget_uploads([str(upload), str(example)])
+    assert not upload.exists() and not own.exists() and example.exists()
