@@ -144,7 +144,8 @@ def parser() -> argparse.ArgumentParser:
                                                                          "(masks left out)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--explain", action="store_true", help="also write a Grad-CAM overlay per image into --out")
-    p.add_argument("--out", help="folder for --explain overlays (default: runs/<timestamp>-predict)")
+    p.add_argument("--out", help="folder for the table (predictions.csv) and the --explain overlays (default with "
+                   "--explain: runs/<timestamp>-predict); predict's own folder is written over by predict again")
     p.add_argument("--dicom-out", metavar="DIR", help="also write, per DICOM image, a DICOM Structured Report of the "
                    "result and a Segmentation of the lesion outlined, filed in the image's study (for its viewer or "
                    "PACS)")
@@ -286,6 +287,26 @@ def _print_finetuned(path: Path) -> None:
           f"--compare {config['parent']['checkpoint']} --data HELDOUT")
 
 
+def _write_predictions(path: Path, rows: list[dict]) -> None:
+    """predict's table as CSV: a row per image (an error in its own column), the decision's basis, the outline."""
+    import csv
+    ok = [r for r in rows if "error" not in r]
+    classes = list(ok[0]["probabilities"]) if ok else []
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "predicted", *[f"p_{c}" for c in classes], "basis", "lesion_score", "lesion",
+                         "outside_training", "frame", "frames", "explanation", "error"])
+        for r in rows:
+            if "error" in r:
+                writer.writerow([r["path"], *[""] * (len(classes) + 8), r["error"]])
+                continue
+            writer.writerow([r["path"], r["predicted"], *[r["probabilities"][c] for c in classes],
+                             r.get("basis", {}).get("text", ""), (r.get("lesion") or {}).get("score", ""),
+                             _lesion_cell(r["lesion"]) if "lesion" in r else "",
+                             {True: "yes", False: "no"}.get(r.get("outside_training"), ""), r.get("frame", ""),
+                             r.get("frames", ""), r.get("explanation", ""), ""])
+
+
 def _lesion_cell(lesion: dict) -> str:
     if not lesion.get("box"):
         return "none found"
@@ -362,6 +383,15 @@ def _check_before_imports(args):
         for other in getattr(args, "compare", []):
             if not Path(other).is_file():
                 raise BusiError(f"{other}: --compare model file does not exist")
+    if args.command == "predict":  # at once, not after the model has loaded: nothing to read is known from the files
+        from .folders import image_files, unreadable
+        files = image_files(args.inputs)
+        if not files:
+            raise BusiError("no images found in " + ", ".join(args.inputs))
+        bad = {f: why for f in files if (why := unreadable(f))}
+        if len(bad) == len(files):
+            raise BusiError("; ".join(f"{f}: {why}" for f, why in list(bad.items())[:3])
+                            + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""))
     if args.command == "audit":
         scan(args.data, args.classes)
     if args.command == "pacs":
@@ -599,11 +629,19 @@ def _predict(args, cfg) -> int | None:
     from .inference import operating_point_of, run_predict
     from .runs import run_dir
     explain_dir = None
-    if args.explain:
-        explain_dir = run_dir(args.out, "predict")
-    elif args.out:
-        raise BusiError("--out is only used with --explain")
-    rows = run_predict(args.checkpoint, args.inputs, explain_dir, progress=args.progress, engine=args.engine)
+    if args.explain or args.out:
+        # predict's own folder (its table, and its overlays) is written over by predict again: the README's try works
+        # twice; a folder holding anything else is refused as before
+        mine = args.out and Path(args.out).is_dir() and all(
+            p.name == "predictions.csv" or p.name.endswith("-gradcam.png") for p in Path(args.out).iterdir())
+        explain_dir = run_dir(args.out, "predict", overwrite=bool(mine))
+        for old in explain_dir.glob("*-gradcam.png") if mine else ():
+            old.unlink()
+    rows = run_predict(args.checkpoint, args.inputs, explain_dir if args.explain else None, progress=args.progress,
+                       engine=args.engine)
+    if explain_dir is not None:
+        _write_predictions(explain_dir / "predictions.csv", rows)
+        print(f"busi: the table in {explain_dir / 'predictions.csv'}", file=sys.stderr)
     done = _dicom_out(args, rows) if args.dicom_out else {"failed": []}
     operating_point = operating_point_of(args.checkpoint)
     if operating_point:

@@ -24,6 +24,37 @@ def is_image_file(path: Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(path)
 
 
+def image_files(inputs: list[str | Path]) -> list[Path]:
+    """Files as given; folders searched recursively for images, masks left out."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.is_file() and not MASK_NAME.match(p.stem)
+                            and not p.name.startswith(".")
+                            and is_image_file(p))
+        else:
+            files.append(item)
+    return files
+
+
+def unreadable(path: Path) -> str | None:
+    """Why a file given as an image cannot be one, found from its first bytes (cheap: before any model is loaded); None
+    when its header reads."""
+    if not path.exists():
+        return "no such file"
+    if path.is_dir() or is_dicom_file(path):
+        return None
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return f"not an image file ({path.suffix or 'no extension'})"
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im.size  # noqa: B018  (the header is read; the pixels are not)
+    except (UnidentifiedImageError, OSError) as e:
+        return f"not a readable image ({type(e).__name__})"
+    return None
+
+
 @dataclass(frozen=True)
 class Sample:
     path: str  # relative to the dataset root, with forward slashes: stable across machines

@@ -12,8 +12,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint, preprocess, shift
-from .data import IMAGENET_MEAN, IMAGENET_STD, MASK_NAME, model_input, normalize, read_image
-from .folders import is_dicom_file, is_image_file
+from .data import IMAGENET_MEAN, IMAGENET_STD, model_input, normalize, read_image
+from .folders import image_files, is_dicom_file  # noqa: F401  (image_files: where faces found it)
 from .errors import BusiError
 from .export import ExportedModel, is_exported
 from .lesion import decision_outline, lesion_scores
@@ -137,19 +137,6 @@ def shifted(found: dict, origin: list[int]) -> dict:
     x0, y0, x1, y1 = found["box"]
     return {**found, "box": [x0 + dx, y0 + dy, x1 + dx, y1 + dy],
             "polygon": [[x + dx, y + dy] for x, y in found["polygon"]]}
-
-
-def image_files(inputs: list[str | Path]) -> list[Path]:
-    """Files as given; folders searched recursively for images, masks left out."""
-    files = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and not MASK_NAME.match(p.stem)
-                            and not p.name.startswith(".")
-                            and is_image_file(p))
-        else:
-            files.append(item)
-    return files
 
 
 @dataclass

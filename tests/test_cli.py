@@ -510,3 +510,35 @@ def test_a_sweep_of_bad_inputs_gets_one_line_each_never_a_traceback(bad_inputs, 
             assert len(errors) == 1, (name, err)
             folder = tmp_path / name.replace(" ", "-")
             assert not folder.exists() or not any(folder.iterdir()), f"{name}: a failed run left {folder}"
+
+
+def test_predict_says_at_once_when_there_is_nothing_to_read(tmp_path, monkeypatch, capsys):
+    import busi.inference
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+    monkeypatch.setattr(busi.inference, "LoadedModel", no_model)
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tmp_path / "empty")]) == 2
+    assert f"no images found in {tmp_path / 'empty'}" in capsys.readouterr().err
+    (tmp_path / "notes.png").write_text("a text file saved as .png")
+    assert main(["predict", str(tmp_path / "notes.png")]) == 2
+    err = capsys.readouterr().err
+    assert "notes.png: not a readable image" in err and len(err.strip().splitlines()) == 1
+
+
+def test_predict_out_holds_its_table_and_can_be_run_again(tmp_path, capsys):
+    import csv
+    out = tmp_path / "preds"
+    for _ in range(2):  # the README's try command, twice
+        assert main(["predict", "examples/", "--explain", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    with open(out / "predictions.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 6 and len(list(out.glob("*-gradcam.png"))) == 6
+    assert {r["predicted"] for r in table} <= {"benign", "malignant", "normal"} and all(r["basis"] for r in table)
+    assert all(Path(r["explanation"]).is_file() for r in table)
+    assert "predictions.csv" in printed.err
+    (out / "notes.txt").write_text("mine")  # a folder holding anything else is not written over
+    assert main(["predict", "examples/", "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
