@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .data import Dataset, Sample, is_dicom_file, open_image
 from .errors import BusiError
+from .runs import cache_dir
 
 AUDIT_VERSION = 2  # bump when the method changes, so cached audits are recomputed
 # Copies and resizes of one scan: perceptual hashes this close, confirmed by thumbnail correlation.
@@ -155,10 +155,6 @@ def _content_key(dataset: Dataset) -> str:
         digest.update(s.path.encode() + b"\0" + str(s.label).encode() + b"\0")
         digest.update(hashlib.sha256(dataset.file(s).read_bytes()).digest())
     return digest.hexdigest()
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("BUSI_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "busi"))
 
 
 def audit(dataset: Dataset, progress: bool = True, use_cache: bool = True) -> dict:

@@ -19,6 +19,7 @@ from . import __version__
 from .errors import BusiError
 from .export import Deployable, onnx_session
 from .models import has_segmenter
+from .runs import cache_dir
 
 ENGINES = ("auto", "torch", "onnx")
 AUTO_EXPORT_MIN = 500  # auto exports a checkpoint for ONNX Runtime (a minute, once) for this many images or more …
@@ -54,10 +55,6 @@ def choose(engine: str, n_images: int, checkpoint_path: str | Path | None = None
         cached = checkpoint_path is not None and cached_path(checkpoint_path).is_file()
         return "onnx" if cached or n_images >= AUTO_EXPORT_MIN else "torch"
     return engine
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("BUSI_CACHE") or Path.home() / ".cache" / "busi")
 
 
 def cached_path(checkpoint_path: str | Path) -> Path:
@@ -96,7 +93,7 @@ def _export(graph: Graph, config: dict, path: Path) -> None:
     """Export, then compare with PyTorch on a batch of random images; nothing is cached unless they agree."""
     # said even with --no-progress: a minute without output would look like a hang
     print("busi: preparing the model for ONNX Runtime, once for this checkpoint (about a minute on two cores; "
-          f"cached in {path.parent}; --engine torch skips it)", file=sys.stderr, flush=True)
+          f"cached in {path.parent}, which is safe to delete; --engine torch skips it)", file=sys.stderr, flush=True)
     side = config["image_size"]
     example = torch.randint(0, 256, (4, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     outputs = ["logits", "features", "lesion"] if graph.segments else ["logits", "features"]

@@ -11,6 +11,12 @@ from .errors import BusiError
 _claimed: list[Path] = []  # run folders this process began in (new or empty): removed again if its command fails
 
 
+def cache_dir() -> Path:
+    """Where busi keeps what it can make again (ONNX exports of checkpoints, audit results by folder content):
+    $BUSI_CACHE, else the user's cache folder. Deleting it is always safe: it is rebuilt on the next use."""
+    return Path(os.environ.get("BUSI_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "busi"))
+
+
 def is_main_process() -> bool:
     """False in the extra processes of a distributed run (Lightning DDP, torchrun, SLURM): they train but never write."""
     return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
