@@ -21,8 +21,6 @@ from .folders import BUSI_CLASSES, IMAGE_SUFFIXES, MASK_NAME, Dataset, Sample, i
 MAX_PIXELS = 64_000_000
 MIN_SIDE = 8  # fewer pixels a side hold no scan (a 1x1 placeholder, an icon): skipped, not upscaled
 DEEP_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # 16-bit and 32-bit greyscale: rescaled to 8 bits
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _to_rgb8(im: Image.Image) -> Image.Image:
@@ -313,7 +311,7 @@ def warn(message: str) -> None:
     tqdm.write(f"busi: warning: {message}", file=sys.stderr)  # stderr: stdout stays the results, for pipes
 
 
-def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (or [0,1] float) NCHW -> float normalised by mean/std, on the images' device."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)

@@ -139,16 +139,3 @@ def facts(path: str | Path) -> dict:
 def hashed(identifier: str) -> str:
     """A patient key that groups one patient's images within this run and cannot be turned back into the ID."""
     return "patient-" + hashlib.sha256(_SALT + identifier.encode("utf-8", "surrogateescape")).hexdigest()[:12]
-
-
-def header_info(dataset) -> dict[str, dict[str, str]]:
-    """{image path: {"patient": hashed key, "group": scanner}} for a dataset's DICOM images: the patients and scanners
-    their headers name, for grouped splits, patient intervals and per-scanner figures without a meta CSV."""
-    from .folders import is_dicom_file
-    out = {}
-    for sample in dataset.samples:
-        path = dataset.file(sample)
-        if is_dicom_file(path):
-            found = facts(path)
-            out[sample.path] = {k: v for k, v in (("patient", found["patient"]), ("group", found["scanner"])) if v}
-    return out

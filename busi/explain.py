@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, mask_status_counts, normalize
-from .models import Ensemble, last_conv_block
+from .data import mask_status_counts, normalize
+from .models import IMAGENET_MEAN, IMAGENET_STD, Ensemble, last_conv_block
 
 
 def gradcam(model: nn.Module, images: torch.Tensor, classes: list[int] | None = None, mean=IMAGENET_MEAN,

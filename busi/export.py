@@ -74,8 +74,10 @@ def export(checkpoint_path: str | Path, fmt: str, out: str | Path | None = None,
     """Write the model as ONNX (run with onnxruntime) or TorchScript; nothing is left behind on failure."""
     if fmt not in FORMATS:
         raise BusiError(f"export format '{fmt}' is not supported (choose {' or '.join(FORMATS)})")
-    from .inference import LoadedModel  # the one road to a model (it reads exports through this module)
-    model, config, _ = LoadedModel(checkpoint_path).checkpoint("busi export")
+    if is_exported(checkpoint_path):
+        raise BusiError(f"{checkpoint_path}: busi export needs the checkpoint.pth, not an exported model")
+    from . import checkpoint  # read here, not through busi.inference, which runs exports through this module
+    model, config = checkpoint.load(checkpoint_path)
     out = Path(out) if out else Path(checkpoint_path).with_suffix(FORMATS[fmt])
     if out.exists() and not overwrite:
         raise BusiError(f"{out}: already exists; pass --overwrite to replace it")

@@ -149,7 +149,7 @@ def figures(probs, config, labels, dataset, meta, id_column, group_column, patie
     op = config.get("operating_point")
     patients = [rows.get(p, {}).get(patient_column) or f"image:{p}" for p in paths] if patient_column else None
     groups = [rows.get(p, {}).get(group_column) or "unknown" for p in paths] if group_column else None
-    from .dicom import header_info
+    from .folders import header_info
     header = header_info(dataset)  # DICOM images name their patient and scanner themselves
     if header and patients is None and any("patient" in v for v in header.values()):
         patients = [header.get(p, {}).get("patient") or f"image:{p}" for p in paths]

@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dicom import is_dicom
+from .dicom import facts, is_dicom
 from .errors import BusiError
 
 BUSI_CLASSES = ("benign", "malignant", "normal")
@@ -124,7 +124,6 @@ def every_frame(dataset: Dataset) -> Dataset:
     for sample in dataset.samples:
         path, frames = dataset.file(sample), 1
         if is_dicom_file(path):
-            from .dicom import facts
             try:
                 frames = facts(path)["frames"]
             except BusiError:  # left whole: decoding it says what is wrong, once
@@ -213,3 +212,15 @@ def scan(root: str | Path, classes: tuple[str, ...] | list[str] | None = None) -
             raise BusiError(f"{root / name}: class folder holds no images{hint}")
         samples += [Sample(rel, label, tuple(masks.get(stem, ()))) for stem, rel in images.items()]
     return Dataset(root, classes, samples, skipped)
+
+
+def header_info(dataset) -> dict[str, dict[str, str]]:
+    """{image path: {"patient": hashed key, "group": scanner}} for a dataset's DICOM images: the patients and scanners
+    their headers name, for grouped splits, patient intervals and per-scanner figures without a meta CSV."""
+    out = {}
+    for sample in dataset.samples:
+        path = dataset.file(sample)
+        if is_dicom_file(path):
+            found = facts(path)
+            out[sample.path] = {k: v for k, v in (("patient", found["patient"]), ("group", found["scanner"])) if v}
+    return out

@@ -12,12 +12,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint, preprocess, shift
-from .data import IMAGENET_MEAN, IMAGENET_STD, model_input, normalize, read_image
+from .data import model_input, normalize, read_image
 from .folders import image_files, is_dicom_file  # noqa: F401  (image_files: where faces found it)
 from .errors import BusiError
 from .export import ExportedModel, is_exported
 from .lesion import decision_outline, lesion_scores
-from .models import has_segmenter
+from .models import IMAGENET_MEAN, IMAGENET_STD, has_segmenter
 from .operating import basis, decide
 
 # Metrics (torchmetrics), figures (matplotlib) and the audit (OpenCV) are imported where they are used: predicting

@@ -6,8 +6,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import cluster_resamples
-
 LESION_LEVEL = 0.5  # a pixel belongs to the outline where the segmenter's probability reaches this
 SCORE_POOL = 3  # the lesion score is the peak of the map averaged over 3x3 cells: one bright cell is no lesion
 MAX_POINTS = 64  # an outline's polygon is simplified to about this many corners (JSON stays small)
@@ -111,6 +109,7 @@ def lesion_figures(scores: torch.Tensor, dice: torch.Tensor, iou: torch.Tensor, 
 
 
 def _lesion_block(scores, dice, iou, mask_status, labels, classes, rule, n_boot, seed, patients) -> dict:
+    from .metrics import cluster_resamples  # evaluation only: predict, which outlines, never loads torchmetrics
     classes = list(classes)
     lesion_masks = np.array([s == "lesion" for s in mask_status])
     unusable = {s: mask_status.count(s) for s in ("missing", "size_mismatch", "unreadable", "all_lesion") if s in mask_status}

@@ -9,10 +9,13 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from .data import IMAGENET_MEAN, IMAGENET_STD
 from .errors import BusiError
 from .weights import SOURCES as IMAGENET_WEIGHTS, load_imagenet
 
+
+# ImageNet statistics: what every ImageNet-pretrained input is normalised by (per architecture: NORMALIZATION)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class CustomCNN(nn.Module):
     """The seed's design: blocks of convolution, ELU and max-pooling, then a fully connected head.

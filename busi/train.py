@@ -19,11 +19,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .config import RunConfig
-from .data import IMAGENET_MEAN, IMAGENET_STD, augment, lesion_windows, normalize
+from .data import augment, lesion_windows, normalize
 from .inference import logits_of
 from . import hardware
 from .errors import BusiError
-from .models import has_segmenter, last_conv_block
+from .models import IMAGENET_MEAN, IMAGENET_STD, has_segmenter, last_conv_block
 
 
 DISTILL_T = 2.0  # softened probabilities carry what the parent knows of every class, not only its top answer

@@ -78,7 +78,7 @@ def prepare(cfg: RunConfig, progress: bool = True, notes: list[str] = ()) -> tup
             warn(line)
         kept.info = {path: {key: row[col] for key, col in columns.items() if col and row.get(col)}
                      for path, row in rows.items()}
-    from .dicom import header_info
+    from .folders import header_info
     for path, known in header_info(kept).items():  # a DICOM's patient and scanner, where no CSV named them
         kept.info[path] = {**known, **kept.info.get(path, {})}
     counts = kept.counts()
