@@ -45,9 +45,34 @@ class Predictor:
         return {"file": name, **{k: v for k, v in row.items() if k != "path"}}
 
 
+class Uploads:
+    """What browsers uploaded, deleted once answered: a DICOM upload is patient data, and Gradio would keep it in its
+    upload folder after the server stops. Gradio files identical uploads under one path, so twenty requests for the
+    same scan share a file: it is deleted when no request is in flight any more. Only files inside Gradio's upload
+    folder are touched (never the examples)."""
+
+    def __init__(self):
+        self.lock, self.in_flight, self.answered = threading.Lock(), 0, set()
+
+    def __enter__(self):
+        with self.lock:
+            self.in_flight += 1
+        return self
+
+    def answered_with(self, files) -> None:
+        with self.lock:
+            self.answered.update(str(getattr(f, "name", f)) for f in files or [])
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                forget_uploads(self.answered)
+                self.answered.clear()
+
+
 def forget_uploads(files) -> None:
-    """Delete what a browser uploaded once it is answered: a DICOM upload is patient data, and Gradio would keep it in
-    its upload folder after the server stops. Only files inside that folder are touched (never the examples)."""
+    """Delete these uploads (the files inside Gradio's upload folder, and their folders once empty)."""
     from gradio.utils import get_upload_folder
     uploads = Path(get_upload_folder()).resolve()
     for f in files or []:
@@ -145,6 +170,8 @@ def build_app(predictor: Predictor, examples: Path = EXAMPLES):
     if len(about) == 2:
         about.append("No evaluation found beside this checkpoint: treat its answers with extra care.")
 
+    uploads = Uploads()
+
     def analyse(files):
         files = files or []
         if not files:
@@ -152,10 +179,9 @@ def build_app(predictor: Predictor, examples: Path = EXAMPLES):
         if len(files) > MAX_IMAGES:
             return (f'<div class="busi-card busi-error">Too many images ({len(files)}): at most {MAX_IMAGES} per request.</div>',
                     [])
-        try:
+        with uploads:
+            uploads.answered_with(files)
             results = [predictor.classify(f) for f in files]
-        finally:
-            forget_uploads(files)
         gallery = [(r["overlay"], f"{r['file']}: {r['basis']['text']}") for r in results if "overlay" in r]
         return "".join(_bars(r) for r in results), gallery
 
@@ -163,10 +189,9 @@ def build_app(predictor: Predictor, examples: Path = EXAMPLES):
         """JSON for programs: the same answer as the page, without the picture."""
         if not file:
             return {"error": "no file"}
-        try:
+        with uploads:
+            uploads.answered_with([file])
             result = predictor.classify(file, explain=False)
-        finally:
-            forget_uploads([file])
         return {**result, "note": DISCLAIMER + (" " + OUTSIDE if result.get("outside_training") else "")}
 
     theme = gr.themes.Base(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # no web fonts

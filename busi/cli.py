@@ -210,6 +210,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
+    p = sub.add_parser("listen", help="a DICOM node (storage SCP): classifies the ultrasound images sent to it, results "
+                                      "to a folder or back to the archive")
+    p.add_argument("--port", type=int, required=True, help="TCP port to listen on (e.g. 11112)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                   "0.0.0.0 for the hospital's network)")
+    p.add_argument("--ae-title", default="BUSI", help="this node's AE title (default BUSI)")
+    p.add_argument("--allow-ae", action="append", default=[], metavar="TITLE", required=True,
+                   help="a calling AE title that may send (repeatable): associations from any other are refused")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="write each image's SR and SEG into this folder")
+    where.add_argument("--to", metavar="URL", help="store each image's SR and SEG in this archive (DICOMweb root, "
+                       "e.g. http://PACS:8042/dicom-web; STOW-RS)")
+    p.add_argument("--spool", help="folder holding received images until their results are delivered (default: "
+                   "OUT/spool, or ./busi-spool with --to)")
+    p.add_argument("--checkpoint", help="the model (default: the bundled model)")
+    p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto", help="what runs the network")
+    p.add_argument("--user", help="user name for --to, if the archive asks for one (password: $BUSI_PACS_PASSWORD)")
+
     p = sub.add_parser("calibrate", help="re-set the decision rule on your own labelled images (a lesion-first model: "
                                          "both thresholds, fitted together as the bundled rule was)")
     p.add_argument("--checkpoint", help="the model (default: the bundled model, see `busi model`)")
@@ -691,6 +709,18 @@ def _pacs(args, cfg) -> int | None:
     return 1 if summary["failed"] else 0
 
 
+def _listen(args, cfg) -> int | None:
+    """busi listen."""
+    import os
+    from .listen import listen
+    for title in [args.ae_title, *args.allow_ae]:
+        if not 0 < len(title) <= 16:
+            raise BusiError(f"AE title '{title}': 1 to 16 characters")
+    listen(args.checkpoint, args.port, args.allow_ae, args.out, args.to, args.host, args.ae_title,
+           args.spool or (None if args.out else "busi-spool"), args.engine, args.user,
+           os.environ.get("BUSI_PACS_PASSWORD"))
+
+
 def _serve(args, cfg) -> int | None:
     """busi serve."""
     try:
@@ -733,7 +763,7 @@ def _report(args, cfg) -> int | None:
 
 
 COMMANDS = {"finetune": _finetune, "adapt": _adapt, "calibrate": _calibrate, "model": _model, "audit": _audit,
-            "train": _train, "cv": _cv, "evaluate": _evaluate, "predict": _predict, "serve": _serve, "export": _export,
+            "train": _train, "cv": _cv, "evaluate": _evaluate, "predict": _predict, "listen": _listen, "serve": _serve, "export": _export,
             "report": _report, "split": _split, "pacs": _pacs}
 
 

@@ -235,13 +235,16 @@ def _with_type2(source):
 
 
 def write(objects: list, folder: str | Path) -> list[Path]:
-    """Each object as <SOPInstanceUID>.dcm in folder (a name that says nothing about the patient)."""
+    """Each object as <SOPInstanceUID>.dcm in folder (a name that says nothing about the patient), written under a
+    temporary name first: a PACS import or a person watching the folder never reads half a file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for ds in objects:
         target = folder / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(target, enforce_file_format=True)
+        partial = folder / f".{ds.SOPInstanceUID}.partial"
+        ds.save_as(partial, enforce_file_format=True)
+        partial.replace(target)
         written.append(target)
     return written
 

@@ -170,3 +170,13 @@ def test_the_page_keeps_no_upload_once_it_has_answered(tmp_path, monkeypatch):
     example.write_bytes(b"x")
     forget_uploads([str(upload), str(example)])
     assert not upload.exists() and not own.exists() and example.exists()
+    from busi.app import Uploads
+    own.mkdir()
+    upload.write_bytes(b"patient data")
+    uploads = Uploads()
+    with uploads:  # two requests for the same upload (Gradio files identical uploads once): kept until both answered
+        with uploads:
+            uploads.answered_with([str(upload)])
+        assert upload.exists()
+        uploads.answered_with([str(upload)])
+    assert not upload.exists()
