@@ -160,6 +160,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--study", action="append", metavar="STUDY_UID", help="only this study (repeatable; default: every "
                                                                           "ultrasound study)")
     p.add_argument("--since", metavar="YYYYMMDD", help="only studies from this date on")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="keep going: look for new studies every SECONDS "
+                   "(what is stored is skipped; an archive that is down is tried again; Ctrl-C or SIGTERM stops it)")
     p.add_argument("--checkpoint", help="checkpoint.pth (default: the bundled model, see `busi model`)")
     p.add_argument("--user", help="user name, where the PACS asks for one")
     p.add_argument("--password", help="its password (or set BUSI_PACS_PASSWORD)")
@@ -696,7 +698,17 @@ def _predict(args, cfg) -> int | None:
 
 def _pacs(args, cfg) -> int | None:
     """busi pacs."""
-    from .pacs import run_pacs
+    from .pacs import run_pacs, watch
+    if args.watch is not None:
+        if args.watch <= 0 or args.study:
+            raise BusiError("--watch takes a number of seconds above 0, and watches every ultrasound study (--since "
+                            "narrows it; --study does not go with it)")
+        done = watch(args.checkpoint, args.url, args.watch, args.since, args.out, args.overwrite, args.engine,
+                     args.user, args.password)
+        print(f"stopped after {done['polls']} look(s): {done['classified_and_stored']} image(s) classified and their "
+              f"results stored, {done['failed']} failed, the archive down {done['archive_down']} time(s). Run folder: "
+              f"{done['folder']}/")
+        return 1 if done["failed"] else 0
     summary, folder = run_pacs(args.checkpoint, args.url, args.study, args.since, args.out, args.overwrite,
                                args.progress, args.engine, args.user, args.password)
     skipped = summary["skipped"]

@@ -83,10 +83,12 @@ class Archive:
 
 def run_pacs(checkpoint_path: str | Path, url: str, studies: list[str] | None = None, since: str | None = None,
              out: str | Path | None = None, overwrite: bool = False, progress: bool = True, engine: str = "auto",
-             user: str | None = None, password: str | None = None, batch_size: int = 16) -> tuple[dict, Path]:
+             user: str | None = None, password: str | None = None, batch_size: int = 16, loaded=None,
+             append: bool = False) -> tuple[dict, Path]:
     """Classify every ultrasound image of the given studies (else every ultrasound study, since a date when given) and
     store its SR and SEG back in its study. -> (summary, run folder with pacs.csv). Images whose results are stored
-    already (by this model) are skipped; an image that cannot be read is a row with its error, the rest go on."""
+    already (by this model) are skipped; an image that cannot be read is a row with its error, the rest go on.
+    loaded: a LoadedModel of checkpoint_path already in memory (the watcher's); append: add to the folder's pacs.csv."""
     import yaml
     from tqdm.auto import tqdm
     from . import __version__
@@ -97,7 +99,7 @@ def run_pacs(checkpoint_path: str | Path, url: str, studies: list[str] | None = 
     from .runs import run_dir
     archive = Archive(url, user, password)
     wanted = list(studies or []) or archive.studies(since)
-    loaded = LoadedModel(checkpoint_path)
+    loaded = loaded or LoadedModel(checkpoint_path)
     model, name = model_key(checkpoint_path), loaded.config["arch"]
     rule = describe(loaded.config.get("operating_point"))
     folder = run_dir(out, "pacs", overwrite)
@@ -124,12 +126,15 @@ def run_pacs(checkpoint_path: str | Path, url: str, studies: list[str] | None = 
         {"command": "pacs", "checkpoint": str(checkpoint_path), "url": url, "studies": len(wanted), "since": since,
          "busi_version": __version__}, sort_keys=False))
     rows = []
-    with tempfile.TemporaryDirectory(prefix="busi-pacs-") as tmp, open(folder / "pacs.csv", "w", newline="") as f:
+    fresh = not (append and (folder / "pacs.csv").is_file())
+    with tempfile.TemporaryDirectory(prefix="busi-pacs-") as tmp, open(folder / "pacs.csv", "w" if fresh else "a",
+                                                                        newline="") as f:
         writer = csv.writer(f)
         # image: a salted hash of its SOP Instance UID; lesion_outlined: the outline the SR carries (a loop's on its
         # answering frame); frame/frames/frames_said: a cine loop's answering frame and each class's count of frames
-        writer.writerow(["image", "predicted", *[f"p_{c}" for c in loaded.classes], "lesion_outlined", "frame",
-                         "frames", "frames_said", "results_stored", "sr_uid", "seg_uid", "error"])
+        if fresh:
+            writer.writerow(["image", "predicted", *[f"p_{c}" for c in loaded.classes], "lesion_outlined", "frame",
+                             "frames", "frames_said", "results_stored", "sr_uid", "seg_uid", "error"])
         bar = tqdm(total=len(work), desc="classifying the archive's images", disable=not progress, leave=False)
         for start in range(0, len(work), batch_size):  # fetched and classified in batches, stored one by one
             batch = [(n, *item) for n, item in enumerate(work[start:start + batch_size], start)]
@@ -186,3 +191,51 @@ def _classify(archive: Archive, loaded, batch: list[tuple], tmp: Path) -> dict:
     for n, _, _, _ in batch:
         (tmp / f"{n}.dcm").unlink(missing_ok=True)
     return {n: (fetched[n], said[n]) for n in fetched}
+
+
+def watch(checkpoint_path: str | Path, url: str, seconds: float, since: str | None = None,
+          out: str | Path | None = None, overwrite: bool = False, engine: str = "auto", user: str | None = None,
+          password: str | None = None, stop=None, say=print) -> dict:
+    """busi pacs --watch: every `seconds`, the archive's ultrasound studies (since a date) classified as run_pacs does,
+    what is stored skipped, into one run folder (pacs.csv grows); the model loaded once. An archive that is down is one
+    line and tried again at the next poll; Ctrl-C, SIGTERM or stop (a threading.Event) ends it after the image in hand.
+    -> totals over the polls."""
+    import signal
+    import threading
+    from datetime import datetime
+
+    from .inference import LoadedModel
+    from .runs import run_dir
+    Archive(url, user, password).probe()  # wrong URL or credentials: said now, not at the first poll
+    loaded = LoadedModel(checkpoint_path)
+    folder = run_dir(out, "pacs-watch", overwrite)
+    stop = stop or threading.Event()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if main_thread else None
+    totals = {"polls": 0, "classified_and_stored": 0, "failed": 0, "archive_down": 0}
+    try:
+        while not stop.is_set():
+            totals["polls"] += 1
+            try:
+                summary, _ = run_pacs(checkpoint_path, url, None, since, folder, True, False, engine, user, password,
+                                      loaded=loaded, append=True)
+            except BusiError as e:
+                if not str(e).startswith(url.rstrip("/")):
+                    raise
+                totals["archive_down"] += 1
+                say(f"{datetime.now():%H:%M:%S} busi pacs: the archive did not answer ({str(e)[len(url):].strip(': ')[:120]}); "
+                    f"trying again in {seconds:g} s")
+            else:
+                totals["classified_and_stored"] += summary["classified_and_stored"]
+                totals["failed"] += summary["failed"]
+                if summary["classified_and_stored"] or summary["failed"]:
+                    say(f"{datetime.now():%H:%M:%S} busi pacs: {summary['classified_and_stored']} image(s) classified "
+                        f"and their results stored, {summary['failed']} failed (pacs.csv says why)")
+            stop.wait(seconds)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    (folder / "watch.json").write_text(json.dumps(totals, indent=2))
+    return {**totals, "folder": str(folder)}

@@ -169,3 +169,38 @@ def test_a_pacs_that_is_down_or_refuses_is_one_line(orthanc, lesion_model, tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "refused to search for studies (HTTP 404)" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_watcher_classifies_new_studies_as_they_arrive_and_stops_when_told(orthanc, lesion_model, tmp_path):
+    """busi pacs --watch: studies sent while it runs get their results once; what was stored before is skipped."""
+    import threading
+
+    import pydicom
+    from dicomweb_client.api import DICOMwebClient
+
+    from busi.pacs import watch
+    data, ckpt, _ = lesion_model
+    pngs = sorted(data.rglob("*).png"))
+    before = _count(orthanc, "SR")
+    stop, said, done = threading.Event(), [], {}
+    watcher = threading.Thread(target=lambda: done.update(watch(ckpt, orthanc, 1.0, out=tmp_path / "watch",
+                                                                stop=stop, say=said.append)))
+    watcher.start()
+    try:
+        new = [write_dicom(tmp_path / f"new{n}.dcm", np.asarray(Image.open(pngs[n]).convert("RGB")), "MONOCHROME2",
+                           region_mm=0.2) for n in range(3)]
+        DICOMwebClient(orthanc).store_instances([pydicom.dcmread(f) for f in new])
+        studies = {pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID for f in new}
+        end = time.monotonic() + 180
+        while time.monotonic() < end and not studies <= set(_count(orthanc, "SR")):
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        watcher.join(timeout=120)
+    reports = _count(orthanc, "SR")
+    assert studies <= set(reports) and all(reports[s] == 1 for s in reports)  # each new study once, none twice
+    assert {s: n for s, n in reports.items() if s not in studies} == before  # the earlier ones left as they were
+    assert done["classified_and_stored"] == 3 and done["failed"] == 0 and done["polls"] >= 1
+    assert any("3 image(s) classified" in line or "1 image(s) classified" in line for line in said)
+    with open(tmp_path / "watch" / "pacs.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 3  # one table over every poll
