@@ -230,6 +230,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto", help="what runs the network")
     p.add_argument("--user", help="user name for --to, if the archive asks for one (password: $BUSI_PACS_PASSWORD)")
 
+    p = sub.add_parser("orthanc", help="write a plugin for Orthanc's Python plugin: Orthanc calls busi on each "
+                                       "ultrasound image it stores")
+    p.add_argument("--out", required=True, help="folder for busi_orthanc.py and busi-orthanc.json (its configuration)")
+    p.add_argument("--checkpoint", help="the model (default: the bundled model)")
+    p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto", help="what runs the network")
+
     p = sub.add_parser("calibrate", help="re-set the decision rule on your own labelled images (a lesion-first model: "
                                          "both thresholds, fitted together as the bundled rule was)")
     p.add_argument("--checkpoint", help="the model (default: the bundled model, see `busi model`)")
@@ -733,6 +739,12 @@ def _listen(args, cfg) -> int | None:
            os.environ.get("BUSI_PACS_PASSWORD"))
 
 
+def _orthanc(args, cfg) -> int | None:
+    """busi orthanc."""
+    from .orthanc import main_message, write_plugin
+    print(main_message(*write_plugin(args.out, args.checkpoint, args.engine)))
+
+
 def _serve(args, cfg) -> int | None:
     """busi serve."""
     try:
@@ -775,7 +787,7 @@ def _report(args, cfg) -> int | None:
 
 
 COMMANDS = {"finetune": _finetune, "adapt": _adapt, "calibrate": _calibrate, "model": _model, "audit": _audit,
-            "train": _train, "cv": _cv, "evaluate": _evaluate, "predict": _predict, "listen": _listen, "serve": _serve, "export": _export,
+            "train": _train, "cv": _cv, "evaluate": _evaluate, "predict": _predict, "listen": _listen, "orthanc": _orthanc, "serve": _serve, "export": _export,
             "report": _report, "split": _split, "pacs": _pacs}
 
 

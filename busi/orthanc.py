@@ -1,0 +1,155 @@
+"""Orthanc calls busi: a plugin for Orthanc's Python plugin that classifies each ultrasound image as Orthanc stores it
+and stores its SR and SEG in the same study (busi orthanc --out DIR writes the script and its configuration)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import queue
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+
+from .errors import BusiError
+from .pacs import IMAGE_CLASSES
+
+PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")  # Debian's orthanc-python
+BATCH = 16
+SCRIPT = '''"""busi inside Orthanc (written by `busi orthanc`): each ultrasound image Orthanc stores is classified and its
+SR and SEG stored in its study. Orthanc's storage never waits: images are queued and one thread works through them."""
+import sys
+
+sys.path[:0] = {paths!r}  # the virtualenv busi is installed in
+import orthanc  # noqa: E402  (provided by Orthanc's Python plugin)
+
+from busi.orthanc import Link  # noqa: E402
+
+link = Link(orthanc, {checkpoint!r}, {engine!r})
+orthanc.RegisterOnChangeCallback(link.on_change)
+'''
+
+
+def write_plugin(out: str | Path, checkpoint: str | Path, engine: str = "auto") -> tuple[Path, Path]:
+    """busi orthanc: DIR/busi_orthanc.py (the plugin script) and DIR/busi-orthanc.json (the configuration keys Orthanc
+    needs to load it: merge them into the hospital's configuration, the Plugins list included)."""
+    out = Path(out)
+    if not PYTHON_PLUGIN.is_file():
+        raise BusiError(f"{PYTHON_PLUGIN}: Orthanc's Python plugin is not installed (Debian: apt-get install "
+                        "orthanc-python); busi orthanc writes a script for it")
+    out.mkdir(parents=True, exist_ok=True)
+    here = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], str(Path(__file__).resolve().parents[1])]
+    script = out / "busi_orthanc.py"
+    script.write_text(SCRIPT.format(paths=list(dict.fromkeys(here)), checkpoint=str(Path(checkpoint).resolve()),
+                                    engine=engine))
+    config = out / "busi-orthanc.json"
+    config.write_text(json.dumps({"Plugins": [str(PYTHON_PLUGIN)], "PythonScript": str(script.resolve()),
+                                  "PythonVerbose": False}, indent=2) + "\n")
+    return script, config
+
+
+def _key(instance: str) -> str:
+    return hashlib.sha256(instance.encode()).hexdigest()[:12]
+
+
+class Link:
+    """What runs inside Orthanc: on_change queues each new instance (Orthanc's callback returns at once); a worker
+    thread loads the model once, reads each queued instance's tags, classifies the ultrasound images (anything else,
+    busi's own results included, is left alone) and posts their SR and SEG back to Orthanc. A failing image is one log
+    line, with a hashed key and no patient data, and the next one is classified."""
+
+    def __init__(self, orthanc, checkpoint: str, engine: str = "auto"):
+        self.orthanc, self.checkpoint, self.engine = orthanc, checkpoint, engine
+        self.queue: queue.Queue = queue.Queue()
+        self.worker = threading.Thread(target=self.work, name="busi", daemon=True)
+        self.counts = {"classified": 0, "failed": 0, "left_alone": 0}
+
+    def on_change(self, change_type, level, resource) -> None:
+        o = self.orthanc
+        if change_type == o.ChangeType.ORTHANC_STARTED:
+            self.worker.start()
+        elif change_type == o.ChangeType.NEW_INSTANCE:
+            self.queue.put(resource)
+        elif change_type == o.ChangeType.ORTHANC_STOPPED:
+            self.queue.put(None)
+            self.worker.join(timeout=60)
+
+    def log(self, message: str) -> None:
+        self.orthanc.LogWarning(f"busi: {message}")
+
+    def work(self) -> None:
+        from .dicom_out import model_key
+        from .inference import LoadedModel
+        from .operating import describe
+        try:
+            self.loaded = LoadedModel(self.checkpoint)
+            self.loaded.use_engine(self.engine, BATCH)
+        except BusiError as e:
+            self.log(f"not started: {e}")
+            return
+        self.model, self.name = model_key(self.checkpoint), self.loaded.config["arch"]
+        self.rule = describe(self.loaded.config.get("operating_point"))
+        self.log(f"classifying the ultrasound images Orthanc stores with {Path(self.checkpoint).name}")
+        while True:
+            batch = [self.queue.get()]
+            while len(batch) < BATCH and not self.queue.empty():
+                batch.append(self.queue.get())
+            done = [b for b in batch if b is not None]
+            if done:
+                self.classify(done)
+            if None in batch:
+                self.log(f"stopped: {self.counts['classified']} classified, {self.counts['failed']} failed")
+                return
+
+    def classify(self, instances: list[str]) -> None:
+        import pydicom
+
+        from .dicom_out import results_for
+        with tempfile.TemporaryDirectory(prefix="busi-orthanc-") as tmp:
+            files, rows = {}, {}
+            for instance in instances:
+                try:
+                    tags = json.loads(self.orthanc.RestApiGet(f"/instances/{instance}/tags?short"))
+                    if tags.get("0008,0016") not in IMAGE_CLASSES:  # a report, a segmentation (busi's own too)
+                        self.counts["left_alone"] += 1
+                        continue
+                    files[instance] = Path(tmp) / f"{_key(instance)}.dcm"
+                    files[instance].write_bytes(self.orthanc.RestApiGet(f"/instances/{instance}/file"))
+                except Exception as e:  # noqa: BLE001  (Orthanc's own errors: one line, and the next image)
+                    self.fail(instance, f"could not be read from Orthanc ({type(e).__name__})")
+            prepared = {}
+            for instance, path in files.items():
+                try:
+                    if self.loaded.is_loop(path):
+                        rows[instance] = self.loaded.describe_loop(path)
+                    else:
+                        prepared[instance] = self.loaded.prepare(path)
+                except Exception as e:  # noqa: BLE001
+                    self.fail(instance, str(e).replace(str(path), "the image") if isinstance(e, BusiError)
+                              else f"unreadable ({type(e).__name__})")
+            if prepared:
+                rows.update(zip(prepared, self.loaded.describe(list(prepared.values()))))
+            for instance, row in rows.items():
+                try:
+                    source = pydicom.dcmread(files[instance], stop_before_pixels=True)
+                    for ds in results_for(source, row, self.model, self.name, self.rule, row.get("frame")):
+                        buffer = io.BytesIO()
+                        ds.save_as(buffer, enforce_file_format=True)
+                        self.orthanc.RestApiPost("/instances", buffer.getvalue())
+                except Exception as e:  # noqa: BLE001
+                    self.fail(instance, str(e)[:200] if isinstance(e, BusiError) else f"not stored ({type(e).__name__})")
+                    continue
+                self.counts["classified"] += 1
+                self.log(f"{_key(instance)}: {row['predicted']} ({row['basis']['text']}); SR"
+                         + (" and SEG" if (row.get("lesion") or {}).get("box") else "") + " stored in its study")
+
+    def fail(self, instance: str, why: str) -> None:
+        self.counts["failed"] += 1
+        self.log(f"{_key(instance)}: not classified: {why}")
+
+
+def main_message(script: Path, config: Path) -> str:
+    return (f"wrote {script} and {config}: merge the keys of {config.name} into Orthanc's configuration (add its "
+            f"plugin to your Plugins list), restart Orthanc, and each ultrasound image it stores gets its SR and SEG "
+            f"({sys.executable} is the Python whose packages the plugin uses)")
