@@ -115,6 +115,13 @@ def decision_basis(row: dict, unit, algorithm) -> list:
     if said.get("threshold") is not None:
         out.append(Measurement(name=_code("basis-threshold", f"threshold of {said['figure']}"),
                                value=float(said["threshold"]), unit=unit, algorithm_id=algorithm))
+    if "frames" in row:  # a cine loop: answered by its most suspicious frame; how many frames said each class
+        out.append(Measurement(name=_code("frames", "frames scored"), value=float(row["frames"]), unit=unit,
+                               algorithm_id=algorithm))
+        out.append(Measurement(name=_code("answering-frame", "answering frame (from 1)"), value=float(row["frame"] + 1),
+                               unit=unit, algorithm_id=algorithm))
+        out += [Measurement(name=_code(f"frames-{c}"[:16], f"frames called {c}"), value=float(n), unit=unit,
+                            algorithm_id=algorithm) for c, n in (row.get("frames_said") or {}).items()]
     return out
 
 

@@ -298,3 +298,11 @@ def test_every_result_object_passes_the_standards_validator(lesion_model, tmp_pa
             rendered = subprocess.run(["dsrdump", str(f)], capture_output=True, text=True)
             assert rendered.returncode == 0 and '(47079000,SCT,"Ultrasonography of breast")' in rendered.stdout
             assert any(f'(,,"Finding")=({code},SCT,' in rendered.stdout for code in ("17621005", "30807003", "21594007"))
+    # the loop's report says how it was answered, as predict and pacs.csv do: frames scored, each class's count
+    import highdicom as hd
+    measured = [said_in(hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(f)))["measured"]
+                for f, kind in zip(written, kinds) if kind == "SR"]
+    loops = [m for m in measured if "frames scored" in m]
+    assert len(loops) == 1 and loops[0]["frames scored"] == 4
+    assert sum(v for k, v in loops[0].items() if k.startswith("frames called")) == 4
+    assert 1 <= loops[0]["answering frame (from 1)"] <= 4
