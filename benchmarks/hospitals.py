@@ -116,6 +116,35 @@ def table(results: dict[str, list[tuple[Path, dict]]]) -> list[str]:
     return lines
 
 
+def joint_rule_lines(rows: list[dict], clusters: dict) -> list[str]:
+    """busi.operating.fit_joint_rule on hospital-out predictions, 1 - p(normal) standing in for the segmenter's lesion
+    score: the recall bound held at every held-out hospital, then the most normal scans called normal and benign
+    lesions benign; per hospital, what it does (95% intervals over patients joined with near-duplicates)."""
+    from busi.operating import fit_joint_rule, lesion_rule_figures
+    probs = torch.tensor([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows])
+    labels = torch.tensor([CLASSES.index(r["true"]) for r in rows])
+    held = [r["path"].split("/", 1)[0] for r in rows]
+    score = 1 - probs[:, CLASSES.index("normal")]
+    rule = fit_joint_rule(probs, score, labels, CLASSES, 0.9, groups=held, where="hospital-out predictions")
+    per = lesion_rule_figures(probs, score, labels, CLASSES, rule, held,
+                              clusters=[clusters[r["path"]] for r in rows], n_boot=1000)
+    out = [f"thresholds: normal when p(normal) > {1 - rule['lesion_threshold']:.3f}; malignant when p(malignant | "
+           f"lesion) >= {rule['threshold']:.3f}",
+           "| held out | images | normal recall | lesions called normal | sensitivity / specificity | 3-class accuracy |",
+           "|---|---|---|---|---|---|"]
+    for source, f in sorted(per.items()):
+        r, c = f["lesion_first"], f["lesion_first"]["ci"]
+
+        def show(k, pct=True):
+            if r[k] is None:
+                return "–"
+            fmt = (lambda v: f"{v:.0%}") if pct else (lambda v: f"{v:.3f}")  # noqa: E731
+            return fmt(r[k]) + (f" [{fmt(c[k][0])}, {fmt(c[k][1])}]" if k in c else "")
+        out.append(f"| {source} | {f['images']} | {show('normal_recall')} | {show('lesions_called_normal')} | "
+                   f"{show('sensitivity')} / {show('specificity')} | {show('accuracy', False)} |")
+    return out
+
+
 def write_table(md: Path, lines: list[str]) -> None:
     """The table into md between its <!-- table --> markers (a new file is just the table), the prose kept."""
     text = md.read_text() if md.is_file() else "<!-- table -->\n<!-- /table -->\n"
@@ -129,6 +158,9 @@ def main():
     parser.add_argument("--meta", action="append", default=[], help="meta CSV with patients (e.g. BUS-BRA's bus_data.csv)")
     parser.add_argument("--patient-column", default="Case")
     parser.add_argument("--md", type=Path, help="write the table into this markdown file, between its table markers")
+    parser.add_argument("--joint-rule", action="store_true", help="also fit busi's joint lesion-first rule on each "
+                        "run's hospital-out predictions with the classifier's own 1 - p(normal) as the lesion score "
+                        "(no segmenter): what it does per held-out hospital, with patient intervals")
     args = parser.parse_args()
     results: dict[str, list] = {}
     for spec in args.run:
@@ -152,6 +184,9 @@ def main():
         ids = group_ids(paths, groups, list(by_patient.values()))
         clusters = {p: f"cluster{i}" for p, i in zip(paths, ids)}
         results.setdefault(name, []).append((run, figures(run, clusters)))
+        if args.joint_rule:
+            print(f"\n{name} ({run.name}): the joint rule on the classifier alone\n" + "\n".join(
+                joint_rule_lines(rows_of(run), clusters)) + "\n")
     lines = table(results)
     print("\n".join(lines))
     if args.md:
