@@ -409,15 +409,6 @@ def _check_before_imports(args):
         for other in getattr(args, "compare", []):
             if not Path(other).is_file():
                 raise BusiError(f"{other}: --compare model file does not exist")
-    if args.command == "predict":  # at once, not after the model has loaded: nothing to read is known from the files
-        from .folders import image_files, unreadable
-        files = image_files(args.inputs)
-        if not files:
-            raise BusiError("no images found in " + ", ".join(args.inputs))
-        bad = {f: why for f in files if (why := unreadable(f))}
-        if len(bad) == len(files):
-            raise BusiError("; ".join(f"{f}: {why}" for f, why in list(bad.items())[:3])
-                            + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""))
     if args.command == "audit":
         scan(args.data, args.classes)
     if args.command == "pacs":
@@ -445,6 +436,15 @@ def _check_before_imports(args):
     for item in getattr(args, "inputs", None) or []:  # predict
         if not Path(item).exists():
             raise BusiError(f"{item}: no such image or folder")
+    if args.command == "predict":  # at once, not after the model has loaded: nothing to read is known from the files
+        from .folders import image_files, unreadable
+        files = image_files(args.inputs)
+        if not files:
+            raise BusiError("no images found in " + ", ".join(args.inputs))
+        bad = {f: why for f in files if (why := unreadable(f))}
+        if len(bad) == len(files):
+            raise BusiError("; ".join(f"{f}: {why}" for f, why in list(bad.items())[:3])
+                            + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""))
     return cfg
 
 

@@ -152,8 +152,8 @@ def test_bad_inputs_give_one_line_errors(trained, tmp_path, capsys):
     assert "trained for classes benign, malignant, normal, but the data has cyst, solid" in _error(capsys)
     assert not (tmp_path / "ev2").exists()
     (tmp_path / "notes.txt").write_text("hello")
-    assert main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "notes.txt")]) == 1
-    assert "notes.txt: not a readable image" in _error(capsys)
+    assert main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "notes.txt")]) == 2  # said before loading
+    assert "notes.txt: not an image file (.txt)" in _error(capsys)
     assert main(["train", "--data", str(data), "--model", "resnet50", "--weights", str(tmp_path / "none.pth"), *TINY,
                  "--out", str(tmp_path / "w")]) == 2
     assert "none.pth: weights file does not exist" in _error(capsys)
