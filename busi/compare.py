@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .operating import POSITIVE, decide, rule_outcomes
+from .operating import POSITIVE, decide, outcome_intervals, rule_outcomes
 
 FIGURES = ("sensitivity", "specificity", "normal_recall", "lesions_called_normal", "accuracy")
 
@@ -15,17 +15,13 @@ FIGURES = ("sensitivity", "specificity", "normal_recall", "lesions_called_normal
 def at_rule(probs: torch.Tensor, scores: torch.Tensor | None, labels: torch.Tensor, classes, rule: dict | None,
             clusters, n_boot: int = 1000, seed: int = 0) -> dict:
     """What one model's stored rule decides on these images, with 95% bootstrap intervals over clusters (patients)."""
-    from .metrics import cluster_resamples
     classes = list(classes)
     m, b = classes.index(POSITIVE), classes.index("benign")
     n = classes.index("normal") if "normal" in classes else -1
     called = decide(probs, classes, rule, scores)
-    out = rule_outcomes(called, labels, m, b, n)
-    boots = [rule_outcomes(called[pick], labels[pick], m, b, n)
-             for pick in map(torch.from_numpy, cluster_resamples(clusters, n_boot, seed))]
-    out = {k: out[k] for k in FIGURES}
-    out["ci"] = {k: [round(float(np.quantile(v, q)), 4) for q in (0.025, 0.975)]
-                 for k in FIGURES if (v := [f[k] for f in boots if f[k] is not None])}
+    out = {k: v for k, v in rule_outcomes(called, labels, m, b, n).items() if k in FIGURES}
+    out["ci"] = {k: v for k, v in outcome_intervals(called, labels, m, b, n, clusters, n_boot, seed).items()
+                 if k in FIGURES}
     target = (rule or {}).get("target_recall")
     out["target_recall"] = target
     out["keeps_target"] = None if target is None or out["sensitivity"] is None else bool(out["sensitivity"] >= target)
@@ -40,7 +36,7 @@ def compare(models: dict[str, str | Path], data, patients: list[str] | None = No
     from .evaluate import _stream
     from .external import relabel
     from .inference import LoadedModel
-    out, n_images = {}, None
+    out = {}
     for name, path in models.items():
         loaded = LoadedModel(path)
         dataset, _ = relabel(scan(data), loaded.config["classes"], str(path))
@@ -52,7 +48,6 @@ def compare(models: dict[str, str | Path], data, patients: list[str] | None = No
         out[name] = {"checkpoint": str(path), "images": len(kept),
                      **at_rule(seen["probs"], seen.get("lesion_scores"), seen["labels"], loaded.config["classes"],
                                loaded.config.get("operating_point"), clusters)}
-        n_images = len(kept) if n_images is None else n_images
     return out
 
 

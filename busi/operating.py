@@ -245,14 +245,23 @@ def rule_outcomes(predicted: torch.Tensor, y: torch.Tensor, m: int, b: int, n: i
             "lesions_called_normal": share(predicted == n, mal | ben), "accuracy": share(predicted == y, y >= 0)}
 
 
+def outcome_intervals(called: torch.Tensor, y: torch.Tensor, m: int, b: int, n: int, clusters, n_boot: int = 1000,
+                      seed: int = 0) -> dict:
+    """95% percentile intervals of rule_outcomes' shares, from a bootstrap that resamples whole clusters (patients,
+    duplicate groups); a share with no image to be measured on in any resample has none."""
+    from .metrics import cluster_resamples
+    boots = [rule_outcomes(called[pick], y[pick], m, b, n)
+             for pick in map(torch.from_numpy, cluster_resamples(clusters, n_boot, seed))]
+    return {k: [round(float(np.quantile(v, q)), 4) for q in (0.025, 0.975)]
+            for k in boots[0] if (v := [f[k] for f in boots if f[k] is not None])} if boots else {}
+
+
 def lesion_rule_figures(probs: torch.Tensor, lesion_scores: torch.Tensor, labels: torch.Tensor, classes, rule: dict,
                         groups=None, clusters=None, n_boot: int = 0, seed: int = 0) -> dict:
     """Per group (e.g. held-out source): what the lesion-first rule does, and the classifier's own sensitivity-first
     threshold (fitted on the same images for the same recall) beside it. With n_boot, the rule's figures get 95%
     intervals from a bootstrap over clusters (patients or duplicate groups; images when none are given)."""
     from sklearn.metrics import roc_auc_score
-
-    from .metrics import cluster_resamples
     classes = list(classes)
     m, b = classes.index(POSITIVE), classes.index("benign")
     n = classes.index("normal") if "normal" in classes else -1
@@ -269,11 +278,7 @@ def lesion_rule_figures(probs: torch.Tensor, lesion_scores: torch.Tensor, labels
                    "classifier_alone": {**rule_outcomes(decide(p, classes, alone), y, m, b, n),
                                         "threshold": alone["threshold"]}}
         if n_boot:
-            boots = [rule_outcomes(called[pick], y[pick], m, b, n)
-                     for pick in map(torch.from_numpy, cluster_resamples(clusters[idx.numpy()], n_boot, seed))]
-            figures["lesion_first"]["ci"] = {
-                k: [round(float(np.quantile(v, q)), 4) for q in (0.025, 0.975)]
-                for k in figures["lesion_first"] if (v := [f[k] for f in boots if f[k] is not None])}
+            figures["lesion_first"]["ci"] = outcome_intervals(called, y, m, b, n, clusters[idx.numpy()], n_boot, seed)
             figures["lesion_first"]["ci_method"] = (f"95% percentile bootstrap ({n_boot} resamples) over "
                                                     f"{len(set(clusters[idx.numpy()]))} {unit}")
         lesion = (y == m) | (y == b)
