@@ -84,7 +84,7 @@ def test_bad_arguments_are_answered_before_torch_is_imported(tmp_path):
 
 def test_fit_temperature_is_the_recipes_unless_a_flag_says_otherwise():
     from pathlib import Path
-    from busi.cli import _overrides, parser
+    from busi.cli import overrides as _overrides, parser
     recommended = Path(__file__).resolve().parents[1] / "configs" / "recommended.yaml"
 
     def fitted(*flags):

@@ -7,15 +7,28 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "busi"
 
 
+def _module(path: Path) -> str:
+    """busi/cli/local.py -> 'cli.local'; busi/cli/__init__.py -> 'cli'."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def _imports() -> dict[str, set[str]]:
-    """busi module -> the busi modules it imports, at the top or inside a function (a late import is an edge too)."""
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
-    edges = {m: set() for m in modules}
-    for m in modules:
-        for node in ast.walk(ast.parse((PACKAGE / f"{m}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                named = [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
-                edges[m].update(n for n in named if n in modules and n != m)
+    """busi module -> the busi modules it imports, at the top or inside a function (a late import is an edge too);
+    a sub-package's modules are nodes of their own (cli.local), so a cycle through one is found too."""
+    files = {_module(p): p for p in PACKAGE.rglob("*.py") if p.name != "__main__.py"}
+    edges = {m: set() for m in files}
+    for m, path in files.items():
+        package = m.split(".") if path.name == "__init__.py" else m.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+                if node.module:  # from .x.y import z: the deepest of x.y, x that is a module
+                    named = [".".join([*base, *node.module.split(".")[:i]]) for i in (2, 1)]
+                    named = [next((c for c in named if c in files), "")]
+                else:  # from . import a, b: each a module of the package
+                    named = [".".join([*base, a.name]) for a in node.names]
+                edges[m].update(c for c in named if c in files and c != m)
     return edges
 
 
@@ -34,6 +47,13 @@ def test_no_module_imports_itself_round_a_cycle():
         if m not in seen:
             visit(m, [m])
     assert "data" not in edges["models"] and "runs" not in edges["models"]  # architectures know no folders
+    assert "cli.local" in edges["cli"] and "inference" in edges["cli.predicting"]  # the walk sees the sub-package
+
+
+def test_no_command_module_outgrows_a_reading():
+    """cli's modules each hold a few commands' arguments, checks and calls: none grows back into one long file."""
+    for path in (PACKAGE / "cli").glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 250, f"{path.name} has grown past 250 lines: split it"
 
 
 def test_predict_loads_no_training_metrics_or_plotting_library():
