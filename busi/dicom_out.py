@@ -12,35 +12,27 @@ import numpy as np
 from . import __version__
 from .errors import BusiError
 
-SCHEME = "99BUSI"  # a private coding scheme (DICOM PS3.16 8.2), declared in every SR: busi's own concepts alone
 MANUFACTURER = "busi (open source)"
-# The standard codes for what has one (SNOMED CT, DICOM's DCM): the finding and the decision's value, the probability
-# of cancer, the procedure, the lesion's size; a viewer or registry reads "benign" or "malignant" from them
-DECISION_VALUES = {"normal": ("17621005", "SCT", "Normal"), "benign": ("30807003", "SCT", "Benign"),
-                   "malignant": ("21594007", "SCT", "Malignant")}
+# Standard codes only (SNOMED CT, DICOM's DCM, UCUM): a viewer, a registry or the standard's validator reads every
+# concept without a private dictionary. Coded: the decision (a Finding with the class's SNOMED code), the probability
+# of cancer, a loop's frames scored, the lesion's size and probability. What no standard code says without ambiguity
+# (every class's probability, the rule, the figure the decision rests on, a loop's frames per class, the shift flag)
+# is said in words, as the algorithm's parameters, in a form said_in reads back.
+CLASS_CODES = {"normal": ("17621005", "SCT", "Normal"), "benign": ("30807003", "SCT", "Benign"),
+               "malignant": ("21594007", "SCT", "Malignant")}
 STANDARD = {"decision": ("121071", "DCM", "Finding"), "p_malignant": ("111047", "DCM", "Probability of cancer"),
+            "probability": ("122157", "DCM", "Probability"), "frames": ("121140", "DCM", "Number of Frames"),
             "breast-us": ("47079000", "SCT", "Ultrasonography of breast"), "width": ("103355008", "SCT", "Width"),
             "depth": ("131197000", "SCT", "Depth"), "area": ("42798000", "SCT", "Area")}
+DECIDED_ON, PROBABILITIES, FRAMES_CALLED, UNLIKE = ("decided on: ", "probabilities: ", "frames called: ",
+                                                    "unlike the model's training images: ")
 
 
-def _code(value: str, meaning: str | None = None):
-    """The standard code for value where busi knows one, else busi's private code with its meaning in words."""
+def _code(value: str):
+    """The standard code of one of busi's concepts (STANDARD) or classes (CLASS_CODES)."""
     from highdicom.sr import CodedConcept
-    if value in STANDARD or value in DECISION_VALUES:
-        code, scheme, name = STANDARD.get(value) or DECISION_VALUES[value]
-        return CodedConcept(value=code, scheme_designator=scheme, meaning=name)
-    return CodedConcept(value=value[:16], scheme_designator=SCHEME, meaning=(meaning or value)[:64])
-
-
-def declare_private_scheme(ds) -> None:
-    """The private scheme named in the Coding Scheme Identification Sequence (SOP Common), as PS3.3 C.12.1.1.9 asks."""
-    from pydicom.dataset import Dataset
-    item = Dataset()
-    item.CodingSchemeDesignator = SCHEME
-    item.CodingSchemeName = "busi: breast-ultrasound classifier concepts"
-    item.CodingSchemeVersion = __version__
-    item.CodingSchemeResponsibleOrganization = MANUFACTURER
-    ds.CodingSchemeIdentificationSequence = [item]
+    code, scheme, name = STANDARD.get(value) or CLASS_CODES[value]
+    return CodedConcept(value=code, scheme_designator=scheme, meaning=name)
 
 
 def model_key(path: str | Path) -> str:
@@ -103,54 +95,50 @@ def segmentation(source, mask: np.ndarray, uids: dict, model_name: str, frame: i
     return seg
 
 
-def decision_basis(row: dict, unit, algorithm) -> list:
-    """The figure the decision rests on and the threshold it was held against (operating.basis), first in the image
-    group, so that a reader sees why a scan is 'malignant' rather than only its three class probabilities."""
-    from highdicom.sr import Measurement
-    said = row.get("basis")
-    if not said:
-        return []
-    out = [Measurement(name=_code("basis", f"decided on: {said['figure']}"), value=float(said["value"]), unit=unit,
-                       algorithm_id=algorithm)]
-    if said.get("threshold") is not None:
-        out.append(Measurement(name=_code("basis-threshold", f"threshold of {said['figure']}"),
-                               value=float(said["threshold"]), unit=unit, algorithm_id=algorithm))
-    if "frames" in row:  # a cine loop: answered by its most suspicious frame; how many frames said each class
-        out.append(Measurement(name=_code("frames", "frames scored"), value=float(row["frames"]), unit=unit,
-                               algorithm_id=algorithm))
-        out.append(Measurement(name=_code("answering-frame", "answering frame (from 1)"), value=float(row["frame"] + 1),
-                               unit=unit, algorithm_id=algorithm))
-        out += [Measurement(name=_code(f"frames-{c}"[:16], f"frames called {c}"), value=float(n), unit=unit,
-                            algorithm_id=algorithm) for c, n in (row.get("frames_said") or {}).items()]
-    return out
+def parameters(row: dict, rule: str) -> list[str]:
+    """What the report says in words, as the algorithm's parameters (DCM 111002): the rule; the figure the decision
+    rests on against its threshold (before the probabilities, so that a reader sees why a scan is 'malignant' rather
+    than only its class probabilities); every class's probability; a loop's frames per class; the shift flag."""
+    said = [rule[:10240]]
+    basis = row.get("basis")
+    if basis:
+        said.append(f"{DECIDED_ON}{basis['figure']} = {float(basis['value'])!r}"
+                    + (f", threshold {float(basis['threshold'])!r}" if basis.get("threshold") is not None else "")
+                    + f" ({basis['text']})")
+    said.append(PROBABILITIES + ", ".join(f"{c} {float(p)!r}" for c, p in row["probabilities"].items()))
+    if "frames" in row:
+        said.append(FRAMES_CALLED + ", ".join(f"{c} {n}" for c, n in (row.get("frames_said") or {}).items()))
+    if "outside_training" in row:
+        said.append(UNLIKE + ("yes" if row["outside_training"] else "no"))
+    return said
 
 
 def structured_report(source, row: dict, uids: dict, model_name: str, rule: str, seg=None, frame: int | None = None):
-    """A TID 1500 measurement report of one prediction row on source: an image group with the probabilities, the
-    decision, its rule (as the algorithm's parameter) and the shift flag; a region group with the outline and its
-    size in millimetres (or pixels) where a lesion was outlined."""
+    """A TID 1500 measurement report of one prediction row on source: an image group with the decision (a Finding),
+    the probability of cancer and, for a loop, the frames scored; a group per class with its probability (and the
+    loop's frames called that class); a region group with the outline, its size in millimetres (or pixels) and the
+    lesion's probability, where a lesion was outlined. The rule, the basis and the shift flag: the parameters."""
     from highdicom.sr import (AlgorithmIdentification, CodedConcept, Comprehensive3DSR, DeviceObserverIdentifyingAttributes,
                               GraphicTypeValues, ImageRegion, Measurement, MeasurementReport,
                               MeasurementsAndQualitativeEvaluations, ObservationContext, ObserverContext,
                               PlanarROIMeasurementsAndQualitativeEvaluations, QualitativeEvaluation,
                               SourceImageForMeasurementGroup, SourceImageForRegion, TrackingIdentifier)
     from pydicom.sr.codedict import codes
-    algorithm = AlgorithmIdentification(name=f"busi {model_name}", version=__version__, parameters=[rule[:10240]])
+    algorithm = AlgorithmIdentification(name=f"busi {model_name}", version=__version__, parameters=parameters(row, rule))
     frames = [frame + 1] if frame is not None and int(getattr(source, "NumberOfFrames", 1) or 1) > 1 else None
     unitless = CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
-    image_group = MeasurementsAndQualitativeEvaluations(
+
+    def number(concept: str, value, unit=unitless) -> Measurement:
+        return Measurement(name=_code(concept), value=float(value), unit=unit)
+
+    probabilities = row["probabilities"]
+    groups = [MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=uid(uids["sr"], "image"), identifier="busi classification"),
         source_images=[SourceImageForMeasurementGroup.from_source_image(source, referenced_frame_numbers=frames)],
         algorithm_id=algorithm,
-        measurements=[*decision_basis(row, unitless, algorithm),
-                      *(Measurement(name=_code(f"p_{c}", f"probability of {c}"), value=float(p), unit=unitless,
-                                    algorithm_id=algorithm) for c, p in row["probabilities"].items())],
-        qualitative_evaluations=[
-            QualitativeEvaluation(_code("decision"), _code(row["predicted"])),
-            *([QualitativeEvaluation(_code("outside", "unlike the model's training images"),
-                                     codes.SCT.Yes if row["outside_training"] else codes.SCT.No)]
-              if "outside_training" in row else [])])
-    groups = [image_group]
+        measurements=[*([number("p_malignant", probabilities["malignant"])] if "malignant" in probabilities else []),
+                      *([number("frames", row["frames"])] if "frames" in row else [])],
+        qualitative_evaluations=[QualitativeEvaluation(_code("decision"), _code(row["predicted"]))])]
     lesion = row.get("lesion") or {}
     if lesion.get("polygon"):
         points = np.asarray(lesion["polygon"] + lesion["polygon"][:1], dtype=float)  # closed: ends where it began
@@ -158,46 +146,72 @@ def structured_report(source, row: dict, uids: dict, model_name: str, rule: str,
         unit = codes.UCUM.Millimeter if mm else CodedConcept(value="{pixels}", scheme_designator="UCUM", meaning="pixels")
         area_unit = codes.UCUM.SquareMillimeter if mm else CodedConcept(value="{pixels}", scheme_designator="UCUM",
                                                                          meaning="pixels")
-        sizes = [("width", "lesion width", lesion["width_mm" if mm else "width_px"], unit),
-                 ("depth", "lesion depth", lesion["depth_mm" if mm else "depth_px"], unit),
-                 ("area", "lesion area", lesion["area_mm2" if mm else "area_px"], area_unit),
-                 ("score", "lesion score", lesion["score"], unitless)]
+        sizes = [("width", lesion["width_mm" if mm else "width_px"], unit),
+                 ("depth", lesion["depth_mm" if mm else "depth_px"], unit),
+                 ("area", lesion["area_mm2" if mm else "area_px"], area_unit),
+                 ("probability", lesion["score"], unitless)]  # the lesion score: the outline's peak probability
         groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(uid=uid(uids["sr"], "lesion"), identifier="busi lesion"),
             referenced_region=ImageRegion(graphic_type=GraphicTypeValues.POLYLINE, graphic_data=points,
                                           source_image=SourceImageForRegion.from_source_image(
                                               source, referenced_frame_numbers=frames)),
             finding_type=codes.SCT.Lesion, algorithm_id=algorithm,
-            measurements=[Measurement(name=_code(key, meaning), value=float(value), unit=u, algorithm_id=algorithm)
-                          for key, meaning, value, u in sizes]))
+            measurements=[number(key, value, u) for key, value, u in sizes]))
     observer = ObserverContext(observer_type=codes.DCM.Device,
                                observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
                                    uid=uid(uids["sr_series"], "device"), name=f"busi {model_name}"[:64],
                                    manufacturer_name=MANUFACTURER))
     report = MeasurementReport(observation_context=ObservationContext(observer_device_context=observer),
-                               procedure_reported=_code("breast-us", "ultrasound of the breast"),
-                               imaging_measurements=groups)
-    sr = Comprehensive3DSR(
+                               procedure_reported=_code("breast-us"), imaging_measurements=groups)
+    return Comprehensive3DSR(
         evidence=[source, *([seg] if seg is not None else [])], content=report, series_instance_uid=uids["sr_series"],
         series_number=9702, sop_instance_uid=uids["sr"], instance_number=1, manufacturer=MANUFACTURER,
         series_description="busi classification", is_complete=True, is_final=False, is_verified=False)
-    declare_private_scheme(sr)
-    return sr
+
+
+def _items(dataset):
+    """Every content item of an SR, depth first."""
+    for item in getattr(dataset, "ContentSequence", []):
+        yield item
+        yield from _items(item)
 
 
 def said_in(sr) -> dict:
     """What a busi SR (a highdicom Comprehensive3DSR read back) says: {"decision", "probabilities": {class: p},
-    "measured": {concept meaning: value}}, whichever codes (standard or busi's) carry each figure."""
+    "measured": {what: value}} with the decision's basis ("decided on: FIGURE", "threshold of FIGURE"), a loop's
+    "frames scored", "frames called CLASS" and "answering frame (from 1)", the shift flag and the "lesion score"."""
+    import re
     group = sr.content.get_image_measurement_groups()[0]
-    meaning_of = {tuple(v[:2]): k for k, v in DECISION_VALUES.items()}
-    # read from the content items themselves: highdicom's getter takes a CODE named "Finding" for the finding type
+    code_of = {tuple(v[:2]): k for k, v in CLASS_CODES.items()}
     decision = next(item.ConceptCodeSequence[0] for item in group[0].ContentSequence if item.ValueType == "CODE"
                     and (item.ConceptNameCodeSequence[0].CodeValue,
                          item.ConceptNameCodeSequence[0].CodingSchemeDesignator) == STANDARD["decision"][:2])
-    measured = {m.name.meaning: float(m.value) for m in group.get_measurements()}
-    probabilities = {k.removeprefix("probability of "): v for k, v in measured.items() if k.startswith("probability of")}
-    probabilities["malignant"] = measured[STANDARD["p_malignant"][2]]
-    return {"decision": meaning_of[(decision.CodeValue, decision.CodingSchemeDesignator)], "probabilities": probabilities,
+    probabilities, measured = {}, {}
+    for m in group.get_measurements():
+        if (m.name.value, m.name.scheme_designator) == STANDARD["frames"][:2]:
+            measured["frames scored"] = float(m.value)
+            referenced = group.source_images[0].referenced_frame_numbers
+            if referenced:
+                measured["answering frame (from 1)"] = float(referenced[0])
+    texts = {item.TextValue for item in _items(group[0]) if item.ValueType == "TEXT"}
+    for text in texts:
+        said = re.match(rf"{DECIDED_ON}(.+?) = ([-+0-9.eE]+)(?:, threshold ([-+0-9.eE]+))?", text)
+        if said:
+            measured[f"decided on: {said[1]}"] = float(said[2])
+            if said[3]:
+                measured[f"threshold of {said[1]}"] = float(said[3])
+        elif text.startswith(PROBABILITIES):
+            probabilities = {c: float(p) for c, p in (x.rsplit(" ", 1) for x in text[len(PROBABILITIES):].split(", "))}
+        elif text.startswith(FRAMES_CALLED) and text != FRAMES_CALLED:
+            measured.update({f"frames called {c}": float(n) for c, n in (x.rsplit(" ", 1) for x in
+                                                                        text[len(FRAMES_CALLED):].split(", "))})
+        elif text.startswith(UNLIKE):
+            measured["unlike training images"] = float(text.endswith("yes"))
+    for region in sr.content.get_planar_roi_measurement_groups():
+        for m in region.get_measurements():
+            if (m.name.value, m.name.scheme_designator) == STANDARD["probability"][:2]:
+                measured["lesion score"] = float(m.value)
+    return {"decision": code_of[(decision.CodeValue, decision.CodingSchemeDesignator)], "probabilities": probabilities,
             "measured": measured}
 
 
