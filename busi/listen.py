@@ -127,7 +127,7 @@ class Node:
                     write(objects, self.out)
             except BusiError as e:
                 if self.archive is not None and str(e).startswith(self.archive.url):
-                    say(f"the archive refused the results ({str(e)[len(self.archive.url):].strip(': ')[:120]}); "
+                    say(f"the archive refused the results ({str(e)[len(self.archive.url):].strip(': ').split(';')[0][:120]}); "
                         f"{len(list(self.spool.glob('*.dcm')))} image(s) kept in the spool, tried again in "
                         f"{RETRY_SECONDS} s")
                     return False

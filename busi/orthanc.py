@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import queue
 import sys
 import sysconfig
 import tempfile
@@ -17,8 +16,11 @@ from .pacs import IMAGE_CLASSES
 
 PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")  # Debian's orthanc-python
 BATCH = 16
+# The Orthanc global property holding the last change busi has handled (plugins' own ids start at 1024): kept in
+# Orthanc's database, so a restart, a crash or a kill resumes after it and nothing stored meanwhile is missed
+CURSOR = 27517
 SCRIPT = '''"""busi inside Orthanc (written by `busi orthanc`): each ultrasound image Orthanc stores is classified and its
-SR and SEG stored in its study. Orthanc's storage never waits: images are queued and one thread works through them."""
+SR and SEG stored in its study. Orthanc's storage never waits: one thread follows Orthanc's change log."""
 import sys
 
 sys.path[:0] = {paths!r}  # the virtualenv busi is installed in
@@ -54,14 +56,17 @@ def _key(instance: str) -> str:
 
 
 class Link:
-    """What runs inside Orthanc: on_change queues each new instance (Orthanc's callback returns at once); a worker
-    thread loads the model once, reads each queued instance's tags, classifies the ultrasound images (anything else,
-    busi's own results included, is left alone) and posts their SR and SEG back to Orthanc. A failing image is one log
-    line, with a hashed key and no patient data, and the next one is classified."""
+    """What runs inside Orthanc: one worker thread loads the model once and follows Orthanc's change log from the
+    last change it handled (a cursor kept in Orthanc's database); a new instance only wakes it, so Orthanc's callback
+    returns at once and an instance stored while busi was not running is still classified when it next starts. It
+    reads each new instance's tags, classifies the ultrasound images (anything else, busi's own results included, is
+    left alone) and posts their SR and SEG back to Orthanc, under UIDs derived from the image and the model: handled
+    twice after a crash, a result is the same object, and Orthanc keeps it once. A failing image is one log line, with
+    a hashed key and no patient data, and the next one is classified."""
 
     def __init__(self, orthanc, checkpoint: str, engine: str = "auto"):
         self.orthanc, self.checkpoint, self.engine = orthanc, checkpoint, engine
-        self.queue: queue.Queue = queue.Queue()
+        self.wake, self.stopping = threading.Event(), threading.Event()
         self.worker = threading.Thread(target=self.work, name="busi", daemon=True)
         self.counts = {"classified": 0, "failed": 0, "left_alone": 0}
 
@@ -70,18 +75,27 @@ class Link:
         if change_type == o.ChangeType.ORTHANC_STARTED:
             self.worker.start()
         elif change_type == o.ChangeType.NEW_INSTANCE:
-            self.queue.put(resource)
+            self.wake.set()
         elif change_type == o.ChangeType.ORTHANC_STOPPED:
-            self.queue.put(None)
+            self.stopping.set()
+            self.wake.set()
             self.worker.join(timeout=60)
 
     def log(self, message: str) -> None:
         self.orthanc.LogWarning(f"busi: {message}")
 
+    def get(self, uri: str) -> dict:
+        return json.loads(self.orthanc.RestApiGet(uri))
+
     def work(self) -> None:
         from .dicom_out import model_key
         from .inference import LoadedModel
         from .operating import describe
+        cursor = self.orthanc.GetGlobalProperty(CURSOR, "")
+        if not cursor:  # the first start: the images stored from now on, not the archive's whole history
+            cursor = str(self.get("/changes?last")["Last"])
+            self.orthanc.SetGlobalProperty(CURSOR, cursor)
+        cursor = int(cursor)
         try:
             self.loaded = LoadedModel(self.checkpoint)
             self.loaded.use_engine(self.engine, BATCH)
@@ -90,17 +104,20 @@ class Link:
             return
         self.model, self.name = model_key(self.checkpoint), self.loaded.config["arch"]
         self.rule = describe(self.loaded.config.get("operating_point"))
-        self.log(f"classifying the ultrasound images Orthanc stores with {Path(self.checkpoint).name}")
-        while True:
-            batch = [self.queue.get()]
-            while len(batch) < BATCH and not self.queue.empty():
-                batch.append(self.queue.get())
-            done = [b for b in batch if b is not None]
-            if done:
-                self.classify(done)
-            if None in batch:
-                self.log(f"stopped: {self.counts['classified']} classified, {self.counts['failed']} failed")
-                return
+        self.log(f"classifying the ultrasound images Orthanc stores with {Path(self.checkpoint).name}, from change "
+                 f"{cursor} on")
+        while not self.stopping.is_set():
+            page = self.get(f"/changes?since={cursor}&limit={BATCH}")
+            new = [c["ID"] for c in page["Changes"] if c["ChangeType"] == "NewInstance"]
+            if new:
+                self.classify(new)
+            if page["Last"] > cursor:  # only once its images are handled: a kill before this line repeats them
+                cursor = page["Last"]
+                self.orthanc.SetGlobalProperty(CURSOR, str(cursor))
+            if page["Done"]:
+                self.wake.wait(1.0)
+                self.wake.clear()
+        self.log(f"stopped: {self.counts['classified']} classified, {self.counts['failed']} failed")
 
     def classify(self, instances: list[str]) -> None:
         import pydicom

@@ -223,7 +223,7 @@ def watch(checkpoint_path: str | Path, url: str, seconds: float, since: str | No
                 if not str(e).startswith(url.rstrip("/")):
                     raise
                 totals["archive_down"] += 1
-                say(f"{datetime.now():%H:%M:%S} busi pacs: the archive did not answer ({str(e)[len(url):].strip(': ')[:120]}); "
+                say(f"{datetime.now():%H:%M:%S} busi pacs: the archive did not answer ({str(e)[len(url):].strip(': ').split(';')[0][:120]}); "
                     f"trying again in {seconds:g} s")
             else:
                 totals["classified_and_stored"] += summary["classified_and_stored"]

@@ -152,3 +152,76 @@ def write_dicom(path, rgb: np.ndarray, photometric="RGB", syntax=None, frames=1,
         ds.SOPClassUID = meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, seconds: float, what: str):
+    import time
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"waited {seconds:.0f} s for {what}")
+
+
+class OrthancServer:
+    """A real Orthanc with DICOMweb on a fixed loopback port and storage folder: stopped and started again as an
+    archive is during maintenance, keeping what it stored."""
+
+    def __init__(self, root):
+        import json
+        import os
+        self.orthanc = shutil.which("Orthanc")
+        if not self.orthanc or not Path(DICOMWEB_PLUGIN).is_file():
+            message = "needs Orthanc and its DICOMweb plugin: apt-get install orthanc orthanc-dicomweb (.ci/run does)"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (root / "orthanc.json").write_text(json.dumps({
+            "Name": "busi-outage", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+            "HttpPort": self.port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True}}))
+        self.server = None
+
+    def start(self):
+        import subprocess
+        import urllib.request
+        with open(self.root / "orthanc.log", "a") as log:
+            self.server = subprocess.Popen([self.orthanc, str(self.root / "orthanc.json")], stdout=log,
+                                           stderr=subprocess.STDOUT)
+
+        def up():
+            try:
+                urllib.request.urlopen(f"{self.url}/system", timeout=1)
+                return True
+            except OSError:
+                assert self.server.poll() is None, (self.root / "orthanc.log").read_text()[-2000:]
+                return False
+        wait_for(up, 60, "Orthanc")
+
+    def stop(self):
+        self.server.terminate()
+        self.server.wait(timeout=60)
+
+    def reports(self) -> list[str]:
+        """The SOP Instance UID each stored SR cites, one entry per SR (a result stored twice would show twice)."""
+        import json
+        import urllib.request
+
+        def get(path):
+            with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as r:
+                return json.loads(r.read())
+        return [get(f"/instances/{i}/tags?short")["0040,a375"][0]["0008,1115"][0]["0008,1199"][0]["0008,1155"]
+                for i in get("/instances") if get(f"/instances/{i}/tags?short")["0008,0060"] == "SR"]

@@ -31,7 +31,7 @@ def _get(url: str):
         return json.loads(r.read())
 
 
-def test_orthanc_classifies_each_ultrasound_image_it_stores_and_nothing_else(lesion_model, tmp_path, capsys):
+def test_orthanc_classifies_each_ultrasound_image_it_stores_once_even_across_a_kill(lesion_model, tmp_path, capsys):
     if not ORTHANC or not PYTHON_PLUGIN.is_file():
         message = "needs Orthanc and its Python plugin: apt-get install orthanc orthanc-python (as .ci/run does)"
         if os.environ.get("CI"):
@@ -79,6 +79,36 @@ def test_orthanc_classifies_each_ultrasound_image_it_stores_and_nothing_else(les
                  ["0008,1155"] for r in found}
         assert len(found) == len(scans)  # one SR per image: none for the broken one, none for busi's own objects
         assert cited == {pydicom.dcmread(s, stop_before_pixels=True).SOPInstanceUID for s in scans}
+
+        # Orthanc killed while busi is half-way through a batch, then started again: busi resumes from the last change
+        # it finished (kept in Orthanc's database); what it stored before the kill is not stored twice
+        more = [write_dicom(tmp_path / f"more{n}.dcm", image, "MONOCHROME2", region_mm=0.2)
+                for n, image in enumerate(images)]
+        stored_before = (tmp_path / "orthanc.log").read_text().count("stored in its study")
+        for f in more:
+            request = urllib.request.Request(f"{base}/instances", data=Path(f).read_bytes(), method="POST")
+            urllib.request.urlopen(request, timeout=30).read()
+        end = time.monotonic() + 180
+        while time.monotonic() < end and (tmp_path / "orthanc.log").read_text().count("stored in its study") == stored_before:
+            time.sleep(0.05)
+        server.kill()
+        server.wait(timeout=60)
+        with open(tmp_path / "orthanc.log", "a") as log:
+            server = subprocess.Popen([ORTHANC, "--verbose", str(tmp_path / "orthanc.json")], stdout=log,
+                                      stderr=subprocess.STDOUT)
+        every = {pydicom.dcmread(s, stop_before_pixels=True).SOPInstanceUID for s in [*scans, *more]}
+        end = time.monotonic() + 240
+        while time.monotonic() < end:
+            try:
+                if len(reports()) >= len(every):
+                    break
+            except OSError:  # not answering yet
+                pass
+            time.sleep(1)
+        time.sleep(3)
+        cited = [_get(f"{base}/instances/{r['ID']}/tags?short")["0040,a375"][0]["0008,1115"][0]["0008,1199"][0]
+                 ["0008,1155"] for r in reports()]
+        assert sorted(cited) == sorted(every)  # each image once: none lost to the kill, none stored twice
     finally:
         server.terminate()
         server.wait(timeout=60)

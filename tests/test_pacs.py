@@ -204,3 +204,43 @@ def test_the_watcher_classifies_new_studies_as_they_arrive_and_stops_when_told(o
     assert any("3 image(s) classified" in line or "1 image(s) classified" in line for line in said)
     with open(tmp_path / "watch" / "pacs.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 3  # one table over every poll
+
+
+def test_the_watcher_rides_out_an_archive_outage(lesion_model, tmp_path):
+    """busi pacs --watch while the archive is stopped and started again: the outage is a line per poll, never the end
+    of the watch; studies stored before and after it each get exactly one report."""
+    import threading
+
+    import pydicom
+    from dicomweb_client.api import DICOMwebClient
+
+    from busi.pacs import watch
+    from conftest import OrthancServer, wait_for
+    data, ckpt, _ = lesion_model
+    pngs = sorted(data.rglob("*).png"))
+    (tmp_path / "orthanc").mkdir()
+    archive = OrthancServer(tmp_path / "orthanc")
+    archive.start()
+    scans = [write_dicom(tmp_path / f"s{n}.dcm", np.asarray(Image.open(pngs[n]).convert("RGB")), "MONOCHROME2",
+                         region_mm=0.2) for n in range(4)]
+    stop, said, done = threading.Event(), [], {}
+    watcher = threading.Thread(target=lambda: done.update(watch(ckpt, f"{archive.url}/dicom-web", 0.5,
+                                                                out=tmp_path / "watch", stop=stop, say=said.append)))
+    try:
+        DICOMwebClient(f"{archive.url}/dicom-web").store_instances([pydicom.dcmread(f) for f in scans[:2]])
+        watcher.start()
+        wait_for(lambda: len(archive.reports()) == 2, 180, "the first two reports")
+        archive.stop()
+        wait_for(lambda: any("the archive did not answer" in line for line in said), 60, "the outage noticed")
+        archive.start()
+        DICOMwebClient(f"{archive.url}/dicom-web").store_instances([pydicom.dcmread(f) for f in scans[2:]])
+        wait_for(lambda: len(archive.reports()) == 4, 180, "the reports after the outage")
+        time.sleep(2)  # a few more polls: long enough for a second copy, if one were coming
+        stored = archive.reports()
+    finally:
+        stop.set()
+        watcher.join(timeout=120)
+        archive.stop()
+    assert sorted(stored) == sorted(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
+                                               for f in scans)  # none lost, none twice
+    assert done["archive_down"] >= 1 and done["classified_and_stored"] >= 4
