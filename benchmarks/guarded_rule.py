@@ -1,0 +1,94 @@
+"""Which lesion-first rule serves both the hospitals a model trained on and one it never saw? Three fits of the two
+thresholds, each scored at home and at a new hospital, from runs already made (no training).
+
+    python benchmarks/guarded_rule.py --classifier-cv benchmarks/results/hospitals3-recommended \
+        --new benchmarks/results/lesion3-hospitals --home benchmarks/results/lesion3-home --md TABLE.md
+
+Rows: every image twice, "new" (its lesion score from a segmenter that never saw its hospital: benchmarks/lesion.py
+hospital-out) and "home" (from a segmenter cross-validated within the pooled sources: lesion.py --folds), each with the
+class probabilities and the shift flag of the classifier that never saw its hospital (`busi cv --split source`: the
+only classifier predictions both kinds of row can share; at home this p(malignant | lesion) is pessimistic, and the
+shift flag is taken as not raised, as it is for all but ~5% of a model's own hospitals' images by construction).
+
+The fits, each `operating.fit_joint_rule` (90% of the cancers and at most 10% of the lesions called normal in every
+group, then the most normal scans called normal and benign lesions benign, averaged over groups):
+- hospital-out: on the new rows, per held-out hospital (the bundled fit of issue 35);
+- home: on the home rows, per hospital;
+- shift-guarded: on both kinds, per kind and hospital, where an image flagged unlike the training images counts as a
+  lesion found, whatever its lesion score: 'normal' only for a scan with no lesion found that looks like the images
+  the model trained on.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from busi.errors import BusiError  # noqa: E402
+from busi.operating import fit_joint_rule, lesion_rule_figures  # noqa: E402
+
+CLASSES = ["benign", "malignant", "normal"]
+NAMES = {"busi_dev": "BUSI", "busbra_dev": "BUS-BRA", "uclm_dev": "BUS-UCLM"}
+
+
+def rows(classifier_runs: list[Path], lesion_run: Path, kind: str) -> list[dict]:
+    said = {}
+    for run in classifier_runs:
+        with open(run / "oof_predictions.csv", newline="") as f:
+            said.update({r["path"]: r for r in csv.DictReader(f)})
+    with open(lesion_run / "lesion_oof.csv", newline="") as f:
+        return [{"p": [float(said[r["path"]][f"p_{c}"]) for c in CLASSES], "score": float(r["lesion_score"]),
+                 "y": CLASSES.index(r["true"]), "group": f"{kind}: {r['source']}",
+                 "outside": kind == "new" and said[r["path"]].get("outside_training") == "1"}
+                for r in csv.DictReader(f) if r["path"] in said]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--classifier-cv", type=Path, action="append", required=True)
+    ap.add_argument("--new", type=Path, required=True, help="benchmarks/lesion.py hospital-out run")
+    ap.add_argument("--home", type=Path, required=True, help="benchmarks/lesion.py --folds run")
+    ap.add_argument("--md", type=Path)
+    args = ap.parse_args()
+    every = rows(args.classifier_cv, args.new, "new") + rows(args.classifier_cv, args.home, "home")
+    p = torch.tensor([r["p"] for r in every])
+    raw = torch.tensor([r["score"] for r in every])
+    guarded = torch.where(torch.tensor([r["outside"] for r in every]), torch.ones_like(raw), raw)
+    y = torch.tensor([r["y"] for r in every])
+    groups = [r["group"] for r in every]
+    new = torch.tensor([g.startswith("new") for g in groups])
+    fits = {"hospital-out": (raw, new), "home": (raw, ~new), "shift-guarded": (guarded, torch.ones_like(new))}
+    lines = ["| fit | lesion threshold | p(malignant \\| lesion) threshold | "
+             + " | ".join(f"{NAMES.get(g.split(': ')[1])} ({g.split(':')[0]})" for g in sorted(set(groups))) + " |",
+             "|---|---|---|" + "---|" * len(set(groups))]
+    for name, (scores, fit_on) in fits.items():
+        idx = torch.nonzero(fit_on).flatten()
+        try:
+            rule = fit_joint_rule(p[idx], scores[idx], y[idx], CLASSES, 0.9, 0.1, where=name,
+                                  groups=[groups[i] for i in idx.tolist()])
+        except BusiError as e:
+            lines.append(f"| {name} | {e} |")
+            continue
+        figures = lesion_rule_figures(p, scores, y, CLASSES, rule, groups)
+        cells = []
+        for g in sorted(figures):
+            f = figures[g]["lesion_first"]
+            pct = lambda v: "–" if v is None else f"{v:.0%}"  # noqa: E731
+            cells.append(f"{pct(f['sensitivity'])} / {pct(f['specificity'])} / {pct(f['normal_recall'])} / "
+                         f"{pct(f['lesions_called_normal'])}")
+        lines.append(f"| {name} | {rule['lesion_threshold']:.3f} | {rule['threshold']:.3f} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines + ["", "Cells: sensitivity / specificity / normal scans called normal / lesions called "
+                                   "normal."])
+    print(table)
+    if args.md:
+        args.md.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
