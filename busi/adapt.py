@@ -13,7 +13,7 @@ from torch import nn
 from . import __version__, checkpoint
 from .data import normalize, warn
 from .errors import BusiError
-from .inference import LoadedModel, image_files
+from .inference import LoadedModel, decision_scores, image_files
 from .runs import run_dir
 
 MIN_IMAGES = 16  # fewer images than this measure no scanner's statistics
@@ -116,10 +116,13 @@ def run_adapt(checkpoint_path: str | Path, data, out: str | Path | None = None, 
     return record, save_derived(out, adapted, config, extras, record, overwrite)
 
 
-def lesion_rule_here(said, labels: torch.Tensor, classes, target_recall: float, max_lesions_called_normal: float | None,
-                     before: dict, patients: list[str] | None, where: str) -> dict:
-    """The lesion-first rule re-fitted on a hospital's labelled images (see run_calibrate), with its promise."""
-    from .operating import MAX_LESIONS_CALLED_NORMAL, MIN_POSITIVES, cross_fitted, decide, fit_joint_rule
+def lesion_rule_here(said, scores: torch.Tensor, labels: torch.Tensor, classes, target_recall: float,
+                     max_lesions_called_normal: float | None, before: dict, patients: list[str] | None,
+                     where: str) -> dict:
+    """The lesion-first rule re-fitted on a hospital's labelled images (see run_calibrate), with its promise. scores:
+    the lesion scores the parent's rule decides on (inference.decision_scores); the new rule keeps the parent's
+    FAMILIAR_ONLY."""
+    from .operating import FAMILIAR_ONLY, MAX_LESIONS_CALLED_NORMAL, MIN_POSITIVES, cross_fitted, decide, fit_joint_rule
     classes = list(classes)
     cap = max_lesions_called_normal if max_lesions_called_normal is not None else before.get(
         "max_lesions_called_normal", MAX_LESIONS_CALLED_NORMAL)
@@ -130,10 +133,12 @@ def lesion_rule_here(said, labels: torch.Tensor, classes, target_recall: float, 
         warn(f"{where}: {normals} normal scan(s), fewer than {MIN_POSITIVES}: the lesion threshold {keep:.3f} is kept "
              f"from {before.get('fitted_where', 'the parent model')}; only the malignant threshold is re-set")
     fit = {"max_lesions_called_normal": cap, "lesion_threshold": keep}
-    rule = fit_joint_rule(said.probs, said.lesion_scores, labels, classes, target_recall, where=f"images of {where}", **fit)
-    promise = cross_fitted(said.probs, said.lesion_scores, labels, classes, target_recall, patients, **fit)
+    rule = fit_joint_rule(said.probs, scores, labels, classes, target_recall, where=f"images of {where}", **fit)
+    if before.get(FAMILIAR_ONLY):
+        rule[FAMILIAR_ONLY] = True
+    promise = cross_fitted(said.probs, scores, labels, classes, target_recall, patients, **fit)
     negatives = labels != classes.index("malignant")
-    called = decide(said.probs, classes, rule, said.lesion_scores)
+    called = decide(said.probs, classes, rule, scores)
     return {**rule, "recall_where_fitted": rule["where_fitted"]["malignant_recall"],
             "expected_recall": promise["malignant_recall"], "recall_ci": promise["recall_ci"],
             "ci_method": promise["ci_method"], "cross_fitted": promise,
@@ -177,9 +182,10 @@ def run_calibrate(checkpoint_path: str | Path, data, target_recall: float, out: 
         patients = [rows.get(p, {}).get(patient_column) or f"image:{p}" for p in paths]
     said = loaded.run(images)
     before = config.get("operating_point")
+    decided_on = decision_scores(config, said.lesion_scores, said.distances)
     if before and before.get("rule") == LESION_FIRST:
-        point = lesion_rule_here(said, labels, config["classes"], target_recall, max_lesions_called_normal, before,
-                                 patients, str(data))
+        point = lesion_rule_here(said, decided_on, labels, config["classes"], target_recall, max_lesions_called_normal,
+                                 before, patients, str(data))
     else:
         point = fit_with_ci(said.probs, labels, config["classes"], target_recall, patients, where=str(data))
         point["fitted_where"] = f"images of {data}"
@@ -187,7 +193,7 @@ def run_calibrate(checkpoint_path: str | Path, data, target_recall: float, out: 
     malignant = labels == k
     record = {"command": "calibrate", "data": str(data), "n_images": len(paths), "operating_point": point,
               "previous_operating_point": before,
-              "previous_recall_here": round(float((decide(said.probs, config["classes"], before, said.lesion_scores)
+              "previous_recall_here": round(float((decide(said.probs, config["classes"], before, decided_on)
                                                    [malignant] == k).float().mean()), 4) if before else None,
               "at": datetime.now().isoformat(timespec="seconds"), "busi_version": __version__,
               "parent": parent_of(checkpoint_path, config)}

@@ -92,7 +92,9 @@ def card_summary() -> str:
         lines.append("Lesion outline at a hospital its segmenter never saw: " + "; ".join(
             f"{name} Dice {v['dice_mean']:.2f}" + (f", normal vs lesion AUROC {v['normal_vs_lesion_auroc']:.2f}"
                                                    if "normal_vs_lesion_auroc" in v else "") for name, v in per.items()))
-    lines.append(f"Decision rule: {describe(op)}.")
+    lines.append(f"Decision rule: {describe(op, brief=True)}; fitted for {op.get('target_recall', 0.9):.0%} of the "
+                 "cancers at every hospital (busi model --full says how)." if op.get("rule") == "lesion-first"
+                 else f"Decision rule: {describe(op)}.")
     lines.append("Re-set it on your own labelled images: busi split MY_LABELLED --out parts --meta MY.csv "
                  "--patient-column PATIENT, then busi calibrate --data parts/adapt and busi evaluate --data parts/test.")
     lines.append("The whole card (data, recipe, figures, limits, citations): busi model --full")
@@ -173,12 +175,14 @@ def _joined(classifier_runs: list[Path], lesion_runs: list[Path], classes: list[
     pairs = [(r, s) for r in _oof_rows(classifier_runs) if r["path"] in scores for s in scores[r["path"]]]
     return (torch.tensor([[float(r[f"p_{c}"]) for c in classes] for r, _ in pairs]),
             torch.tensor([s for _, s in pairs]), torch.tensor([classes.index(r["true"]) for r, _ in pairs]),
-            [r["path"].split("/", 1)[0] for r, _ in pairs], segmentation)
+            [r["path"].split("/", 1)[0] for r, _ in pairs], segmentation,
+            torch.tensor([r.get("outside_training") == "1" for r, _ in pairs]))
 
 
 def lesion_rule_from_cv(classifier_runs: list[Path], lesion_runs: list[Path], classes: list[str],
                         target_recall: float, max_lesions_called_normal: float = MAX_LESIONS_CALLED_NORMAL,
-                        home: tuple[list[Path], list[Path]] | None = None, per_hospital: bool = True) -> dict:
+                        home: tuple[list[Path], list[Path]] | None = None, per_hospital: bool = True,
+                        familiar_only: bool = False) -> dict:
     """The lesion-first rule fitted on hospital-out out-of-fold predictions: class probabilities from `busi cv --split
     source` runs of the classifier, lesion scores from benchmarks/lesion.py runs of the segmenter (each image scored
     by models that never saw its hospital); with what the rule does per held-out source, and the segmenter's Dice
@@ -186,21 +190,39 @@ def lesion_rule_from_cv(classifier_runs: list[Path], lesion_runs: list[Path], cl
     hospital (per_hospital) or over them pooled; the trade-off (sensitivity, specificity and normal recall per
     held-out hospital against the recall asked for) is kept beside the rule. home: (within-source cv runs of the
     classifier, benchmarks/lesion.py --folds runs): what the same rule does at home, where normal scans were in
-    training."""
-    from .operating import fit_joint_rule, lesion_rule_figures, rule_tradeoff
-    probs, lesion, labels, sources, segmentation = _joined(classifier_runs, lesion_runs, classes)
+    training. familiar_only (operating.FAMILIAR_ONLY): 'normal' only for a scan with no lesion found that is not
+    flagged unlike the training images, the rule fitted on the hospital-out and the home rows together, each bound
+    held at every hospital in both (a rule for the hospitals a model trained on that keeps the cancers at one it never
+    saw)."""
+    from .operating import FAMILIAR_ONLY, fit_joint_rule, guarded, lesion_rule_figures, rule_tradeoff
+    probs, lesion, labels, sources, segmentation, outside = _joined(classifier_runs, lesion_runs, classes)
     where = ("out-of-fold predictions of hospital-out cross-validation (each image's class probabilities and lesion "
              "score from models that never saw its hospital)")
     groups = sources if per_hospital else None
-    rule = fit_joint_rule(probs, lesion, labels, classes, target_recall, max_lesions_called_normal, where=where,
-                          groups=groups)
+    fit_on = (probs, lesion, labels)
+    if familiar_only:  # both kinds of row, each bound held at every hospital in both; a flagged scan: a lesion found
+        if not home:
+            raise BusiError("a rule that calls 'normal' only for familiar scans is fitted at home and at hospitals "
+                            "never seen: it needs segmenters cross-validated within the sources (--lesion-home)")
+        lesion = guarded(lesion, outside, {FAMILIAR_ONLY: True})
+        home_probs, home_lesion, home_labels, home_sources, _, _ = _joined(*home, classes)
+        fit_on = (torch.cat([probs, home_probs]), torch.cat([lesion, home_lesion]), torch.cat([labels, home_labels]))
+        groups = [f"new hospital: {s}" for s in sources] + [f"home: {s}" for s in home_sources]
+        where = ("out-of-fold predictions at hospitals never seen (hospital-out cross-validation, each image's class "
+                 "probabilities, lesion score and shift flag from models that never saw its hospital) and at home (the "
+                 "same images' lesion scores from segmenters cross-validated within the pooled sources, the shift "
+                 "flag taken as not raised), each image once of each kind; a scan flagged unlike the training images "
+                 "counts as a lesion found")
+    rule = fit_joint_rule(*fit_on, classes, target_recall, max_lesions_called_normal, where=where, groups=groups)
+    if familiar_only:
+        rule[FAMILIAR_ONLY] = True
     rule["fitted_on_runs"] = [run.name for run in list(classifier_runs) + list(lesion_runs)]
     rule["per_source"] = lesion_rule_figures(probs, lesion, labels, classes, rule, sources)
-    rule["tradeoff"] = rule_tradeoff(probs, lesion, labels, classes, sources,
+    rule["tradeoff"] = rule_tradeoff(*fit_on, classes, groups if groups is not None else sources,
                                      max_lesions_called_normal=max_lesions_called_normal, per_group_bounds=per_hospital)
     rule["segmentation_hospital_out"] = segmentation
     if home:
-        probs, lesion, labels, sources, segmentation = _joined(*home, classes)
+        probs, lesion, labels, sources, segmentation, _ = _joined(*home, classes)
         rule["at_home"] = {"runs": [run.name for run in home[0] + home[1]], "segmentation": segmentation,
                            **lesion_rule_figures(probs, lesion, labels, classes, rule, sources)}
     return rule
@@ -227,7 +249,7 @@ def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path
            threshold_runs: list[Path] = (), patients: dict[str, str] | None = None, home_runs: list[Path] = (),
            adapted_threshold_runs: list[Path] = (), lesion_runs: list[Path] = (),
            max_lesions_called_normal: float = MAX_LESIONS_CALLED_NORMAL, lesion_home_runs: list[Path] = (),
-           per_hospital: bool = True) -> dict:
+           per_hospital: bool = True, familiar_only: bool = False) -> dict:
     """Turn a finished `busi train` run of the recommended recipe into the bundled model: fp16 tensors where they move
     no probability of the example images by more than 1e-3, else fp32, with the card's data (card.json) beside it.
 
@@ -251,10 +273,13 @@ def bundle(run: Path, recipe_file: Path, examples: Path, command: str, out: Path
     if config.get("parent"):  # the classifier a segmenter joined: its file's name, not where it lay
         config["parent"]["checkpoint"] = Path(config["parent"]["checkpoint"]).name
     if lesion_runs:  # a segmenter beside the classifier: the lesion-first rule, fitted hospital-out
+        # at home, the classifier's hospital-out predictions where no within-source run is given: its p(malignant |
+        # lesion) there is pessimistic, never flattering
+        home = ((list(home_runs or threshold_runs), list(lesion_home_runs)) if lesion_home_runs
+                and (home_runs or familiar_only) else None)
         config["operating_point"] = lesion_rule_from_cv(
             list(threshold_runs), list(lesion_runs), list(config["classes"]), recipe["malignant_recall"],
-            max_lesions_called_normal, (list(home_runs), list(lesion_home_runs)) if home_runs and lesion_home_runs else None,
-            per_hospital)
+            max_lesions_called_normal, home, per_hospital, familiar_only)
     elif threshold_runs:
         config["operating_point"] = operating_point_from_cv(list(threshold_runs), list(config["classes"]),
                                                             recipe["malignant_recall"], patients or {},

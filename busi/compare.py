@@ -35,7 +35,7 @@ def compare(models: dict[str, str | Path], data, patients: list[str] | None = No
     from .data import scan
     from .evaluate import _stream
     from .external import relabel
-    from .inference import LoadedModel
+    from .inference import LoadedModel, decision_scores
     out = {}
     for name, path in models.items():
         loaded = LoadedModel(path)
@@ -46,7 +46,8 @@ def compare(models: dict[str, str | Path], data, patients: list[str] | None = No
         kept = [s.path for s in seen["dataset"].samples]
         clusters = np.asarray([by_path.get(p, p) for p in kept]).astype(str)
         out[name] = {"checkpoint": str(path), "images": len(kept),
-                     **at_rule(seen["probs"], seen.get("lesion_scores"), seen["labels"], loaded.config["classes"],
+                     **at_rule(seen["probs"], decision_scores(loaded.config, seen.get("lesion_scores"),
+                                                              seen.get("distances")), seen["labels"], loaded.config["classes"],
                                loaded.config.get("operating_point"), clusters)}
     return out
 

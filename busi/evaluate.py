@@ -12,7 +12,7 @@ from . import __version__, shift
 from .data import Dataset, Rows, batches, load_masks, report_mask_problems, reread, scan
 from .errors import BusiError
 from .folders import scan_sources
-from .inference import LoadedModel
+from .inference import LoadedModel, decision_scores
 from .lesion import dice_iou
 from .runs import run_dir
 
@@ -83,6 +83,7 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     seen = _stream(loaded, dataset, progress)
     dataset, labels, status = seen["dataset"], seen["labels"], seen["mask_status"]
     probs, distances, scores = seen["probs"], seen.get("distances"), seen.get("lesion_scores")
+    decided_on = decision_scores(config, scores, distances)  # what the rule reads; scores as measured for the rest
     overlap = training_overlap(checkpoint_path, config, dataset, train_data, progress, extras)
     lesion = {}
     if scores is not None:
@@ -121,7 +122,7 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
              "rule_fitted_where": (config.get("operating_point") or {}).get("fitted_where"),
              "model": config["arch"], "checkpoint": str(checkpoint_path), "skipped": dataset.skipped,
              "training_overlap": overlap, **lesion, **figures(probs, config, labels, dataset, meta, id_column,
-                                                              group_column, patient_column, scores)}
+                                                              group_column, patient_column, decided_on)}
     # the pictures show a few dozen images: read again then, not kept from the stream
     size, steps = config["image_size"], config.get("preprocess", ())
     images = reread(dataset, size, steps)
@@ -130,7 +131,7 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     maps = None if scores is None else Rows(len(labels), lambda rows: loaded.run(images[rows]).lesion_maps)
     metrics = write_results(folder, model, config, images, labels, [s.path for s in dataset.samples], masks, status, extra,
                             logits=seen["logits"], shift_distances=distances, lesion_scores=scores,
-                            lesion_dice=seen.get("lesion_dice"), lesion_maps=maps)
+                            lesion_dice=seen.get("lesion_dice"), lesion_maps=maps, decision_scores=decided_on)
     render(folder)
     return metrics, folder
 

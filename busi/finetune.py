@@ -55,7 +55,7 @@ def cross_fitted_rule(cfg: RunConfig, folder: Path, progress: bool = True) -> di
     from .inference import outputs_of, probabilities
     from .lesion import lesion_scores
     from .models import normalization
-    from .operating import LESION_FIRST, MIN_POSITIVES, cross_fitted, fit_joint_rule, fit_with_ci
+    from .operating import FAMILIAR_ONLY, LESION_FIRST, MIN_POSITIVES, cross_fitted, fit_joint_rule, fit_with_ci
     from .split import group_ids, kfold
     from .workflow import prepare, train_one, training_tensors
     path = folder / cfg.models[0] / "checkpoint.pth"
@@ -93,6 +93,8 @@ def cross_fitted_rule(cfg: RunConfig, folder: Path, progress: bool = True) -> di
         fit = {"max_lesions_called_normal": parent_rule.get("max_lesions_called_normal", 0.1),
                "lesion_threshold": None if normals >= MIN_POSITIVES else parent_rule["lesion_threshold"]}
         rule = fit_joint_rule(probs, scores, labels, classes, cfg.malignant_recall, where=where, **fit)
+        if parent_rule.get(FAMILIAR_ONLY):  # tuned on this hospital's images, which it then knows: the guard stays
+            rule[FAMILIAR_ONLY] = True
         promise = cross_fitted(probs, scores, labels, classes, cfg.malignant_recall, patients, **fit)
         rule.update({"recall_where_fitted": rule["where_fitted"]["malignant_recall"], "cross_fitted": promise,
                      "expected_recall": promise["malignant_recall"], "recall_ci": promise["recall_ci"],

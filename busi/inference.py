@@ -18,7 +18,7 @@ from .errors import BusiError
 from .export import ExportedModel, is_exported
 from .lesion import decision_outline, lesion_scores
 from .models import IMAGENET_MEAN, IMAGENET_STD, has_segmenter
-from .operating import basis, decide
+from .operating import FAMILIAR_ONLY, basis, decide, guarded
 
 # Metrics (torchmetrics), figures (matplotlib) and the audit (OpenCV) are imported where they are used: predicting
 # one image needs none of them, and they take seconds to import.
@@ -99,8 +99,15 @@ def run_model(model, config: dict, extras: dict, images: torch.Tensor, engine=No
         logits, maps = run()
     probs = probabilities(logits, config)
     scores = lesion_scores(maps) if maps is not None else None
-    return Said(logits, probs, decide(probs, config["classes"], config.get("operating_point"), scores), maps, scores,
-                distances)
+    return Said(logits, probs, decide(probs, config["classes"], config.get("operating_point"),
+                                      decision_scores(config, scores, distances)), maps, scores, distances)
+
+
+def decision_scores(config: dict, scores: torch.Tensor | None, distances: torch.Tensor | None) -> torch.Tensor | None:
+    """The lesion scores the checkpoint's rule decides on: an image the shift check flags counts as a lesion found
+    where the rule says so (operating.FAMILIAR_ONLY); the scores themselves, as measured, are what rows show."""
+    outside = None if distances is None or not config.get("shift") else distances > config["shift"]["threshold"]
+    return guarded(scores, outside, config.get("operating_point"))
 
 
 def config_of(model_path: str | Path) -> dict:
@@ -160,6 +167,10 @@ class LoadedModel:
         if is_exported(path):
             self.exported, self.model = ExportedModel(path), None
             self.config = self.exported.config
+            if (self.config.get("operating_point") or {}).get(FAMILIAR_ONLY):  # an export has no shift check
+                from .data import warn
+                warn(f"{path}: an exported model cannot tell scans unlike its training images; its rule calls "
+                     "'normal' on the lesion score alone (the checkpoint.pth also asks that a normal scan look familiar)")
         else:
             self.exported = None
             self.model, self.config, self.extras = checkpoint.load(path, extras=True)

@@ -12,6 +12,11 @@ from .errors import BusiError
 POSITIVE = "malignant"
 LESION_FIRST = "lesion-first"
 MIN_POSITIVES = 10  # fewer malignant images (or patients) than this promise no recall: refused
+# A lesion-first rule with this key true calls 'normal' only a scan that also looks like the model's training images:
+# one flagged unlike them (busi.shift) counts as a lesion found, whatever its lesion score. At a hospital it never saw,
+# a segmenter misses lesions (their score at its floor) more often than it finds normal tissue, so there 'no lesion'
+# is not to be trusted; at home the flag is raised for about 5% of images, and normal scans are still called normal.
+FAMILIAR_ONLY = "normal_only_if_familiar"
 
 
 def fit_threshold(probs: torch.Tensor, labels: torch.Tensor, classes, target_recall: float) -> dict | None:
@@ -32,6 +37,14 @@ def fit_threshold(probs: torch.Tensor, labels: torch.Tensor, classes, target_rec
     return {"class": POSITIVE, "threshold": round(threshold, 6), "target_recall": target_recall,
             "fitted_on": int(len(labels)), "fitted_on_positives": int(len(positives)),
             "recall_where_fitted": round(float((positives >= threshold).float().mean()), 4)}
+
+
+def guarded(lesion_scores: torch.Tensor | None, outside, rule: dict | None) -> torch.Tensor | None:
+    """The lesion scores a lesion-first rule decides on: for a rule with FAMILIAR_ONLY, an image flagged unlike the
+    training images (outside: a bool per image) scores 1, a lesion found; otherwise the scores as they are."""
+    if lesion_scores is None or outside is None or not (rule or {}).get(FAMILIAR_ONLY):
+        return lesion_scores
+    return torch.where(torch.as_tensor(outside, dtype=torch.bool), torch.ones_like(lesion_scores), lesion_scores)
 
 
 def decide(probs: torch.Tensor, classes, operating_point: dict | None, lesion_scores: torch.Tensor | None = None
@@ -309,8 +322,10 @@ def basis(probs: torch.Tensor, lesion_score: float | None, classes, operating_po
         q = float(lesion_given(probs[None], m, b)[0])
         t_m = operating_point["threshold"]
         sign = ">=" if said == POSITIVE else "<"
+        found = ("lesion found" if lesion_score is None or lesion_score >= t_l else
+                 f"judged as a lesion: unlike the images it trained on (lesion score {lesion_score:.2f})")
         return {"figure": "p(malignant | lesion)", "value": round(q, 4), "threshold": t_m,
-                "text": f"{said}: lesion found, p(malignant | lesion) {q:.0%} {sign} {t_m:.0%}"}
+                "text": f"{said}: {found}, p(malignant | lesion) {q:.0%} {sign} {t_m:.0%}"}
     if operating_point and operating_point.get("class") in classes:
         k = classes.index(operating_point["class"])
         t, p = operating_point["threshold"], float(probs[k])
@@ -321,13 +336,18 @@ def basis(probs: torch.Tensor, lesion_score: float | None, classes, operating_po
             "text": f"{said}: p({said}) {float(probs[predicted]):.0%}, the most probable class"}
 
 
-def describe(operating_point: dict | None) -> str:
+def describe(operating_point: dict | None, brief: bool = False) -> str:
+    """The rule in words; brief: what it decides, without how it was fitted."""
+    if brief and operating_point and operating_point.get("rule") == LESION_FIRST:
+        return describe(operating_point).split(". Both thresholds")[0].split("; both on ")[0]
     if not operating_point:
         return "argmax (no operating point)"
     if operating_point.get("rule") == LESION_FIRST and "lesion_recall" not in operating_point:
         cap = operating_point.get("max_lesions_called_normal")
-        return (f"'normal' when no lesion is found (lesion score below {operating_point['lesion_threshold']:.3f}); "
-                f"otherwise 'malignant' when p(malignant)/(p(malignant)+p(benign)) is at least "
+        familiar = (" and the scan looks like the images the model trained on (one flagged unlike them is judged as "
+                    "a lesion)" if operating_point.get(FAMILIAR_ONLY) else "")
+        return (f"'normal' when no lesion is found (lesion score below {operating_point['lesion_threshold']:.3f})"
+                f"{familiar}; otherwise 'malignant' when p(malignant)/(p(malignant)+p(benign)) is at least "
                 f"{operating_point['threshold']:.3f}, else 'benign'. Both thresholds were fitted together on "
                 f"{operating_point.get('fitted_where', 'validation images')}: at least "
                 f"{operating_point['target_recall']:.0%} of {operating_point['fitted_on_positives']} malignant images "

@@ -51,13 +51,14 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
                   extra: dict | None = None, explain: bool = True, logits: torch.Tensor | None = None,
                   sources: list[str] | None = None, shift_distances: torch.Tensor | None = None,
                   lesion_scores: torch.Tensor | None = None, lesion_dice: torch.Tensor | None = None,
-                  lesion_maps: torch.Tensor | None = None) -> dict:
+                  lesion_maps: torch.Tensor | None = None, decision_scores: torch.Tensor | None = None) -> dict:
     """metrics.json, predictions.csv, confusion_matrix.png, misclassified.png, roc.png, calibration.png, gradcam.png.
 
     logits: the model's raw scores on images, when the caller has them already. sources: each image's source, when
     several folders were pooled: every figure is given per source too. shift_distances: each image's distance from the
     training images (busi.shift), written beside its prediction with the flag it earns. lesion_scores (models with a
-    segmenter): the decision rule reads them, and each is written with its Dice against the image's mask."""
+    segmenter): each is written with its Dice against the image's mask, and the decision rule reads them, or
+    decision_scores where given (inference.decision_scores: a flagged image counts as a lesion found)."""
     folder.mkdir(parents=True, exist_ok=True)
     classes = list(config["classes"])
     temperature = float(config.get("temperature", 1.0))
@@ -68,6 +69,7 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
             lesion_dice, iou = dice_iou(lesion_maps, masks, mask_status)
             extra = {**(extra or {}), "lesion": lesion_figures(lesion_scores, lesion_dice, iou, mask_status, labels,
                                                                classes, config.get("operating_point"))}
+    decided_on = lesion_scores if decision_scores is None else decision_scores
     raw = torch.softmax(logits, 1)
     probs = probabilities(logits, config)
     metrics = {**compute_metrics(probs, labels, classes), "majority_baseline": round(majority_baseline(labels, len(classes)), 6)}
@@ -82,11 +84,11 @@ def write_results(folder: Path, model: nn.Module, config: dict, images: torch.Te
     }
     operating_point = config.get("operating_point")
     if operating_point:  # the figures above stay argmax ones, comparable across models; these are what users get
-        metrics["operating_point"] = {**metrics_at(probs, labels, classes, operating_point, lesion_scores),
+        metrics["operating_point"] = {**metrics_at(probs, labels, classes, operating_point, decided_on),
                                       "rule": describe(operating_point)}
     if sources is not None and len(set(sources)) > 1:
-        metrics["per_source"] = per_source(probs, labels, classes, sources, operating_point, lesion_scores)
-    predicted = decide(probs, classes, operating_point, lesion_scores)
+        metrics["per_source"] = per_source(probs, labels, classes, sources, operating_point, decided_on)
+    predicted = decide(probs, classes, operating_point, decided_on)
     with open(folder / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
         shifted = [] if shift_distances is None else ["shift_distance", "outside_training"]

@@ -126,30 +126,42 @@ def lesion_rule_lines(op: dict, name: dict) -> list[str]:
             sep = (f"; normal vs lesion AUROC {v['normal_vs_lesion_auroc']:.3f}" if "normal_vs_lesion_auroc" in v else "")
             seg.append(f"{name.get(source, source)} held out: Dice {v['dice_mean']:.3f} (median {v['dice_median']:.3f}) "
                        f"over {v['lesion_images']} lesion images{sep} ({run})")
+    familiar = op.get("normal_only_if_familiar")
     how = (f"the lesion threshold set to find {op['lesion_recall']:.0%} of the lesions, then the malignant one for "
            f"{op['target_recall']:.0%} of the cancers through both steps" if "lesion_recall" in op else
            "both thresholds fitted together: at least "
-           f"{op['target_recall']:.0%} of the cancers at every held-out hospital (a cancer with no lesion found counts "
+           f"{op['target_recall']:.0%} of the cancers at every "
+           + ("hospital, both where the model trained and where it never did" if familiar else "held-out hospital")
+           + " (a cancer with no lesion found counts "
            f"as missed), at most {op.get('max_lesions_called_normal', 0.1):.0%} of the lesions called normal, then as "
            "many normal scans called normal and benign lesions benign as that allows")
+
+    def label(group: str) -> str:  # "home: busi_dev" -> "BUSI (home)"
+        kind, _, source = group.rpartition(": ")
+        return f"{name.get(source, source)} ({kind})" if kind else name.get(group, group)
     trade = op.get("tradeoff") or []
-    tradeoff = (["The trade-off, per held-out hospital (the same joint fit for each malignant recall asked for; "
+    tradeoff = ([f"The trade-off, per {'hospital, at home and as a new hospital' if familiar else 'held-out hospital'} "
+                 "(the same joint fit for each malignant recall asked for; "
                  "sensitivity / specificity / normal scans called normal):", "",
-                 "| malignant recall asked | " + " | ".join(name.get(g, g) for g in trade[0]["per_group"]) + " |",
+                 "| malignant recall asked | " + " | ".join(label(g) for g in trade[0]["per_group"]) + " |",
                  "|---|" + "---|" * len(trade[0]["per_group"])]
                 + [f"| {t['target_recall']:.0%} | " + " | ".join(
                     f"{_pct(v['sensitivity'])} / {_pct(v['specificity'])} / {_pct(v['normal_recall'])}"
                     for v in t["per_group"].values()) + " |" for t in trade] + [""]) if trade else []
     return ["**The stored decision rule** (lesion-first): 'normal' when the model finds no lesion (its lesion score "
-            f"below {op['lesion_threshold']:.3f}); otherwise 'malignant' when p(malignant) / (p(malignant) + "
+            f"below {op['lesion_threshold']:.3f})"
+            + (" and the scan looks like the images it trained on (a scan the shift check flags is judged as a "
+               "lesion: at a hospital the model never saw, its segmenter misses lesions more often than it finds "
+               "normal tissue)" if familiar else "") + "; otherwise 'malignant' when p(malignant) / (p(malignant) + "
             f"p(benign)) is at least {op['threshold']:.3f}, else 'benign' ({how}). A scan with no lesion found is "
             "never called malignant, however high its p(malignant), and a scan called benign or malignant always "
             f"shows the lesion it was judged on. Fitted on {op['fitted_on']} {op['fitted_where']}: "
             f"{op['fitted_on_lesions']} lesions, {op['fitted_on_positives']} of them malignant"
             + (f", and {op['fitted_on_normals']} normal scans" if op.get("fitted_on_normals") else "") + ".", "",
             "What the rule did there, per held-out hospital: " + "; ".join(per) + ".", "", *tradeoff,
-            *([f"At home (segmenters and classifiers cross-validated within the pooled sources, normal scans in "
-               f"training: {', '.join(op['at_home']['runs'])}), the same rule: " + "; ".join(
+            *([f"At home ({'segmenters' if familiar else 'segmenters and classifiers'} cross-validated within the "
+               f"pooled sources, normal scans in training: {', '.join(op['at_home']['runs'])}), the same rule: "
+               + "; ".join(
                    f"{name.get(k, k)}: sensitivity {pct(v['lesion_first']['sensitivity'])}, specificity "
                    f"{pct(v['lesion_first']['specificity'])}"
                    + (f", normal scans called normal {pct(v['lesion_first']['normal_recall'])} and malignant "
@@ -162,8 +174,10 @@ def lesion_rule_lines(op: dict, name: dict) -> list[str]:
                                                                         f"{v['normal_vs_lesion_auroc']:.3f}"
                                                                         if "normal_vs_lesion_auroc" in v else "")
                            for per in op["at_home"]["segmentation"].values() for k, v in per.items())
-               + ". The lesion threshold is set for hospitals the segmenter never saw, where it finds fewer lesions: "
-               "at home it leaves most normal scans outlined, and those are judged as lesions.", ""]
+               + (". The classifier's probabilities there are its hospital-out ones (pessimistic at home); the shift "
+                  "flag is taken as not raised (it is for about 5% of a model's own hospitals' images)." if familiar
+                  else ". The lesion threshold is set for hospitals the segmenter never saw, where it finds fewer "
+                  "lesions: at home it leaves most normal scans outlined, and those are judged as lesions."), ""]
               if op.get("at_home") else []),
             "**The lesion outline** (a U-Net segmenter beside the classifier, trained on every image's lesion mask; a "
             "normal scan's is empty), measured the same way, each hospital outlined by a segmenter that never saw it: "
@@ -333,6 +347,13 @@ def main():
     parser.add_argument("--lesion-home", type=Path, action="append", default=[],
                         help="a benchmarks/lesion.py --folds run (segmenters cross-validated at home): with --within-cv, "
                         "what the stored rule does at home")
+    parser.add_argument("--classifier-run", type=Path, help="with --from-run and --lesion-cv: the `busi train --config "
+                        "configs/recommended.yaml` run (same data) whose checkpoint is RUN/classifier.pth: the card "
+                        "says so, and counts its training time")
+    parser.add_argument("--normal-only-if-familiar", action="store_true",
+                        help="with --lesion-cv and --lesion-home: 'normal' only for a scan with no lesion found that the "
+                        "shift check does not flag, the rule fitted on the hospital-out and the home predictions "
+                        "together, each bound held at every hospital in both (busi.operating.FAMILIAR_ONLY)")
     parser.add_argument("--classifier", type=Path, default=bundled.MODEL,
                         help="with --lesion-cv: the trained classifier the segmenter joins (kept as it is; default: the "
                         "bundled model, copied into the run folder first)")
@@ -357,8 +378,16 @@ def main():
         subprocess.run([sys.executable, "-m", "busi.cli", *train[1:], "--out", str(run / "train")
                         if args.lesion_cv else str(run)], check=True)
     made_by = " ".join(train).replace(str(run), "RUN")
+    classifier_seconds = 0.0
     if args.lesion_cv:
-        made_by = (f"the bundled classifier copied to RUN/classifier.pth, {recipe.relative_to(ROOT)} with init_checkpoint "
+        parent = "the bundled classifier"
+        if args.classifier_run:  # a classifier trained for this bundle: its command and its time
+            from busi.checkpoint import read
+            classifier_seconds = read(args.classifier_run / "efficientnet-lite0" / "checkpoint.pth")["config"].get(
+                "train_seconds") or 0.0
+            parent = (f"the classifier of `busi train --config configs/recommended.yaml {' '.join(data_flags)} "
+                      f"{' '.join(meta_flags)} --out {args.classifier_run}` ({classifier_seconds / 60:.0f} min)")
+        made_by = (f"{parent} copied to RUN/classifier.pth, {recipe.relative_to(ROOT)} with init_checkpoint "
                    f"RUN/classifier.pth and freeze_classifier: true as RUN/recipe.yaml, then {made_by} --out RUN/train")
         if (run / "train").is_dir():
             run = run / "train"
@@ -385,13 +414,23 @@ def main():
                           home_runs=[args.within_cv] if args.within_cv else [],
                           adapted_threshold_runs=[r for r in args.hospital_cv if args.adapted_threshold and "adapted_p_"
                                                   in (r / "oof_predictions.csv").open().readline()],
-                          lesion_runs=args.lesion_cv, lesion_home_runs=args.lesion_home)
+                          lesion_runs=args.lesion_cv, lesion_home_runs=args.lesion_home,
+                          familiar_only=args.normal_only_if_familiar)
     data["data"] = bundled.data_summary(run, info)
+    data["train_seconds"] = (data.get("train_seconds") or 0.0) + classifier_seconds  # the classifier's, and the segmenter's
     data["hospital_out"] = hospital_out(args.hospital_cv)
     data["within_source"] = within(args.within_cv)
     if data["within_source"]:
         a = data["within_source"]["metrics"]["accuracy"]
         data["cross_validation"] = f"at home (grouped CV, every source): accuracy (most probable class) {_ci(a)}"
+    elif (data.get("operating_point") or {}).get("at_home"):  # the stored rule at home (segmenters cross-validated)
+        home = {k: v["lesion_first"] for k, v in data["operating_point"]["at_home"].items()
+                if k not in ("runs", "segmentation")}
+        named = {k: v[1] for k, v in CITATIONS.items()}
+        data["cross_validation"] = "at home, the stored rule (segmenters cross-validated within the sources): " + "; ".join(
+            f"{named.get(k, k)} sensitivity {_pct(v['sensitivity'])}, specificity {_pct(v['specificity'])}"
+            + (f", normal scans called normal {_pct(v['normal_recall'])}" if v.get("normal_recall") is not None else "")
+            for k, v in home.items())
     if data["hospital_out"]:  # the headline of `busi model` and the web page: the stored rule's figures first
         at_rule = (data.get("operating_point") or {}).get("per_source") or {}
 

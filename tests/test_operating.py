@@ -178,3 +178,22 @@ def test_the_basis_of_a_decision_is_the_figure_it_was_judged_on():
     plain = basis(torch.tensor([0.3, 0.25, 0.45]), None, CLASSES, {"class": "malignant", "threshold": 0.2}, 1)
     assert plain["text"] == "malignant: p(malignant) 25% >= 20%"
     assert basis(torch.tensor([0.3, 0.25, 0.45]), None, CLASSES, None, 2)["threshold"] is None
+
+
+def test_a_familiar_only_rule_calls_normal_only_a_scan_that_looks_like_its_training_images():
+    """operating.FAMILIAR_ONLY: a scan the shift check flags counts as a lesion found, whatever its lesion score; the
+    same scan unflagged, or under a rule without the key, is called normal; the basis says why."""
+    from busi.operating import FAMILIAR_ONLY, basis, describe, guarded
+    rule = {"rule": "lesion-first", "class": "malignant", "threshold": 0.5, "lesion_threshold": 0.3,
+            "target_recall": 0.9, "fitted_on_positives": 30}
+    probs = torch.tensor([[0.30, 0.65, 0.05], [0.30, 0.65, 0.05], [0.80, 0.10, 0.10]])
+    scores = torch.tensor([0.05, 0.05, 0.9])  # no lesion found in the first two
+    outside = torch.tensor([True, False, True])
+    assert decide(probs, CLASSES, rule, guarded(scores, outside, rule)).tolist() == [2, 2, 0]  # no key: untouched
+    familiar = {**rule, FAMILIAR_ONLY: True}
+    assert decide(probs, CLASSES, familiar, guarded(scores, outside, familiar)).tolist() == [1, 2, 0]
+    assert guarded(scores, None, familiar) is scores  # a model without a shift summary: nothing to guard with
+    said = basis(probs[0], 0.05, CLASSES, familiar, 1)  # the score shown is the one measured, not the guard's 1
+    assert said["text"].startswith("malignant: judged as a lesion: unlike the images it trained on (lesion score 0.05)")
+    assert "looks like the images the model trained on" in describe(familiar)
+    assert "looks like" not in describe(rule)
