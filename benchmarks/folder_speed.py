@@ -9,7 +9,8 @@ A labelled folder of each size is made of links to the given folders' images and
 near-duplicate check finds them, as it would a hospital's repeats). Each command runs in a fresh process with the
 bundled model, its ONNX export already cached (the first run of a checkpoint exports it: about a minute, once), and
 `--engine torch` at --torch-at sizes; wall seconds and peak resident memory come from /usr/bin/time. Bare network:
-the same network passes (both engines, mirrored pass included) over preloaded images, in this process.
+the same network passes (both engines, mirrored pass included) over preloaded images, in this process. --stages N:
+where each image's time goes (decode, clean, resize, network, after the network), in ms per image, both engines.
 """
 from __future__ import annotations
 
@@ -76,12 +77,48 @@ def bare(n: int, folder: Path) -> dict:
     return out
 
 
+def stages(n: int, folder: Path, engine: str) -> dict:
+    """Where one image's time goes in predict, in milliseconds per image over n images of folder (in this process, the
+    export cached): decoding the file, cleaning it (crop to the scan, paint out overlays), resizing to the model's
+    input, the network (both passes, batches of 32) and everything after it (decision, outline, shift check, row)."""
+    import torch
+    from busi import preprocess
+    from busi.inference import LoadedModel, Prepared, image_files, model_input, read_image
+    loaded = LoadedModel(MODEL)
+    loaded.use_engine(engine, n)
+    files = image_files([folder])[:n]
+    spent = dict.fromkeys(("decode", "clean", "resize", "network", "after the network"), 0.0)
+    prepared = []
+    for f in files:
+        start = time.perf_counter()
+        image = read_image(f)
+        decoded = time.perf_counter()
+        origin: list = []
+        cleaned = preprocess.apply(image, loaded.config.get("preprocess", ()), origin=origin)
+        clean = time.perf_counter()
+        prepared.append(Prepared(str(f), cleaned, origin, model_input(cleaned, loaded.config["image_size"]), None, None))
+        spent["decode"] += decoded - start
+        spent["clean"] += clean - decoded
+        spent["resize"] += time.perf_counter() - clean
+    for i in range(0, len(prepared), 32):
+        batch = prepared[i:i + 32]
+        start = time.perf_counter()
+        loaded.run(torch.cat([p.input for p in batch]))
+        network = time.perf_counter()
+        loaded.describe(batch)  # the network again, then the rest: the rest is the difference
+        spent["network"] += network - start
+        spent["after the network"] += (time.perf_counter() - network) - (network - start)
+    return {"engine": engine, "images": len(files), "ms_per_image": {k: round(1000 * v / len(files), 1)
+                                                                    for k, v in spent.items()}}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", action="append", type=Path, required=True)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 683, 2000])
     ap.add_argument("--torch-at", type=int, nargs="*", default=[683])
     ap.add_argument("--bare-images", type=int, default=256)
+    ap.add_argument("--stages", type=int, default=0, help="also time each stage of predict on this many images")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -101,8 +138,13 @@ def main():
                                  "images_per_second": round(n / seconds, 1), "peak_gib": round(gib, 2)})
                     print(json.dumps(rows[-1]), flush=True)
         network = bare(args.bare_images, Path(tmp) / f"n{max(args.sizes)}")
+        per_stage = [stages(args.stages, Path(tmp) / f"n{max(args.sizes)}", engine) for engine in ("onnx", "torch")
+                     if args.stages]
+        for row in per_stage:
+            print(json.dumps(row), flush=True)
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} threads, {platform.processor() or ''}".strip(", "),
-              "rows": rows, "bare_network_images_per_second": network, "bare_images": args.bare_images}
+              "rows": rows, "bare_network_images_per_second": network, "bare_images": args.bare_images,
+              "stages": per_stage}
     (args.out / "folder_speed.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result["bare_network_images_per_second"]))
 
