@@ -116,13 +116,14 @@ def run_adapt(checkpoint_path: str | Path, data, out: str | Path | None = None, 
     return record, save_derived(out, adapted, config, extras, record, overwrite)
 
 
-def lesion_rule_here(said, scores: torch.Tensor, labels: torch.Tensor, classes, target_recall: float,
+def lesion_rule_here(said, labels: torch.Tensor, classes, target_recall: float,
                      max_lesions_called_normal: float | None, before: dict, patients: list[str] | None,
                      where: str) -> dict:
-    """The lesion-first rule re-fitted on a hospital's labelled images (see run_calibrate), with its promise. scores:
-    the lesion scores the parent's rule decides on (inference.decision_scores); the new rule keeps the parent's
-    FAMILIAR_ONLY."""
-    from .operating import FAMILIAR_ONLY, MAX_LESIONS_CALLED_NORMAL, MIN_POSITIVES, cross_fitted, decide, fit_joint_rule
+    """The lesion-first rule re-fitted on a hospital's labelled images (see run_calibrate), with its promise. It is
+    fitted on the lesion scores as measured, without the parent's FAMILIAR_ONLY guard: its bounds are held on this
+    hospital's own cancers and lesions, which is what the guard stood in for where no hospital had been measured (and
+    at a new hospital most images are flagged, so a guarded rule could call none of its normal scans normal)."""
+    from .operating import MAX_LESIONS_CALLED_NORMAL, MIN_POSITIVES, cross_fitted, decide, fit_joint_rule
     classes = list(classes)
     cap = max_lesions_called_normal if max_lesions_called_normal is not None else before.get(
         "max_lesions_called_normal", MAX_LESIONS_CALLED_NORMAL)
@@ -133,12 +134,11 @@ def lesion_rule_here(said, scores: torch.Tensor, labels: torch.Tensor, classes, 
         warn(f"{where}: {normals} normal scan(s), fewer than {MIN_POSITIVES}: the lesion threshold {keep:.3f} is kept "
              f"from {before.get('fitted_where', 'the parent model')}; only the malignant threshold is re-set")
     fit = {"max_lesions_called_normal": cap, "lesion_threshold": keep}
-    rule = fit_joint_rule(said.probs, scores, labels, classes, target_recall, where=f"images of {where}", **fit)
-    if before.get(FAMILIAR_ONLY):
-        rule[FAMILIAR_ONLY] = True
-    promise = cross_fitted(said.probs, scores, labels, classes, target_recall, patients, **fit)
+    measured = said.lesion_scores
+    rule = fit_joint_rule(said.probs, measured, labels, classes, target_recall, where=f"images of {where}", **fit)
+    promise = cross_fitted(said.probs, measured, labels, classes, target_recall, patients, **fit)
     negatives = labels != classes.index("malignant")
-    called = decide(said.probs, classes, rule, scores)
+    called = decide(said.probs, classes, rule, measured)
     return {**rule, "recall_where_fitted": rule["where_fitted"]["malignant_recall"],
             "expected_recall": promise["malignant_recall"], "recall_ci": promise["recall_ci"],
             "ci_method": promise["ci_method"], "cross_fitted": promise,
@@ -184,8 +184,8 @@ def run_calibrate(checkpoint_path: str | Path, data, target_recall: float, out: 
     before = config.get("operating_point")
     decided_on = decision_scores(config, said.lesion_scores, said.distances)
     if before and before.get("rule") == LESION_FIRST:
-        point = lesion_rule_here(said, decided_on, labels, config["classes"], target_recall, max_lesions_called_normal,
-                                 before, patients, str(data))
+        point = lesion_rule_here(said, labels, config["classes"], target_recall, max_lesions_called_normal, before,
+                                 patients, str(data))
     else:
         point = fit_with_ci(said.probs, labels, config["classes"], target_recall, patients, where=str(data))
         point["fitted_where"] = f"images of {data}"

@@ -196,7 +196,8 @@ def test_calibrate_re_fits_both_thresholds_together_and_promises_a_cross_fitted_
     _, ckpt, _ = lesion_model
     model, config = checkpoint.load(ckpt)
     stored = {"rule": "lesion-first", "class": "malignant", "threshold": 0.5, "target_recall": 0.9,
-              "lesion_threshold": 0.999, "lesion_recall": 0.95, "fitted_where": "somewhere else"}
+              "lesion_threshold": 0.999, "lesion_recall": 0.95, "fitted_where": "somewhere else",
+              "normal_only_if_familiar": True}
     checkpoint.save(tmp_path / "parent.pth", model, {**config, "operating_point": stored})
     here = make_kaggle_folder(tmp_path / "here", per_class=12, size=64)
     assert main(["calibrate", "--checkpoint", str(tmp_path / "parent.pth"), "--data", str(here),
@@ -207,6 +208,8 @@ def test_calibrate_re_fits_both_thresholds_together_and_promises_a_cross_fitted_
     op = loaded.config["operating_point"]
     assert op["rule"] == "lesion-first" and op["fitted_jointly"] and op["fitted_on_lesions"] == 24
     assert op["fitted_on_normals"] == 12 and op["lesion_threshold"] < 0.999
+    # fitted on this hospital's own cancers and lesions: the guard that stood in for an unmeasured hospital is dropped
+    assert "normal_only_if_familiar" not in op
     images = sorted(p for c in CLASSES for p in (here / c).glob("*).png"))
     said = loaded.run(torch.cat([loaded.prepare(p).input for p in images]))
     truth = torch.tensor([CLASSES.index(p.parent.name) for p in images])
