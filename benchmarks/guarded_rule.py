@@ -21,7 +21,6 @@ group, then the most normal scans called normal and benign lesions benign, avera
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -30,23 +29,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from busi.bundled import joined_oof  # noqa: E402
 from busi.errors import BusiError  # noqa: E402
-from busi.operating import fit_joint_rule, lesion_rule_figures  # noqa: E402
+from busi.operating import FAMILIAR_ONLY, fit_joint_rule, guarded, lesion_rule_figures  # noqa: E402
 
 CLASSES = ["benign", "malignant", "normal"]
 NAMES = {"busi_dev": "BUSI", "busbra_dev": "BUS-BRA", "uclm_dev": "BUS-UCLM"}
 
 
-def rows(classifier_runs: list[Path], lesion_run: Path, kind: str) -> list[dict]:
-    said = {}
-    for run in classifier_runs:
-        with open(run / "oof_predictions.csv", newline="") as f:
-            said.update({r["path"]: r for r in csv.DictReader(f)})
-    with open(lesion_run / "lesion_oof.csv", newline="") as f:
-        return [{"p": [float(said[r["path"]][f"p_{c}"]) for c in CLASSES], "score": float(r["lesion_score"]),
-                 "y": CLASSES.index(r["true"]), "group": f"{kind}: {r['source']}",
-                 "outside": kind == "new" and said[r["path"]].get("outside_training") == "1"}
-                for r in csv.DictReader(f) if r["path"] in said]
+def rows(classifier_runs: list[Path], lesion_run: Path, kind: str) -> tuple:
+    """(probabilities, lesion scores, labels, groups "KIND: source", shift flags) of every image the runs share; at
+    home the flags are taken as not raised."""
+    probs, scores, labels, sources, _, outside = joined_oof(classifier_runs, [lesion_run], CLASSES)
+    return probs, scores, labels, [f"{kind}: {s}" for s in sources], outside if kind == "new" else torch.zeros_like(outside)
 
 
 def main() -> None:
@@ -56,14 +51,12 @@ def main() -> None:
     ap.add_argument("--home", type=Path, required=True, help="benchmarks/lesion.py --folds run")
     ap.add_argument("--md", type=Path)
     args = ap.parse_args()
-    every = rows(args.classifier_cv, args.new, "new") + rows(args.classifier_cv, args.home, "home")
-    p = torch.tensor([r["p"] for r in every])
-    raw = torch.tensor([r["score"] for r in every])
-    guarded = torch.where(torch.tensor([r["outside"] for r in every]), torch.ones_like(raw), raw)
-    y = torch.tensor([r["y"] for r in every])
-    groups = [r["group"] for r in every]
+    parts = [rows(args.classifier_cv, args.new, "new"), rows(args.classifier_cv, args.home, "home")]
+    p, raw, y = (torch.cat([part[k] for part in parts]) for k in (0, 1, 2))
+    groups = parts[0][3] + parts[1][3]
+    guarded_scores = guarded(raw, torch.cat([parts[0][4], parts[1][4]]), {FAMILIAR_ONLY: True})
     new = torch.tensor([g.startswith("new") for g in groups])
-    fits = {"hospital-out": (raw, new), "home": (raw, ~new), "shift-guarded": (guarded, torch.ones_like(new))}
+    fits = {"hospital-out": (raw, new), "home": (raw, ~new), "shift-guarded": (guarded_scores, torch.ones_like(new))}
     lines = ["| fit | lesion threshold | p(malignant \\| lesion) threshold | "
              + " | ".join(f"{NAMES.get(g.split(': ')[1])} ({g.split(':')[0]})" for g in sorted(set(groups))) + " |",
              "|---|---|---|" + "---|" * len(set(groups))]

@@ -161,7 +161,7 @@ def operating_point_from_cv(runs: list[Path], classes: list[str], target_recall:
     return point
 
 
-def _joined(classifier_runs: list[Path], lesion_runs: list[Path], classes: list[str]):
+def joined_oof(classifier_runs: list[Path], lesion_runs: list[Path], classes: list[str]):
     """(probabilities, lesion scores, labels, sources, the segmenter runs' figures): out-of-fold class probabilities of
     `busi cv` runs joined by image with out-of-fold lesion scores of benchmarks/lesion.py runs; several runs of either
     (seeds) meet in every combination, as many rows."""
@@ -195,7 +195,7 @@ def lesion_rule_from_cv(classifier_runs: list[Path], lesion_runs: list[Path], cl
     held at every hospital in both (a rule for the hospitals a model trained on that keeps the cancers at one it never
     saw)."""
     from .operating import FAMILIAR_ONLY, fit_joint_rule, guarded, lesion_rule_figures, rule_tradeoff
-    probs, lesion, labels, sources, segmentation, outside = _joined(classifier_runs, lesion_runs, classes)
+    probs, lesion, labels, sources, segmentation, outside = joined_oof(classifier_runs, lesion_runs, classes)
     where = ("out-of-fold predictions of hospital-out cross-validation (each image's class probabilities and lesion "
              "score from models that never saw its hospital)")
     groups = sources if per_hospital else None
@@ -205,7 +205,7 @@ def lesion_rule_from_cv(classifier_runs: list[Path], lesion_runs: list[Path], cl
             raise BusiError("a rule that calls 'normal' only for familiar scans is fitted at home and at hospitals "
                             "never seen: it needs segmenters cross-validated within the sources (--lesion-home)")
         lesion = guarded(lesion, outside, {FAMILIAR_ONLY: True})
-        home_probs, home_lesion, home_labels, home_sources, _, _ = _joined(*home, classes)
+        home_probs, home_lesion, home_labels, home_sources, _, _ = joined_oof(*home, classes)
         fit_on = (torch.cat([probs, home_probs]), torch.cat([lesion, home_lesion]), torch.cat([labels, home_labels]))
         groups = [f"new hospital: {s}" for s in sources] + [f"home: {s}" for s in home_sources]
         where = ("out-of-fold predictions at hospitals never seen (hospital-out cross-validation, each image's class "
@@ -222,7 +222,7 @@ def lesion_rule_from_cv(classifier_runs: list[Path], lesion_runs: list[Path], cl
                                      max_lesions_called_normal=max_lesions_called_normal, per_group_bounds=per_hospital)
     rule["segmentation_hospital_out"] = segmentation
     if home:
-        probs, lesion, labels, sources, segmentation, _ = _joined(*home, classes)
+        probs, lesion, labels, sources, segmentation, _ = joined_oof(*home, classes)
         rule["at_home"] = {"runs": [run.name for run in home[0] + home[1]], "segmentation": segmentation,
                            **lesion_rule_figures(probs, lesion, labels, classes, rule, sources)}
     return rule
