@@ -337,31 +337,32 @@ def basis(probs: torch.Tensor, lesion_score: float | None, classes, operating_po
 
 
 def describe(operating_point: dict | None, brief: bool = False) -> str:
-    """The rule in words; brief: what it decides, without how it was fitted."""
-    if brief and operating_point and operating_point.get("rule") == LESION_FIRST:
-        return describe(operating_point).split(". Both thresholds")[0].split("; both on ")[0]
+    """The rule in words; brief (a lesion-first rule): what it decides, without how it was fitted."""
     if not operating_point:
         return "argmax (no operating point)"
-    if operating_point.get("rule") == LESION_FIRST and "lesion_recall" not in operating_point:
-        cap = operating_point.get("max_lesions_called_normal")
+    if operating_point.get("rule") == LESION_FIRST and "lesion_recall" in operating_point:  # last release's fit
+        decides = (f"'normal' when no lesion is outlined (lesion score below {operating_point['lesion_threshold']:.3f}, "
+                   f"set to find {operating_point['lesion_recall']:.0%} of {operating_point['fitted_on_lesions']} "
+                   f"lesions); otherwise 'malignant' when p(malignant)/(p(malignant)+p(benign)) is at least "
+                   f"{operating_point['threshold']:.3f} (set for {operating_point['target_recall']:.0%} recall on "
+                   f"{operating_point['fitted_on_positives']} malignant images), else 'benign'")
+        return decides if brief else f"{decides}; both on {operating_point.get('fitted_where', 'validation images')}"
+    if operating_point.get("rule") == LESION_FIRST:
         familiar = (" and the scan looks like the images the model trained on (one flagged unlike them is judged as "
                     "a lesion)" if operating_point.get(FAMILIAR_ONLY) else "")
-        return (f"'normal' when no lesion is found (lesion score below {operating_point['lesion_threshold']:.3f})"
-                f"{familiar}; otherwise 'malignant' when p(malignant)/(p(malignant)+p(benign)) is at least "
-                f"{operating_point['threshold']:.3f}, else 'benign'. Both thresholds were fitted together on "
+        decides = (f"'normal' when no lesion is found (lesion score below {operating_point['lesion_threshold']:.3f})"
+                   f"{familiar}; otherwise 'malignant' when p(malignant)/(p(malignant)+p(benign)) is at least "
+                   f"{operating_point['threshold']:.3f}, else 'benign'")
+        if brief:
+            return decides
+        cap = operating_point.get("max_lesions_called_normal")
+        return (f"{decides}. Both thresholds were fitted together on "
                 f"{operating_point.get('fitted_where', 'validation images')}: at least "
                 f"{operating_point['target_recall']:.0%} of {operating_point['fitted_on_positives']} malignant images "
                 f"called malignant (a cancer with no lesion found counts as missed)"
                 + (f", at most {cap:.0%} of the lesions called normal" if cap is not None and operating_point.get(
                     "fitted_jointly", True) else "")
                 + ", and as many normal scans called normal and benign lesions benign as that allows")
-    if operating_point.get("rule") == LESION_FIRST:
-        return (f"'normal' when no lesion is outlined (lesion score below {operating_point['lesion_threshold']:.3f}, "
-                f"set to find {operating_point['lesion_recall']:.0%} of {operating_point['fitted_on_lesions']} lesions); "
-                f"otherwise 'malignant' when p(malignant)/(p(malignant)+p(benign)) is at least "
-                f"{operating_point['threshold']:.3f} (set for {operating_point['target_recall']:.0%} recall on "
-                f"{operating_point['fitted_on_positives']} malignant images), else 'benign'; both on "
-                f"{operating_point.get('fitted_where', 'validation images')}")
     where = operating_point.get("fitted_where", "validation images")
     return (f"'{operating_point['class']}' whenever its probability is at least {operating_point['threshold']:.3f} "
             f"(set for {operating_point['target_recall']:.0%} recall on {operating_point['fitted_on']} {where}"

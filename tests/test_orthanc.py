@@ -14,16 +14,9 @@ from PIL import Image
 
 from busi.cli import main
 from busi.orthanc import PYTHON_PLUGIN
-from conftest import PATIENT_ID, write_dicom
+from conftest import PATIENT_ID, free_port, write_dicom
 
 ORTHANC = shutil.which("Orthanc")
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str):
@@ -41,7 +34,7 @@ def test_orthanc_classifies_each_ultrasound_image_it_stores_once_even_across_a_k
     assert main(["orthanc", "--out", str(tmp_path / "plugin"), "--checkpoint", str(ckpt), "--engine", "torch"]) == 0
     assert "merge the keys of busi-orthanc.json" in capsys.readouterr().out
     plugin = json.loads((tmp_path / "plugin" / "busi-orthanc.json").read_text())
-    port = _free_port()
+    port = free_port()
     config = {"Name": "busi-test", "StorageDirectory": str(tmp_path / "db"), "IndexDirectory": str(tmp_path / "db"),
               "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
               "AuthenticationEnabled": False, **plugin}

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -18,18 +17,12 @@ from PIL import Image
 
 from busi.cli import main
 from busi.dicom_out import said_in
-from conftest import write_dicom
+from conftest import free_port, write_dicom
 
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 N_STUDIES = 50
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"  # busi's reports (the test's own report is a Basic Text SR)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +34,9 @@ def orthanc(tmp_path_factory):
             pytest.fail(message)
         pytest.skip(message)
     root = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
+    port = free_port()
     config = {"Name": "busi-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-              "HttpPort": port, "DicomServerEnabled": False, "DicomPort": _free_port(), "RemoteAccessAllowed": False,
+              "HttpPort": port, "DicomServerEnabled": False, "DicomPort": free_port(), "RemoteAccessAllowed": False,
               "AuthenticationEnabled": False, "Plugins": [str(DICOMWEB_PLUGIN)],
               "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
     (root / "orthanc.json").write_text(json.dumps(config))
@@ -160,7 +153,7 @@ def test_fifty_studies_classified_and_stored_back_once_even_when_stopped_midway(
 
 def test_a_pacs_that_is_down_or_refuses_is_one_line(orthanc, lesion_model, tmp_path, capsys):
     _, ckpt, _ = lesion_model
-    dead = f"http://127.0.0.1:{_free_port()}/dicom-web"
+    dead = f"http://127.0.0.1:{free_port()}/dicom-web"
     assert main(["pacs", "--url", dead, "--checkpoint", str(ckpt), "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no DICOMweb server answers there" in err and dead in err

@@ -101,10 +101,10 @@ def print_metrics(name: str, m: dict) -> None:
           f"(n={m['n']}; recall {recalls}; always-majority baseline {m['majority_baseline']:.3f})")
 
 
-def print_rule(checkpoint, said: str) -> None:
-    """The decision rule a model file carries, when it carries one."""
+def print_rule(checkpoint, said: str, file=None) -> None:
+    """The decision rule a model file carries, when it carries one, after said (on stdout unless file says)."""
     from ..inference import operating_point_of
     operating_point = operating_point_of(checkpoint)
     if operating_point:
         from ..operating import describe
-        print(f"{said}{describe(operating_point)}", file=sys.stderr if said.startswith("busi:") else sys.stdout)
+        print(f"{said}{describe(operating_point)}", file=file or sys.stdout)

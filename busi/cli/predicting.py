@@ -116,7 +116,7 @@ def predict(args, cfg) -> int | None:
         write_predictions(out / "predictions.csv", rows)
         print(f"busi: the table in {out / 'predictions.csv'}", file=sys.stderr)
     done = dicom_out(args, rows) if args.dicom_out else {"failed": []}
-    print_rule(args.checkpoint, "busi: decision rule: ")
+    print_rule(args.checkpoint, "busi: decision rule: ", sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
