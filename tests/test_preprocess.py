@@ -50,6 +50,19 @@ def test_calipers_and_text_come_out():
     assert np.array_equal(out[~where & ~_near(where)], clean[~where & ~_near(where)])  # the rest untouched
 
 
+def test_coloured_markers_come_out_and_grey_tissue_of_any_brightness_stays():
+    clean = tissue(seed=1)
+    clean[10:30, 10:30] = 250  # bright grey tissue: not a marker
+    marked = clean.copy()
+    marked[100:104, 40:90] = (230, 200, 20)  # a yellow measuring bar
+    marked[150:160, 250:260] = (40, 90, 200)  # a blue Doppler box corner, darker than any stroke threshold
+    where = (marked != clean).any(2)
+    found = preprocess.overlay_mask(marked)
+    assert found[where].all()
+    assert not found[10:30, 10:30].any()
+    assert not preprocess.overlay_mask(preprocess.remove_overlays(marked)).any()
+
+
 def _near(where: np.ndarray, r: int = 6) -> np.ndarray:
     import cv2
     return cv2.dilate(where.astype(np.uint8), np.ones((2 * r + 1, 2 * r + 1), np.uint8)) > 0
