@@ -18,6 +18,33 @@ def test_gradcam_map_has_input_size_and_unit_range(arch):
     assert overlay(images[0].permute(1, 2, 0).numpy(), maps[0]).shape == (48, 40, 3)
 
 
+@pytest.mark.parametrize("arch", ["custom-cnn", "efficientnet-lite0"])
+def test_gradcam_stops_its_backward_at_the_target_layer_with_the_same_heatmaps(arch):
+    """The fast path (parameters before the target layer frozen for the call) gives the heatmaps of a backward pass
+    through the whole network, and leaves the model as it was: trainable where it was."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from busi.data import normalize
+    from busi.models import IMAGENET_MEAN, IMAGENET_STD, last_conv_block
+    torch.manual_seed(1)
+    model = build(arch, 3).eval()
+    next(model.parameters()).requires_grad_(False)  # a model partly frozen stays so
+    trainable = [p.requires_grad for p in model.parameters()]
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    fast = gradcam(model, images, [2, 0])
+    with GradCAM(model=model, target_layers=[last_conv_block(model)[0]]) as cam:  # every parameter trainable
+        for p in model.parameters():
+            p.requires_grad_(True)
+        full = cam(input_tensor=normalize(images, IMAGENET_MEAN, IMAGENET_STD),
+                   targets=[ClassifierOutputTarget(2), ClassifierOutputTarget(0)])
+    assert np.abs(fast - np.nan_to_num(full).clip(0, 1)).max() < 1e-5
+    for p, was in zip(model.parameters(), trainable):
+        p.requires_grad_(was)
+    gradcam(model, images, [1, 1])
+    assert [p.requires_grad for p in model.parameters()] == trainable
+
+
 def test_model_without_convolutions_gets_a_clear_message():
     flat = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
     with pytest.raises(BusiError, match="no convolutional layer"):
