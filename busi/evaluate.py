@@ -14,6 +14,7 @@ from .errors import BusiError
 from .folders import scan_sources
 from .inference import LoadedModel, decision_scores
 from .lesion import dice_iou
+from .pipeline import ahead
 from .runs import run_dir
 
 
@@ -146,8 +147,13 @@ def _stream(loaded: LoadedModel, dataset: Dataset, progress: bool, batch_size: i
     geometry: dict = {}
     skipped, kept, status = dict(dataset.skipped), [], []
     parts: dict[str, list] = {}
-    for images, labels, samples in batches(dataset, size, batch_size, steps, geometry, skipped, progress, "evaluating"):
-        masks, batch_status = load_masks(dataset.with_samples(samples), size, steps, geometry, report=False)
+    def with_masks(batch: tuple) -> tuple:  # a batch's masks, read while the network runs on the batch before
+        images, labels, samples = batch
+        return (images, labels, samples,
+                *load_masks(dataset.with_samples(samples), size, steps, geometry, report=False))
+
+    read = batches(dataset, size, batch_size, steps, geometry, skipped, progress, "evaluating")
+    for images, labels, samples, masks, batch_status in ahead(read, with_masks):
         said = loaded.run(images)
         found = {"labels": labels, "logits": said.logits, "probs": said.probs, "distances": said.distances,
                  "lesion_scores": said.lesion_scores}

@@ -207,8 +207,8 @@ class LoadedModel:
         """A cine loop's row: every frame scored, in batches as they are decoded, and the loop answered by its most
         suspicious frame (the most severe decision, then the highest probability of malignancy), whose row it takes
         with "frame" (from 0), "frames" and how many frames said each class ("frames_said")."""
-        from concurrent.futures import ThreadPoolExecutor
         from .dicom import frames
+        from .pipeline import ahead
         said: dict[str, int] = {c: 0 for c in self.classes}
         best, n = None, 0
 
@@ -221,16 +221,12 @@ class LoadedModel:
                     chunk = []
             if chunk:
                 yield chunk
-        prepared = chunks()
-        with ThreadPoolExecutor(max_workers=1) as reader:  # the next frames decoded and cleaned while these run
-            coming = reader.submit(next, prepared, None)
-            while (chunk := coming.result()) is not None:
-                coming = reader.submit(next, prepared, None)
-                for row in self.describe(chunk):
-                    n += 1
-                    said[row["predicted"]] += 1
-                    if best is None or _suspicion(row) > _suspicion(best):
-                        best = row
+        for chunk in ahead(chunks(), list):  # the next frames decoded and cleaned while these run
+            for row in self.describe(chunk):
+                n += 1
+                said[row["predicted"]] += 1
+                if best is None or _suspicion(row) > _suspicion(best):
+                    best = row
         if explain:  # Grad-CAM of the frame that answers for the loop only
             from .dicom import pixels
             best = self.describe([self.prepare(path, pixels(path, best["frame"]), best["frame"])], explain=True)[0]
@@ -297,7 +293,7 @@ def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_d
 
     With explain_dir, a Grad-CAM overlay of the decided class, with the lesion outline, is written there per image.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from .pipeline import ahead
     loaded = LoadedModel(checkpoint_path)
     if explain_dir is not None:
         loaded.checkpoint("Grad-CAM")
@@ -317,27 +313,24 @@ def run_predict(checkpoint_path: str | Path, inputs: list[str | Path], explain_d
 
     rows: list[dict] = []
     bar = tqdm(total=len(files), desc="predicting", unit="image", disable=not progress or len(files) < 8, leave=False)
-    with ThreadPoolExecutor(max_workers=1) as reader:  # OpenCV and PIL release the GIL while they decode and clean
-        coming = reader.submit(prepared_batch, 0)
-        for start in range(0, len(files), batch_size):
-            batch = coming.result()
-            if start + batch_size < len(files):
-                coming = reader.submit(prepared_batch, start + batch_size)
-            prepared = [item for item in batch if isinstance(item, Prepared)]
-            said = iter(loaded.describe(prepared, explain=explain_dir is not None) if prepared else [])
-            for n, item in enumerate(batch, start):
-                if isinstance(item, Path):  # a cine loop: every frame, in batches of its own
-                    try:
-                        row = loaded.describe_loop(item, explain_dir is not None, batch_size)
-                    except BusiError as e:
-                        row = {"path": str(item), "error": str(e)}
-                else:
-                    row = next(said) if isinstance(item, Prepared) else item
-                if explain_dir is not None and "overlay" in row:
-                    target = explain_dir / f"{n:04d}-{Path(row['path']).stem}-gradcam.png"
-                    Image.fromarray(row.pop("overlay")).save(target)
-                    row["explanation"] = str(target)
-                rows.append(row)
-            bar.update(len(batch))
+    starts = range(0, len(files), batch_size)
+    # the next batch read and cleaned in a thread of its own: OpenCV and PIL release the GIL while they decode and clean
+    for start, batch in zip(starts, ahead(starts, prepared_batch)):
+        prepared = [item for item in batch if isinstance(item, Prepared)]
+        said = iter(loaded.describe(prepared, explain=explain_dir is not None) if prepared else [])
+        for n, item in enumerate(batch, start):
+            if isinstance(item, Path):  # a cine loop: every frame, in batches of its own
+                try:
+                    row = loaded.describe_loop(item, explain_dir is not None, batch_size)
+                except BusiError as e:
+                    row = {"path": str(item), "error": str(e)}
+            else:
+                row = next(said) if isinstance(item, Prepared) else item
+            if explain_dir is not None and "overlay" in row:
+                target = explain_dir / f"{n:04d}-{Path(row['path']).stem}-gradcam.png"
+                Image.fromarray(row.pop("overlay")).save(target)
+                row["explanation"] = str(target)
+            rows.append(row)
+        bar.update(len(batch))
     bar.close()
     return rows

@@ -60,6 +60,9 @@ class Node:
         self.stopping = threading.Event()
         self.wake = threading.Event()
         self.counts = {"received": 0, "classified": 0, "failed": 0}
+        self.in_flight: set[Path] = set()  # spooled files a stage holds
+        self.lock = threading.Lock()
+        self.retry_at = 0.0  # time.monotonic() before which nothing is sent to an archive that refused
 
     # the network side: runs in pynetdicom's threads, does as little as it can
     def on_store(self, event) -> int:
@@ -83,63 +86,101 @@ class Node:
         say(f"association from {peer.ae_title or '?'} at {peer.address}:{peer.port} refused (calling AE title not "
             "allowed, or nothing it offered is an ultrasound image)")
 
-    # the work side: one thread
+    # the work side: three stages, each in its own thread (busi.pipeline), so reading the next batch, the network on
+    # this one and writing the results of the one before overlap
     def work(self) -> None:
+        from .pipeline import ahead
         while not self.stopping.is_set():
-            waiting = sorted(self.spool.glob("*.dcm"))
-            if not waiting:
+            try:
+                for batch in ahead(ahead(self.batches(), self.read), self.run):
+                    self.deliver(batch)
+            except Exception as e:  # noqa: BLE001  (nothing expected: one line, and the node goes on from the spool)
+                say(f"the worker stopped ({type(e).__name__}: {str(e)[:160]}); it starts again from the spool in "
+                    f"{RETRY_SECONDS} s")
+                with self.lock:
+                    self.in_flight.clear()
+                self.stopping.wait(RETRY_SECONDS)
+
+    def batches(self):
+        """The spool's images, at most BATCH at a time, each once while it is in flight; nothing while an archive that
+        refused is waited for."""
+        while not self.stopping.is_set():
+            if time.monotonic() < self.retry_at:
+                self.stopping.wait(min(1.0, self.retry_at - time.monotonic()))
+                continue
+            with self.lock:  # a file delivered meanwhile is gone from the listing or still marked in flight
+                batch = [f for f in sorted(self.spool.glob("*.dcm")) if f not in self.in_flight][:BATCH]
+                self.in_flight.update(batch)
+            if not batch:
                 self.wake.wait(1.0)
                 self.wake.clear()
                 continue
-            if not self.classify(waiting[:BATCH]):
-                self.stopping.wait(RETRY_SECONDS)  # the archive refused: keep everything, try again later
+            yield batch
 
-    def classify(self, files: list[Path]) -> bool:
-        """Classify a batch of spooled files and deliver their results; False when the archive refused (the files stay
-        spooled)."""
+    def read(self, files: list[Path]) -> list[tuple]:
+        """(file, its header, a Prepared image, 'loop' or the BusiError that stops it) per file."""
         import pydicom
-
-        from .dicom_out import results_for, write
-        singles, rows = [], {}
+        out = []
         for f in files:
             try:
-                if self.loaded.is_loop(f):
-                    rows[f] = self.loaded.describe_loop(f)
-                else:
-                    singles.append((f, self.loaded.prepare(f)))
-            except BusiError as e:
-                rows[f] = e
-            except Exception as e:  # noqa: BLE001  (a file no reader expected: one line, and the next image)
-                rows[f] = BusiError(f"unreadable ({type(e).__name__})")
-        if singles:
-            for (f, _), row in zip(singles, self.loaded.describe([p for _, p in singles])):
-                rows[f] = row
-        for f in files:
-            row = rows[f]
-            try:
-                if isinstance(row, BusiError):
-                    raise row
                 source = pydicom.dcmread(f, stop_before_pixels=True)
-                objects = results_for(source, row, self.model, self.name, self.rule, row.get("frame"))
-                if self.archive is not None:
-                    self.archive.store(objects)
-                else:
-                    write(objects, self.out)
+                out.append((f, source, "loop" if self.loaded.is_loop(f) else self.loaded.prepare(f)))
             except BusiError as e:
-                if self.archive is not None and str(e).startswith(self.archive.url):
-                    say(f"the archive refused the results ({str(e)[len(self.archive.url):].strip(': ').split(';')[0][:120]}); "
-                        f"{len(list(self.spool.glob('*.dcm')))} image(s) kept in the spool, tried again in "
-                        f"{RETRY_SECONDS} s")
-                    return False
-                self.counts["failed"] += 1
-                f.rename(self.spool / "failed" / f.name)
-                say(f"{f.name}: not classified: {str(e).replace(str(f), 'the image')[:200]}")
-                continue
-            self.counts["classified"] += 1
-            say(f"{f.name}: {row['predicted']} ({row['basis']['text']}); results "
-                + ("stored in the archive" if self.archive is not None else f"written to {self.out}"))
-            f.unlink()
-        return True
+                out.append((f, None, e))
+            except Exception as e:  # noqa: BLE001  (a file no reader expected: one line, and the next image)
+                out.append((f, None, BusiError(f"unreadable ({type(e).__name__})")))
+        return out
+
+    def run(self, batch: list[tuple]) -> list[tuple]:
+        """(file, header, its prediction row or BusiError): the network on the batch's images, a loop on its own."""
+        singles = [item for _, _, item in batch if not isinstance(item, (str, BusiError))]
+        said = iter(self.loaded.describe(singles) if singles else [])
+        out = []
+        for f, source, item in batch:
+            if isinstance(item, str):  # "loop"
+                try:
+                    item = self.loaded.describe_loop(f)
+                except BusiError as e:
+                    item = e
+            elif not isinstance(item, BusiError):
+                item = next(said)
+            out.append((f, source, item))
+        return out
+
+    def deliver(self, batch: list[tuple]) -> None:
+        """Each row's SR and SEG written or stored; the spooled image removed once they are. An archive that refuses:
+        this batch and those behind it stay spooled and are tried again after RETRY_SECONDS."""
+        from .dicom_out import results_for, write
+        try:
+            for f, source, row in batch:
+                if time.monotonic() < self.retry_at or self.stopping.is_set():
+                    return  # kept in the spool, for the retry or the next start
+                try:
+                    if isinstance(row, BusiError):
+                        raise row
+                    objects = results_for(source, row, self.model, self.name, self.rule, row.get("frame"))
+                    if self.archive is not None:
+                        self.archive.store(objects)
+                    else:
+                        write(objects, self.out)
+                except BusiError as e:
+                    if self.archive is not None and str(e).startswith(self.archive.url):
+                        self.retry_at = time.monotonic() + RETRY_SECONDS
+                        say(f"the archive refused the results ({str(e)[len(self.archive.url):].strip(': ').split(';')[0][:120]}); "
+                            f"{len(list(self.spool.glob('*.dcm')))} image(s) kept in the spool, tried again in "
+                            f"{RETRY_SECONDS} s")
+                        return
+                    self.counts["failed"] += 1
+                    f.rename(self.spool / "failed" / f.name)
+                    say(f"{f.name}: not classified: {str(e).replace(str(f), 'the image')[:200]}")
+                    continue
+                self.counts["classified"] += 1
+                say(f"{f.name}: {row['predicted']} ({row['basis']['text']}); results "
+                    + ("stored in the archive" if self.archive is not None else f"written to {self.out}"))
+                f.unlink()
+        finally:
+            with self.lock:  # after the files' removal: the spool's listing never offers a removed file again
+                self.in_flight.difference_update(f for f, _, _ in batch)
 
 
 def listen(checkpoint_path: str | Path, port: int, allow: list[str], out: str | Path | None = None,

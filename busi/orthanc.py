@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import sys
 import sysconfig
 import tempfile
@@ -91,6 +92,7 @@ class Link:
         from .dicom_out import model_key
         from .inference import LoadedModel
         from .operating import describe
+        from .pipeline import ahead
         cursor = self.orthanc.GetGlobalProperty(CURSOR, "")
         if not cursor:  # the first start: the images stored from now on, not the archive's whole history
             cursor = str(self.get("/changes?last")["Last"])
@@ -106,50 +108,84 @@ class Link:
         self.rule = describe(self.loaded.config.get("operating_point"))
         self.log(f"classifying the ultrasound images Orthanc stores with {Path(self.checkpoint).name}, from change "
                  f"{cursor} on")
+        # three stages in threads of their own (busi.pipeline): fetching and reading the next page of images, the
+        # network on this one and storing the results of the one before overlap
+        self.spool = Path(tempfile.mkdtemp(prefix="busi-orthanc-"))
+        try:
+            for page in ahead(ahead(self.pages(cursor), self.read), self.run):
+                if not self.deliver(page):
+                    break
+        finally:
+            shutil.rmtree(self.spool, ignore_errors=True)  # pages read ahead and never delivered: done next start
+        self.log(f"stopped: {self.counts['classified']} classified, {self.counts['failed']} failed")
+
+    def pages(self, cursor: int):
+        """Orthanc's change log from cursor on, BATCH changes a page: (the new instances, the page's last change)."""
         while not self.stopping.is_set():
             page = self.get(f"/changes?since={cursor}&limit={BATCH}")
-            new = [c["ID"] for c in page["Changes"] if c["ChangeType"] == "NewInstance"]
-            if new:
-                self.classify(new)
-            if page["Last"] > cursor:  # only once its images are handled: a kill before this line repeats them
+            if page["Last"] > cursor:
+                yield [c["ID"] for c in page["Changes"] if c["ChangeType"] == "NewInstance"], page["Last"]
                 cursor = page["Last"]
-                self.orthanc.SetGlobalProperty(CURSOR, str(cursor))
             if page["Done"]:
                 self.wake.wait(1.0)
                 self.wake.clear()
-        self.log(f"stopped: {self.counts['classified']} classified, {self.counts['failed']} failed")
 
-    def classify(self, instances: list[str]) -> None:
+    def read(self, page: tuple) -> tuple:
+        """(a temporary folder, [(instance, its file, its header, a Prepared image, 'loop' or the error)], the last
+        change): the ultrasound images of the page fetched from Orthanc and cleaned; anything else left alone."""
         import pydicom
+        instances, last = page
+        tmp = Path(tempfile.mkdtemp(dir=self.spool))
+        entries = []
+        for instance in instances:
+            try:
+                tags = json.loads(self.orthanc.RestApiGet(f"/instances/{instance}/tags?short"))
+                if tags.get("0008,0016") not in IMAGE_CLASSES:  # a report, a segmentation (busi's own too)
+                    self.counts["left_alone"] += 1
+                    continue
+                path = tmp / f"{_key(instance)}.dcm"
+                path.write_bytes(self.orthanc.RestApiGet(f"/instances/{instance}/file"))
+            except Exception as e:  # noqa: BLE001  (Orthanc's own errors: one line, and the next image)
+                entries.append((instance, None, None, BusiError(f"could not be read from Orthanc ({type(e).__name__})")))
+                continue
+            try:
+                source = pydicom.dcmread(path, stop_before_pixels=True)
+                entries.append((instance, path, source, "loop" if self.loaded.is_loop(path) else self.loaded.prepare(path)))
+            except Exception as e:  # noqa: BLE001
+                entries.append((instance, path, None, BusiError(str(e).replace(str(path), "the image"))
+                                if isinstance(e, BusiError) else BusiError(f"unreadable ({type(e).__name__})")))
+        return tmp, entries, last
 
+    def run(self, page: tuple) -> tuple:
+        """The same with each image's prediction row (or the error) in place of the Prepared image."""
+        tmp, entries, last = page
+        singles = [item for *_, item in entries if not isinstance(item, (str, BusiError))]
+        said = iter(self.loaded.describe(singles) if singles else [])
+        out = []
+        for instance, path, source, item in entries:
+            if isinstance(item, str):  # "loop": every frame, on its own
+                try:
+                    item = self.loaded.describe_loop(path)
+                except BusiError as e:
+                    item = BusiError(str(e).replace(str(path), "the image"))
+            elif not isinstance(item, BusiError):
+                item = next(said)
+            out.append((instance, source, item))
+        return tmp, out, last
+
+    def deliver(self, page: tuple) -> bool:
+        """Each row's SR and SEG posted to Orthanc, then the cursor moved past the page (a kill before that repeats
+        it, and the same results are the same objects); False once Orthanc is stopping (the page is done next start)."""
         from .dicom_out import results_for
-        with tempfile.TemporaryDirectory(prefix="busi-orthanc-") as tmp:
-            files, rows = {}, {}
-            for instance in instances:
+        tmp, rows, last = page
+        try:
+            for instance, source, row in rows:
+                if self.stopping.is_set():
+                    return False
+                if isinstance(row, BusiError):
+                    self.fail(instance, str(row)[:200])
+                    continue
                 try:
-                    tags = json.loads(self.orthanc.RestApiGet(f"/instances/{instance}/tags?short"))
-                    if tags.get("0008,0016") not in IMAGE_CLASSES:  # a report, a segmentation (busi's own too)
-                        self.counts["left_alone"] += 1
-                        continue
-                    files[instance] = Path(tmp) / f"{_key(instance)}.dcm"
-                    files[instance].write_bytes(self.orthanc.RestApiGet(f"/instances/{instance}/file"))
-                except Exception as e:  # noqa: BLE001  (Orthanc's own errors: one line, and the next image)
-                    self.fail(instance, f"could not be read from Orthanc ({type(e).__name__})")
-            prepared = {}
-            for instance, path in files.items():
-                try:
-                    if self.loaded.is_loop(path):
-                        rows[instance] = self.loaded.describe_loop(path)
-                    else:
-                        prepared[instance] = self.loaded.prepare(path)
-                except Exception as e:  # noqa: BLE001
-                    self.fail(instance, str(e).replace(str(path), "the image") if isinstance(e, BusiError)
-                              else f"unreadable ({type(e).__name__})")
-            if prepared:
-                rows.update(zip(prepared, self.loaded.describe(list(prepared.values()))))
-            for instance, row in rows.items():
-                try:
-                    source = pydicom.dcmread(files[instance], stop_before_pixels=True)
                     for ds in results_for(source, row, self.model, self.name, self.rule, row.get("frame")):
                         buffer = io.BytesIO()
                         ds.save_as(buffer, enforce_file_format=True)
@@ -160,6 +196,10 @@ class Link:
                 self.counts["classified"] += 1
                 self.log(f"{_key(instance)}: {row['predicted']} ({row['basis']['text']}); SR"
                          + (" and SEG" if (row.get("lesion") or {}).get("box") else "") + " stored in its study")
+            self.orthanc.SetGlobalProperty(CURSOR, str(last))
+            return True
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def fail(self, instance: str, why: str) -> None:
         self.counts["failed"] += 1
