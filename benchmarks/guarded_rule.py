@@ -37,10 +37,10 @@ CLASSES = ["benign", "malignant", "normal"]
 NAMES = {"busi_dev": "BUSI", "busbra_dev": "BUS-BRA", "uclm_dev": "BUS-UCLM"}
 
 
-def rows(classifier_runs: list[Path], lesion_run: Path, kind: str) -> tuple:
+def rows(classifier_runs: list[Path], lesion_run: Path, kind: str, score: str = "lesion_score") -> tuple:
     """(probabilities, lesion scores, labels, groups "KIND: source", shift flags) of every image the runs share; at
     home the flags are taken as not raised."""
-    probs, scores, labels, sources, _, outside = joined_oof(classifier_runs, [lesion_run], CLASSES)
+    probs, scores, labels, sources, _, outside = joined_oof(classifier_runs, [lesion_run], CLASSES, score)
     return probs, scores, labels, [f"{kind}: {s}" for s in sources], outside if kind == "new" else torch.zeros_like(outside)
 
 
@@ -49,9 +49,11 @@ def main() -> None:
     ap.add_argument("--classifier-cv", type=Path, action="append", required=True)
     ap.add_argument("--new", type=Path, required=True, help="benchmarks/lesion.py hospital-out run")
     ap.add_argument("--home", type=Path, required=True, help="benchmarks/lesion.py --folds run")
+    ap.add_argument("--score", default="lesion_score", help="the lesion_oof.csv column taken as the lesion score "
+                    "(lesion_score: the outline's peak; lesion.py also records score_area, score_mean, score_top2)")
     ap.add_argument("--md", type=Path)
     args = ap.parse_args()
-    parts = [rows(args.classifier_cv, args.new, "new"), rows(args.classifier_cv, args.home, "home")]
+    parts = [rows(args.classifier_cv, args.new, "new", args.score), rows(args.classifier_cv, args.home, "home", args.score)]
     p, raw, y = (torch.cat([part[k] for part in parts]) for k in (0, 1, 2))
     groups = parts[0][3] + parts[1][3]
     guarded_scores = guarded(raw, torch.cat([parts[0][4], parts[1][4]]), {FAMILIAR_ONLY: True})
@@ -76,8 +78,16 @@ def main() -> None:
             cells.append(f"{pct(f['sensitivity'])} / {pct(f['specificity'])} / {pct(f['normal_recall'])} / "
                          f"{pct(f['lesions_called_normal'])}")
         lines.append(f"| {name} | {rule['lesion_threshold']:.3f} | {rule['threshold']:.3f} | " + " | ".join(cells) + " |")
+    from sklearn.metrics import roc_auc_score
+    normal = CLASSES.index("normal")
+    separation = []
+    for g in sorted(set(groups)):
+        idx = [i for i, h in enumerate(groups) if h == g]
+        truth = (y[idx] != normal).numpy()
+        if 0 < truth.sum() < len(idx):
+            separation.append(f"{NAMES.get(g.split(': ')[1])} ({g.split(':')[0]}) {roc_auc_score(truth, raw[idx].numpy()):.3f}")
     table = "\n".join(lines + ["", "Cells: sensitivity / specificity / normal scans called normal / lesions called "
-                                   "normal."])
+                                   "normal.", "", f"Normal vs lesion AUROC of {args.score}: " + ", ".join(separation)])
     print(table)
     if args.md:
         args.md.write_text(table + "\n")

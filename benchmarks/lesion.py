@@ -49,6 +49,14 @@ from busi.train import fit  # noqa: E402
 from busi.workflow import prepare, training_tensors  # noqa: E402
 
 
+def other_scores(maps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Lesion-presence scores that do not stop at the peak, recorded beside it to be compared hospital-out: the share of
+    the map over 0.5 (area), the mean probability (soft area), and the mean of its top 2% of pixels."""
+    flat = maps.float().flatten(1)
+    top = flat.topk(max(1, int(0.02 * flat.shape[1])), dim=1).values
+    return {"score_area": (flat > 0.5).float().mean(1), "score_mean": flat.mean(1), "score_top2": top.mean(1)}
+
+
 def segment_out_of_fold(cfg, out: Path) -> list[dict]:
     cfg, notes = hardware.resolve(cfg)
     dataset, report, images, labels, _ = prepare(cfg, True, notes)
@@ -67,11 +75,12 @@ def segment_out_of_fold(cfg, out: Path) -> list[dict]:
                        normalization=normalization(cfg.models[0]))
         seconds = time.perf_counter() - start
         _, maps = outputs_of(model, images[test_idx], *normalization(cfg.models[0]), tta=cfg.tta)
-        scores = lesion_scores(maps)
+        scores, others = lesion_scores(maps), other_scores(maps)
         dice, iou = dice_iou(maps, masks[test_idx])
         for j, i in enumerate(test_idx.tolist()):
             rows.append({"fold": k, "held_out": held, "source": str(sources[i]), "path": paths[i], "true": dataset.classes[int(labels[i])],
                          "mask": status[i], "lesion_score": round(float(scores[j]), 5),
+                         **{name: round(float(v[j]), 6) for name, v in others.items()},
                          "dice": round(float(dice[j]), 4) if status[i] in ("lesion", "empty") else "",
                          "iou": round(float(iou[j]), 4) if status[i] in ("lesion", "empty") else "",
                          "train_seconds": round(seconds, 1)})

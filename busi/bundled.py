@@ -161,16 +161,16 @@ def operating_point_from_cv(runs: list[Path], classes: list[str], target_recall:
     return point
 
 
-def joined_oof(classifier_runs: list[Path], lesion_runs: list[Path], classes: list[str]):
+def joined_oof(classifier_runs: list[Path], lesion_runs: list[Path], classes: list[str], score: str = "lesion_score"):
     """(probabilities, lesion scores, labels, sources, the segmenter runs' figures): out-of-fold class probabilities of
     `busi cv` runs joined by image with out-of-fold lesion scores of benchmarks/lesion.py runs; several runs of either
-    (seeds) meet in every combination, as many rows."""
+    (seeds) meet in every combination, as many rows. score: the lesion_oof.csv column taken as the lesion score."""
     scores: dict[str, list[float]] = {}
     segmentation = {}
     for run in lesion_runs:
         with open(run / "lesion_oof.csv", newline="") as f:
             for r in csv.DictReader(f):
-                scores.setdefault(r["path"], []).append(float(r["lesion_score"]))
+                scores.setdefault(r["path"], []).append(float(r[score]))
         segmentation[run.name] = json.loads((run / "lesion_metrics.json").read_text())["segmentation"]
     pairs = [(r, s) for r in _oof_rows(classifier_runs) if r["path"] in scores for s in scores[r["path"]]]
     return (torch.tensor([[float(r[f"p_{c}"]) for c in classes] for r, _ in pairs]),
