@@ -249,6 +249,23 @@ class LoadedModel:
         return Said(torch.log(probs), probs, decide(probs, self.classes, self.config.get("operating_point"), scores),
                     maps, scores)
 
+    def describe_each(self, files: list[Path], items: list) -> list:
+        """Per file, with what reading it gave (a Prepared image, "loop" for a cine loop, or the BusiError that stopped
+        it): its row, or that error. The images go through the network together; a loop, every frame, on its own."""
+        said = iter(self.describe([item for item in items if isinstance(item, Prepared)]) if any(
+            isinstance(item, Prepared) for item in items) else [])
+        rows = []
+        for path, item in zip(files, items):
+            if isinstance(item, Prepared):
+                item = next(said)
+            elif isinstance(item, str):  # "loop"
+                try:
+                    item = self.describe_loop(path)
+                except BusiError as e:
+                    item = e
+            rows.append(item)
+        return rows
+
     def describe(self, prepared: list[Prepared], explain: bool = False) -> list[dict]:
         """One row per prepared image: predicted class, probabilities, the shift flag, the lesion outline and its
         measurements; with explain, 'overlay': Grad-CAM of the class said with the outline and a caption drawn on."""

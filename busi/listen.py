@@ -133,19 +133,8 @@ class Node:
 
     def run(self, batch: list[tuple]) -> list[tuple]:
         """(file, header, its prediction row or BusiError): the network on the batch's images, a loop on its own."""
-        singles = [item for _, _, item in batch if not isinstance(item, (str, BusiError))]
-        said = iter(self.loaded.describe(singles) if singles else [])
-        out = []
-        for f, source, item in batch:
-            if isinstance(item, str):  # "loop"
-                try:
-                    item = self.loaded.describe_loop(f)
-                except BusiError as e:
-                    item = e
-            elif not isinstance(item, BusiError):
-                item = next(said)
-            out.append((f, source, item))
-        return out
+        rows = self.loaded.describe_each([f for f, _, _ in batch], [item for _, _, item in batch])
+        return [(f, source, row) for (f, source, _), row in zip(batch, rows)]
 
     def deliver(self, batch: list[tuple]) -> None:
         """Each row's SR and SEG written or stored; the spooled image removed once they are. An archive that refuses:

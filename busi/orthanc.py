@@ -159,19 +159,10 @@ class Link:
     def run(self, page: tuple) -> tuple:
         """The same with each image's prediction row (or the error) in place of the Prepared image."""
         tmp, entries, last = page
-        singles = [item for *_, item in entries if not isinstance(item, (str, BusiError))]
-        said = iter(self.loaded.describe(singles) if singles else [])
-        out = []
-        for instance, path, source, item in entries:
-            if isinstance(item, str):  # "loop": every frame, on its own
-                try:
-                    item = self.loaded.describe_loop(path)
-                except BusiError as e:
-                    item = BusiError(str(e).replace(str(path), "the image"))
-            elif not isinstance(item, BusiError):
-                item = next(said)
-            out.append((instance, source, item))
-        return tmp, out, last
+        rows = self.loaded.describe_each([path for _, path, _, _ in entries], [item for *_, item in entries])
+        return tmp, [(instance, source, BusiError(str(row).replace(str(path), "the image"))
+                      if isinstance(row, BusiError) and path is not None else row)
+                     for (instance, path, source, _), row in zip(entries, rows)], last
 
     def deliver(self, page: tuple) -> bool:
         """Each row's SR and SEG posted to Orthanc, then the cursor moved past the page (a kill before that repeats
