@@ -3,7 +3,8 @@ busi's plugin and to `busi listen`, beside `busi predict` on the same files in t
 
     python benchmarks/archive_load.py --data ../shared/data/busbra_dev --n 500
 
-Per path: seconds from the first image sent to the last SR there (images/s, and as a share of predict's), whether
+Per path: seconds from the first image sent to the last SR there (images/s, and as a share of predict's, and of
+`predict --dicom-out`'s, which writes the same SR and SEG per image), whether
 every image got exactly one SR (none lost, none twice), the slowest answer of Orthanc's REST API while busi worked
 (plugin), and the resident memory of the process running the model (Orthanc with the plugin, or busi listen) after
 the first tenth of the images and at the end (flat: the model is loaded once, nothing piles up). Prints one JSON line
@@ -94,6 +95,7 @@ def main() -> None:
             print(json.dumps({"path": path, "images": args.n, **result,
                               "images_per_second": round(args.n / result["seconds"], 2),
                               "share_of_predict": round(predict_s / result["seconds"], 2),
+                              "share_of_predict_dicom_out": round(with_dicom_s / result["seconds"], 2),
                               "each_image_one_report": sorted(cited) == sorted(uids),
                               "lost": len(uids - set(cited)), "twice": len(cited) - len(set(cited)),
                               "sender_ok": sender.returncode == 0,
@@ -109,6 +111,17 @@ def main() -> None:
         predict_s = time.perf_counter() - start
         print(json.dumps({"path": "predict", "images": args.n, "seconds": round(predict_s, 1),
                           "images_per_second": round(args.n / predict_s, 2)}), flush=True)
+        # the same work as the archive paths: predict writing each image's SR and SEG too (--dicom-out)
+        start = time.perf_counter()
+        done = subprocess.run([*busi, "predict", "--checkpoint", checkpoint, "--engine", args.engine, "--no-progress",
+                               "--dicom-out", str(tmp / "predict-dicom"), str(tmp / "images")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode not in (0, 1):
+            raise SystemExit(f"busi predict --dicom-out failed: {done.stderr[-1500:]}")
+        with_dicom_s = time.perf_counter() - start
+        print(json.dumps({"path": "predict --dicom-out", "images": args.n, "seconds": round(with_dicom_s, 1),
+                          "images_per_second": round(args.n / with_dicom_s, 2),
+                          "share_of_predict": round(predict_s / with_dicom_s, 2)}), flush=True)
 
         if "plugin" in args.paths:
             subprocess.run([*busi, "orthanc", "--out", str(tmp / "plugin"), "--checkpoint", checkpoint, "--engine",
