@@ -3,7 +3,8 @@
     python benchmarks/latency.py --images ../shared/data/busi_dev --repeats 5 --md benchmarks/latency.md
 
 Each figure is the median of --repeats fresh processes (cold start: Python, imports, model load, prediction):
-- bare minimum: import torch and timm, build the network, load the bundled weights, read one image, one forward pass;
+- bare minimum: import torch, timm and the U-Net decoder, build the classifier and the lesion segmenter, load the
+  bundled weights, read one image, one forward pass of each;
 - `busi predict IMAGE` with the bundled model (its mirror test-time augmentation and shift check included);
 - an argument or path mistake: `busi predict nope/`, `busi audit nope/`, `busi evaluate --data nope/`;
 - 100 images: `busi predict FOLDER` against a plain torch loop over the same files (one image per forward pass).
@@ -26,16 +27,35 @@ MODEL = ROOT / "busi" / "assets" / "recommended.pth"
 
 BARE = """
 import sys, torch, timm, numpy as np
+from torch import nn
 from PIL import Image
-model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3)
+from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 state = torch.load(sys.argv[1], map_location="cpu", weights_only=True)["state_dict"]
-model.load_state_dict({k: v.float() for k, v in state.items()})
-model.eval()
+state = {k: v.float() for k, v in state.items()}
+classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3)
+segmenter = None
+if any(k.startswith("segmenter.") for k in state):  # the bundled model: a classifier and a lesion segmenter
+    class Segmenter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = timm.create_model("tf_efficientnet_lite0", features_only=True, pretrained=False)
+            self.decoder = UnetDecoder([3] + self.encoder.feature_info.channels(), [64, 48, 32, 16], n_blocks=4)
+            self.head = nn.Conv2d(16, 1, 3, padding=1)
+
+        def forward(self, x):
+            return self.head(self.decoder([x] + self.encoder(x)))
+    segmenter = Segmenter()
+    segmenter.load_state_dict({k[10:]: v for k, v in state.items() if k.startswith("segmenter.")})
+    state = {k[11:]: v for k, v in state.items() if k.startswith("classifier.")}
+classifier.load_state_dict(state)
 torch.set_grad_enabled(False)
 for path in sys.argv[2:]:
     im = np.asarray(Image.open(path).convert("RGB").resize((224, 224), Image.BILINEAR))
     x = (torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
-    print(path, torch.softmax(model(x), 1).tolist())
+    p = torch.softmax(classifier.eval()(x), 1)
+    if segmenter is not None:
+        lesion = torch.sigmoid(segmenter.eval()(torch.nn.functional.interpolate(x, size=(160, 160), mode="bilinear")))
+    print(path, p.tolist())
 """
 
 
@@ -69,7 +89,7 @@ def main():
             (hundred / f"{f.parent.name}-{f.name}").symlink_to(f.resolve())
         timed([sys.executable, str(bare), str(MODEL), one], 1)  # warm the file cache for everyone alike
         rows = {
-            "bare minimum: torch + timm, build, load weights, 1 image": timed([sys.executable, str(bare), str(MODEL), one],
+            "bare minimum: torch + timm + U-Net, build both networks, load weights, 1 image": timed([sys.executable, str(bare), str(MODEL), one],
                                                                               args.repeats),
             "busi predict IMAGE (bundled model)": timed([*busi, "predict", one], args.repeats),
             "busi predict nope/ (a path that does not exist)": timed([*busi, "predict", "nope/"], args.repeats, ok=(2,)),
@@ -81,7 +101,7 @@ def main():
             f"busi predict FOLDER of {len(files)} images (batches of 32)": timed([*busi, "predict", str(hundred)],
                                                                                  args.repeats),
         }
-    base = rows["bare minimum: torch + timm, build, load weights, 1 image"]
+    base = rows["bare minimum: torch + timm + U-Net, build both networks, load weights, 1 image"]
     import torch
     lines = [f"# Prediction latency ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "

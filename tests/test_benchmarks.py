@@ -1,5 +1,6 @@
 """The benchmark scripts keep working (they are run by hand; here on a few images and one step)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -245,3 +246,25 @@ def test_operating_point_from_out_of_fold_predictions_on_a_known_case(tmp_path):
     assert never["a"]["recall"] == 0.5 and never["b"] == {"recall": 0.5, "specificity": 0.0}
     adapted = operating_point_from_cv([elsewhere], ["benign", "malignant", "normal"], 0.5, {}, prefix="adapted_p_")
     assert adapted["threshold"] == pytest.approx(0.3) and "never saw its hospital" in adapted["fitted_where"]
+
+
+def test_int8_script_scores_each_lighter_network_against_float32(tmp_path):
+    from busi import checkpoint
+    from busi.models import build
+    data = make_kaggle_folder(tmp_path / "data", per_class=6, size=64)
+    ckpt = tmp_path / "m.pth"
+    torch.manual_seed(0)
+    checkpoint.save(ckpt, build("custom-cnn", 3), {"arch": "custom-cnn", "classes": ["benign", "malignant", "normal"],
+                                                   "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "tta": True})
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8.py"), "--data", str(data), "--checkpoint",
+                           str(ckpt), "--calibrate", "4", "--timed", "8", "--repeats", "1", "--md", str(tmp_path / "t.md"),
+                           "--json", str(tmp_path / "t.json")],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "BUSI_CACHE": str(tmp_path / "c")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = (tmp_path / "t.md").read_text().splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line for line in table[2:]}
+    assert set(rows) == {"float32", "int8", "float32, no mirrored pass"}
+    assert "| 0.0% |" in rows["float32"] and rows["float32"].endswith("| yes |")  # the reference changes nothing
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["images"] == 18 and result["calibration_images"] == 4
+    assert all(0 <= v["decisions_changed"] <= 1 and v["images_per_second"] > 0 for v in result["variants"].values())
