@@ -252,8 +252,8 @@ class LoadedModel:
     def describe_each(self, files: list[Path], items: list) -> list:
         """Per file, with what reading it gave (a Prepared image, "loop" for a cine loop, or the BusiError that stopped
         it): its row, or that error. The images go through the network together; a loop, every frame, on its own."""
-        said = iter(self.describe([item for item in items if isinstance(item, Prepared)]) if any(
-            isinstance(item, Prepared) for item in items) else [])
+        prepared = [item for item in items if isinstance(item, Prepared)]
+        said = iter(self.describe(prepared) if prepared else [])
         rows = []
         for path, item in zip(files, items):
             if isinstance(item, Prepared):
