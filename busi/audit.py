@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import imagehash
 import numpy as np
+import scipy.fftpack  # noqa: F401 - imagehash.phash imports it on first use: here, before any thread does
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -253,18 +254,25 @@ def _thumb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("L").resize((32, 32), Image.BILINEAR))
 
 
-def fingerprints(dataset: Dataset, progress: bool = True) -> dict:
-    """Each image's perceptual hash and 32x32 grey thumbnail (about 1 KB an image): enough to recognise copies and
-    resizes of these images later without the folder, so a model can carry those of its training images."""
-    def one(sample):
-        im = open_image(dataset.file(sample))
-        return imagehash.phash(im.convert("L")).hash.flatten(), _thumb(im)
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        found = list(tqdm(pool.map(one, dataset.samples), total=len(dataset.samples), desc="fingerprints",
-                          disable=not progress, leave=False))
+def fingerprint(im: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """One decoded image's perceptual hash (64 bits) and 32x32 grey thumbnail."""
+    return imagehash.phash(im.convert("L")).hash.flatten(), _thumb(im)
+
+
+def packed(found: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Fingerprints as the tensors a checkpoint carries: hashes packed 8 bits a byte, thumbnails as they are."""
     import torch
     return {"fingerprints.phash": torch.from_numpy(np.packbits(np.stack([h for h, _ in found]), axis=1)),
             "fingerprints.thumb": torch.from_numpy(np.stack([t for _, t in found]))}
+
+
+def fingerprints(dataset: Dataset, progress: bool = True) -> dict:
+    """Each image's perceptual hash and 32x32 grey thumbnail (about 1 KB an image): enough to recognise copies and
+    resizes of these images later without the folder, so a model can carry those of its training images."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        found = list(tqdm(pool.map(lambda sample: fingerprint(open_image(dataset.file(sample))), dataset.samples),
+                          total=len(dataset.samples), desc="fingerprints", disable=not progress, leave=False))
+    return packed(found)
 
 
 def _unit(thumbs: np.ndarray) -> np.ndarray:
@@ -274,11 +282,11 @@ def _unit(thumbs: np.ndarray) -> np.ndarray:
 
 
 def copies_of_fingerprints(tensors: dict, reference_paths: list[str], other: Dataset,
-                           progress: bool = True) -> dict[str, list[str]]:
+                           progress: bool = True, theirs: dict | None = None) -> dict[str, list[str]]:
     """Images of `other` that are copies or resizes of fingerprinted images (the audit's first test: close perceptual
     hashes and correlated thumbnails): other's path -> the fingerprinted images' paths. Crops and zooms need the
-    images themselves (near_duplicates_across)."""
-    theirs = fingerprints(other, progress)
+    images themselves (near_duplicates_across). theirs: other's fingerprints when already taken (in its order)."""
+    theirs = fingerprints(other, progress) if theirs is None else theirs
     ref_bits = np.unpackbits(tensors["fingerprints.phash"].numpy(), axis=1).astype(bool)
     bits = np.unpackbits(theirs["fingerprints.phash"].numpy(), axis=1).astype(bool)
     distance = (bits[:, None, :] != ref_bits[None, :, :]).sum(-1)

@@ -79,10 +79,13 @@ def open_image(path: str | Path, notes: list[str] | None = None, frame: int | No
 
 
 def read_image(path: str | Path, size: int | None = None, notes: list[str] | None = None, steps=(),
-               geometry: dict | None = None, frame: int | None = None) -> np.ndarray:
+               geometry: dict | None = None, frame: int | None = None, look=None) -> np.ndarray:
     """HxWx3 uint8 array, through the preprocessing steps (busi.preprocess) and resized to size x size (as the seed
-    did, aspect ratio not kept) when size is given; geometry receives how the steps cut and padded it."""
+    did, aspect ratio not kept) when size is given; geometry receives how the steps cut and padded it; look, a
+    function, sees the image as decoded (to fingerprint it without decoding it twice)."""
     im = open_image(path, notes, frame)
+    if look is not None:
+        look(im)
     if steps:
         im = Image.fromarray(preprocess.apply(np.array(im), steps, geometry=geometry))
     if size is not None and notes is not None and min(im.size) < size:
@@ -120,12 +123,13 @@ def read_mask(paths: list[str | Path] | tuple[str | Path, ...], size: int | None
     return union
 
 
-def _decode(dataset: Dataset, sample: Sample, image_size: int, steps, geometry: dict | None):
+def _decode(dataset: Dataset, sample: Sample, image_size: int, steps, geometry: dict | None, look=None):
     """(HxWx3 uint8 array or None, the error or None, notes on what was unusual about it)."""
     notes: list[str] = []
     try:
         cut = {} if geometry is not None else None
-        image = read_image(dataset.file(sample), image_size, notes, steps, cut, dataset.frame(sample))
+        image = read_image(dataset.file(sample), image_size, notes, steps, cut, dataset.frame(sample),
+                           None if look is None else lambda im: look(sample, im))
         if cut:  # steps that cut or padded it
             geometry[sample.path] = cut
         return image, None, notes
@@ -134,13 +138,13 @@ def _decode(dataset: Dataset, sample: Sample, image_size: int, steps, geometry: 
 
 
 def batches(dataset: Dataset, image_size: int, batch_size: int = 32, steps=(), geometry: dict | None = None,
-            skipped: dict | None = None, progress: bool = True, desc: str = "decoding images"):
+            skipped: dict | None = None, progress: bool = True, desc: str = "decoding images", look=None):
     """Yield (uint8 Bx3xSxS images, int64 labels, their samples) batch by batch, decoded by threads a batch or two
     ahead of the caller (who runs the network meanwhile), so a folder of any size holds only a few batches in memory.
 
     Unreadable images are left out with a warning that names them, and recorded in skipped; unusual ones (grayscale,
     16-bit, upscaled) get one line per kind at the end. geometry, a dict, receives per image path how the steps cut it
-    (for load_masks, which then need not decode the images again)."""
+    (for load_masks, which then need not decode the images again); look(sample, PIL image) sees each image as decoded."""
     skipped = {} if skipped is None else skipped
     unusual: dict[str, list[str]] = {}
     ahead = deque()
@@ -149,7 +153,7 @@ def batches(dataset: Dataset, image_size: int, batch_size: int = 32, steps=(), g
     with ThreadPoolExecutor(max_workers=4) as pool:  # PIL and OpenCV release the GIL while decoding and cleaning
         def refill():
             while len(ahead) < 2 * batch_size and (sample := next(samples, None)) is not None:
-                ahead.append((sample, pool.submit(_decode, dataset, sample, image_size, steps, geometry)))
+                ahead.append((sample, pool.submit(_decode, dataset, sample, image_size, steps, geometry, look)))
         refill()
         while ahead:
             rows, kept = [], []

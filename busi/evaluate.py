@@ -9,34 +9,40 @@ from pathlib import Path
 import torch
 
 from . import __version__, shift
+from .audit import copies_of_fingerprints, fingerprint as fingerprint_of, near_duplicates_across, packed
 from .data import Dataset, Rows, batches, load_masks, report_mask_problems, reread, scan
 from .errors import BusiError
 from .folders import scan_sources
 from .inference import LoadedModel, decision_scores
 from .lesion import dice_iou
-from .pipeline import ahead
+from .pipeline import ahead, import_ahead
 from .runs import run_dir
 
 
+def carries_fingerprints(config: dict, extras: dict | None) -> bool:
+    """Whether the checkpoint carries fingerprints of the images that shaped it."""
+    return bool(extras and "fingerprints.phash" in extras and config.get("fingerprint_paths"))
+
+
 def training_overlap(checkpoint_path: str | Path, config: dict, dataset: Dataset, train_data: str | Path | None = None,
-                     progress: bool = True, extras: dict | None = None) -> dict:
+                     progress: bool = True, extras: dict | None = None, theirs: dict | None = None) -> dict:
     """Which images of dataset have a near-duplicate among the images the checkpoint's model trained on: against the
     training folder when it is here (copies, resizes, crops and zooms), and against the fingerprints the checkpoint
-    carries of every image that shaped it, its parent's too (copies and resizes)."""
-    from .audit import copies_of_fingerprints, near_duplicates_across
+    carries of every image that shaped it, its parent's too (copies and resizes). theirs: dataset's own fingerprints
+    when already taken."""
     from .external import relabel
     if train_data is not None and not Path(train_data).is_dir():
         raise BusiError(f"{train_data}: --train-data folder does not exist")
     given = train_data or config.get("trained_on")
     roots = given if isinstance(given, list) else [given] if given else []  # a list: several sources pooled
     here = bool(roots) and all(Path(r).is_dir() for r in roots)
-    fingerprinted = bool(extras and "fingerprints.phash" in extras and config.get("fingerprint_paths"))
+    fingerprinted = carries_fingerprints(config, extras)
     if not here and not fingerprinted:
         return {"checked": False, "note": f"the training data ({', '.join(map(str, roots)) or 'unnamed'}) is not here and the "
                                           "model carries no fingerprints of it: pass --train-data DIR to check"}
     seen, methods, counted = {}, [], 0
     if fingerprinted:
-        seen = copies_of_fingerprints(extras, config["fingerprint_paths"], dataset, progress)
+        seen = copies_of_fingerprints(extras, config["fingerprint_paths"], dataset, progress, theirs)
         counted = len(config["fingerprint_paths"])
         methods.append("the fingerprints the model carries of the images that shaped it: copies and resizes")
     if here:
@@ -68,10 +74,6 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     The folder may hold a subset of the model's classes (another hospital's benign/malignant set); a meta CSV adds
     per-group figures (e.g. per scanner) and a bootstrap over patients instead of images.
     """
-    import yaml
-    from .metrics import compute_metrics
-    from .report import render
-    from .results import write_results
     if (group_column or patient_column) and not meta:
         raise BusiError("--group-column and --patient-column need --meta FILE.csv")
     loaded = LoadedModel(checkpoint_path)
@@ -81,11 +83,18 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     dataset, absent = relabel(scan(data), config["classes"], str(checkpoint_path))
     folder = run_dir(out, f"evaluate-{config['arch']}", overwrite)
     loaded.use_engine(engine, len(dataset.samples))
-    seen = _stream(loaded, dataset, progress)
+    seen = _stream(loaded, dataset, progress, fingerprint=carries_fingerprints(config, extras),
+                   # the pictures' and metrics' libraries load while the network runs, once the first batch has loaded
+                   # what reading needs: two threads importing one library at once can meet in its import cycles
+                   after_first=lambda: import_ahead("busi.results", "busi.report"))
     dataset, labels, status = seen["dataset"], seen["labels"], seen["mask_status"]
     probs, distances, scores = seen["probs"], seen.get("distances"), seen.get("lesion_scores")
     decided_on = decision_scores(config, scores, distances)  # what the rule reads; scores as measured for the rest
-    overlap = training_overlap(checkpoint_path, config, dataset, train_data, progress, extras)
+    import yaml
+    from .metrics import compute_metrics
+    from .report import render
+    from .results import write_results
+    overlap = training_overlap(checkpoint_path, config, dataset, train_data, progress, extras, seen.get("fingerprints"))
     lesion = {}
     if scores is not None:
         from .lesion import lesion_figures
@@ -137,11 +146,13 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     return metrics, folder
 
 
-def _stream(loaded: LoadedModel, dataset: Dataset, progress: bool, batch_size: int = 32) -> dict:
+def _stream(loaded: LoadedModel, dataset: Dataset, progress: bool, batch_size: int = 32, fingerprint: bool = False,
+            after_first=None) -> dict:
     """The model on every readable image of dataset, a batch at a time (decoding the next batches meanwhile), keeping
     per image only what the figures need: labels, logits, probabilities, distances, lesion scores, Dice and IoU, the
-    mask's status and where the scan crop cut it (a few numbers). No image, mask or map is kept: memory stays flat
-    however large the folder."""
+    mask's status and where the scan crop cut it (a few numbers), and with fingerprint its copy-check fingerprints,
+    taken from the same decoding; after_first() is called once the first batch is done. No image, mask or map is
+    kept: memory stays flat however large the folder."""
     config = loaded.config
     size, steps = config["image_size"], config.get("preprocess", ())
     geometry: dict = {}
@@ -152,7 +163,12 @@ def _stream(loaded: LoadedModel, dataset: Dataset, progress: bool, batch_size: i
         return (images, labels, samples,
                 *load_masks(dataset.with_samples(samples), size, steps, geometry, report=False))
 
-    read = batches(dataset, size, batch_size, steps, geometry, skipped, progress, "evaluating")
+    prints: dict = {}
+    look = None
+    if fingerprint:
+        def look(sample, image):
+            prints[sample.path] = fingerprint_of(image)
+    read = batches(dataset, size, batch_size, steps, geometry, skipped, progress, "evaluating", look)
     for images, labels, samples, masks, batch_status in ahead(read, with_masks):
         said = loaded.run(images)
         found = {"labels": labels, "logits": said.logits, "probs": said.probs, "distances": said.distances,
@@ -162,10 +178,15 @@ def _stream(loaded: LoadedModel, dataset: Dataset, progress: bool, batch_size: i
         for key, value in found.items():
             if value is not None:
                 parts.setdefault(key, []).append(value)
+        if not kept and after_first is not None:
+            after_first()
         kept += samples
         status += batch_status
     if not kept:
         raise BusiError(f"{dataset.root}: none of the images could be read")
     dataset = dataset.with_samples(kept, skipped)
     report_mask_problems(dataset.samples, status)
-    return {"dataset": dataset, "mask_status": status, "geometry": geometry, **{key: torch.cat(value) for key, value in parts.items()}}
+    if fingerprint:
+        parts["fingerprints"] = packed([prints[s.path] for s in kept])
+    return {"dataset": dataset, "mask_status": status, "geometry": geometry,
+            **{key: value if key == "fingerprints" else torch.cat(value) for key, value in parts.items()}}

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchmetrics.functional.classification import binary_auroc
 
 from .data import warn
 from .errors import BusiError
 from .meta import read_meta
-from .metrics import cluster_resamples
 from .operating import decide
 
 
@@ -40,6 +38,7 @@ def _point(score, truth, called) -> dict:
     if 0 < int(truth.sum()) < len(truth):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            from torchmetrics.functional.classification import binary_auroc  # here: relabel is needed without it
             out["auroc"] = float(binary_auroc(score, truth))
     for name, c in called.items():
         pos, neg = truth == 1, truth == 0
@@ -53,6 +52,7 @@ def malignant_vs_benign(probs: torch.Tensor, labels: torch.Tensor, classes, oper
                         cluster_kind: str = "patients", lesion_scores: torch.Tensor | None = None) -> dict | None:
     """AUROC of p(malignant)/(p(malignant)+p(benign)) and sensitivity/specificity at argmax and at the operating point,
     with 95% percentile CIs from a bootstrap over clusters (patients when known, else images)."""
+    from .metrics import cluster_resamples  # here: torchmetrics costs seconds, and relabel needs none of it
     b = _binary(probs, labels, classes, operating_point, lesion_scores)
     if b is None or len(b["truth"]) == 0:
         return None

@@ -55,3 +55,21 @@ def ahead(items: Iterable[T], step: Callable[[T], U], depth: int = 1) -> Iterato
             yield value
     finally:
         stop.set()
+
+
+def import_ahead(*modules: str) -> threading.Thread:
+    """Import modules in a thread of their own while the caller loads a model and reads images: a command's
+    plotting and metrics libraries cost seconds of one core at a time when the network leaves cores idle. A later
+    `import` of the same module waits for this one (Python's per-module import lock) rather than importing twice;
+    an error here is left for that import to raise in its place."""
+    import importlib
+
+    def load():
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the caller's own import reports it where it matters
+                pass
+    thread = threading.Thread(target=load, name="import-ahead", daemon=True)
+    thread.start()
+    return thread

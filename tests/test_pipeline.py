@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from busi.pipeline import ahead
+from busi.pipeline import ahead, import_ahead
 
 
 def test_stacked_stages_keep_the_order_of_the_items():
@@ -52,3 +52,12 @@ def test_a_consumer_that_stops_early_stops_the_stage():
     count = len(produced)
     threading.Event().wait(0.6)
     assert len(produced) == count and count < 10
+
+
+def test_import_ahead_loads_modules_in_the_background_and_leaves_errors_to_the_caller():
+    import sys
+    sys.modules.pop("colorsys", None)
+    import_ahead("colorsys", "busi_no_such_module").join(timeout=60)
+    assert "colorsys" in sys.modules  # loaded; the missing one did not stop it or raise in the thread
+    with pytest.raises(ModuleNotFoundError):
+        __import__("busi_no_such_module")  # the caller's own import still reports it
