@@ -57,9 +57,36 @@ def images_of(loaded: LoadedModel, folders: list[Path], limit: int | None = None
     return (torch.cat([inputs[i] for i in kept]), [files[i][1] for i in kept], [files[i][2] for i in kept])
 
 
-def quantised(float_path: Path, calibration: torch.Tensor, out: Path) -> Path:
-    """The graph with int8 weights (per channel) and activations whose ranges were read on the calibration images."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
+# int8 variants: which parts stay float32 (by the PyTorch module path the exporter records per node) and how the
+# activations' ranges are read. Decisions moved by int8 trace back to a few sensitive layers or to outliers that stretch
+# a min-max range, so each lever is tried alone.
+VARIANTS = {
+    "int8": ((), "minmax"),
+    "int8, percentile ranges": ((), "percentile"),
+    "int8, stems and heads float": ((".conv_stem", ".conv_head", "classifier.classifier", "segmenter.head"), "minmax"),
+    "int8, segmenter decoder float": (("segmenter.decoder", "segmenter.head"), "minmax"),
+    "int8, segmenter float": (("model.segmenter",), "minmax"),
+    "int8, classifier float": (("model.classifier",), "minmax"),
+}
+
+
+def scoped(float_path: Path, parts: tuple[str, ...]) -> list[str]:
+    """Names of the nodes the exporter placed in a module whose path contains one of parts (kept float32)."""
+    import onnx
+    names = []
+    for node in onnx.load(str(float_path)).graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        if any(part in scopes for part in parts):
+            names.append(node.name)
+    return names
+
+
+def quantised(float_path: Path, calibration: torch.Tensor, out: Path, keep_float: tuple[str, ...] = (),
+              ranges: str = "minmax") -> Path:
+    """The graph with int8 weights (per channel) and activations whose ranges were read on the calibration images;
+    nodes of the modules named in keep_float stay float32."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quant_pre_process, quantize_static)
 
     class Batches(CalibrationDataReader):
         def __init__(self):
@@ -68,9 +95,13 @@ def quantised(float_path: Path, calibration: torch.Tensor, out: Path) -> Path:
         def get_next(self):
             return next(self.left, None)
     prepared = out.with_name("prepared.onnx")
-    quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+    if not prepared.exists():
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[ranges]
     quantize_static(str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    nodes_to_exclude=scoped(float_path, keep_float) if keep_float else None,
+                    calibrate_method=method, extra_options={"CalibPercentile": 99.999})
     return out
 
 
@@ -109,6 +140,8 @@ def main() -> None:
     ap.add_argument("--timed", type=int, default=256, help="images in each timing pass")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--limit", type=int, help="at most this many images of each class folder (a quick try)")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="int8 variants to build (the mirrored pass left out is always measured)")
     ap.add_argument("--md", type=Path)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -124,8 +157,11 @@ def main() -> None:
     reference = OnnxEngine(checkpoint, model, config)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        variants = {"float32": reference.path,
-                    "int8": quantised(reference.path, calibration, tmp / "int8.onnx")}
+        variants = {"float32": reference.path}
+        for i, name in enumerate(args.variants):
+            keep_float, ranges = VARIANTS[name]
+            variants[name] = quantised(reference.path, calibration, tmp / f"int8-{i}.onnx", keep_float, ranges)
+            print(f"{name}: quantised", flush=True)
         no_tta = {**config, "tta": False}
         _export(Graph(model, no_tta), no_tta, tmp / "no-mirror.onnx")
         variants["float32, no mirrored pass"] = tmp / "no-mirror.onnx"

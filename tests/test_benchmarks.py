@@ -257,13 +257,14 @@ def test_int8_script_scores_each_lighter_network_against_float32(tmp_path):
     checkpoint.save(ckpt, build("custom-cnn", 3), {"arch": "custom-cnn", "classes": ["benign", "malignant", "normal"],
                                                    "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "tta": True})
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8.py"), "--data", str(data), "--checkpoint",
-                           str(ckpt), "--calibrate", "4", "--timed", "8", "--repeats", "1", "--md", str(tmp_path / "t.md"),
+                           str(ckpt), "--calibrate", "4", "--timed", "8", "--repeats", "1", "--variants", "int8", "int8, percentile ranges",
+                           "--md", str(tmp_path / "t.md"),
                            "--json", str(tmp_path / "t.json")],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "BUSI_CACHE": str(tmp_path / "c")})
     assert done.returncode == 0, done.stderr[-2000:]
     table = (tmp_path / "t.md").read_text().splitlines()
     rows = {line.split(" | ")[0].strip("| "): line for line in table[2:]}
-    assert set(rows) == {"float32", "int8", "float32, no mirrored pass"}
+    assert set(rows) == {"float32", "int8", "int8, percentile ranges", "float32, no mirrored pass"}
     assert "| 0.0% |" in rows["float32"] and rows["float32"].endswith("| yes |")  # the reference changes nothing
     result = json.loads((tmp_path / "t.json").read_text())
     assert result["images"] == 18 and result["calibration_images"] == 4
