@@ -83,10 +83,12 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     dataset, absent = relabel(scan(data), config["classes"], str(checkpoint_path))
     folder = run_dir(out, f"evaluate-{config['arch']}", overwrite)
     loaded.use_engine(engine, len(dataset.samples))
+    loading = []  # the pictures' and metrics' libraries, loaded while the network runs, once the first batch has
+    # loaded what reading needs, and waited for before this thread imports them (import_ahead says why)
     seen = _stream(loaded, dataset, progress, fingerprint=carries_fingerprints(config, extras),
-                   # the pictures' and metrics' libraries load while the network runs, once the first batch has loaded
-                   # what reading needs: two threads importing one library at once can meet in its import cycles
-                   after_first=lambda: import_ahead("busi.results", "busi.report"))
+                   after_first=lambda: loading.append(import_ahead("busi.results", "busi.report")))
+    for thread in loading:
+        thread.join()
     dataset, labels, status = seen["dataset"], seen["labels"], seen["mask_status"]
     probs, distances, scores = seen["probs"], seen.get("distances"), seen.get("lesion_scores")
     decided_on = decision_scores(config, scores, distances)  # what the rule reads; scores as measured for the rest

@@ -58,10 +58,10 @@ def ahead(items: Iterable[T], step: Callable[[T], U], depth: int = 1) -> Iterato
 
 
 def import_ahead(*modules: str) -> threading.Thread:
-    """Import modules in a thread of their own while the caller loads a model and reads images: a command's
-    plotting and metrics libraries cost seconds of one core at a time when the network leaves cores idle. A later
-    `import` of the same module waits for this one (Python's per-module import lock) rather than importing twice;
-    an error here is left for that import to raise in its place."""
+    """Import modules in a thread of their own while the caller runs the network: a command's plotting and metrics
+    libraries cost seconds of one core when the network leaves cores idle. Join the thread before importing any of
+    them (or anything they import) elsewhere: two threads importing one library at once can meet in its import
+    cycles and fail ("partially initialized module"). An error here is left for the caller's own import to raise."""
     import importlib
 
     def load():
