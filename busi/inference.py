@@ -197,6 +197,17 @@ class LoadedModel:
                 frame = middle_frame(found["frames"])
         return Prepared(str(path), original, origin, model_input(original, self.config["image_size"]), spacing, frame)
 
+    def read_dicom(self, path: str | Path) -> tuple:
+        """(its header without the pixels or None, a Prepared image, 'loop' or the BusiError that stops it): one DICOM
+        file as the archive's faces (busi listen, the Orthanc plugin) read it, never raising."""
+        import pydicom
+        try:
+            return pydicom.dcmread(path, stop_before_pixels=True), "loop" if self.is_loop(path) else self.prepare(path)
+        except BusiError as e:
+            return None, e
+        except Exception as e:  # noqa: BLE001  (a file no reader expected: one line, and the next image)
+            return None, BusiError(f"unreadable ({type(e).__name__})")
+
     def is_loop(self, path: str | Path) -> bool:
         if not is_dicom_file(Path(path)):
             return False

@@ -119,17 +119,7 @@ class Node:
 
     def read(self, files: list[Path]) -> list[tuple]:
         """(file, its header, a Prepared image, 'loop' or the BusiError that stops it) per file."""
-        import pydicom
-        out = []
-        for f in files:
-            try:
-                source = pydicom.dcmread(f, stop_before_pixels=True)
-                out.append((f, source, "loop" if self.loaded.is_loop(f) else self.loaded.prepare(f)))
-            except BusiError as e:
-                out.append((f, None, e))
-            except Exception as e:  # noqa: BLE001  (a file no reader expected: one line, and the next image)
-                out.append((f, None, BusiError(f"unreadable ({type(e).__name__})")))
-        return out
+        return [(f, *self.loaded.read_dicom(f)) for f in files]
 
     def run(self, batch: list[tuple]) -> list[tuple]:
         """(file, header, its prediction row or BusiError): the network on the batch's images, a loop on its own."""

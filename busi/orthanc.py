@@ -133,7 +133,6 @@ class Link:
     def read(self, page: tuple) -> tuple:
         """(a temporary folder, [(instance, its file, its header, a Prepared image, 'loop' or the error)], the last
         change): the ultrasound images of the page fetched from Orthanc and cleaned; anything else left alone."""
-        import pydicom
         instances, last = page
         tmp = Path(tempfile.mkdtemp(dir=self.spool))
         entries = []
@@ -148,12 +147,10 @@ class Link:
             except Exception as e:  # noqa: BLE001  (Orthanc's own errors: one line, and the next image)
                 entries.append((instance, None, None, BusiError(f"could not be read from Orthanc ({type(e).__name__})")))
                 continue
-            try:
-                source = pydicom.dcmread(path, stop_before_pixels=True)
-                entries.append((instance, path, source, "loop" if self.loaded.is_loop(path) else self.loaded.prepare(path)))
-            except Exception as e:  # noqa: BLE001
-                entries.append((instance, path, None, BusiError(str(e).replace(str(path), "the image"))
-                                if isinstance(e, BusiError) else BusiError(f"unreadable ({type(e).__name__})")))
+            source, item = self.loaded.read_dicom(path)
+            if isinstance(item, BusiError):  # the spooled file's name means nothing to whoever reads Orthanc's log
+                item = BusiError(str(item).replace(str(path), "the image"))
+            entries.append((instance, path, source, item))
         return tmp, entries, last
 
     def run(self, page: tuple) -> tuple:
