@@ -83,12 +83,8 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
     dataset, absent = relabel(scan(data), config["classes"], str(checkpoint_path))
     folder = run_dir(out, f"evaluate-{config['arch']}", overwrite)
     loaded.use_engine(engine, len(dataset.samples))
-    loading = []  # the pictures' and metrics' libraries, loaded while the network runs, once the first batch has
-    # loaded what reading needs, and waited for before this thread imports them (import_ahead says why)
     seen = _stream(loaded, dataset, progress, fingerprint=carries_fingerprints(config, extras),
-                   after_first=lambda: loading.append(import_ahead("busi.results", "busi.report")))
-    for thread in loading:
-        thread.join()
+                   meanwhile=("busi.results", "busi.report"))  # the pictures' and metrics' libraries
     dataset, labels, status = seen["dataset"], seen["labels"], seen["mask_status"]
     probs, distances, scores = seen["probs"], seen.get("distances"), seen.get("lesion_scores")
     decided_on = decision_scores(config, scores, distances)  # what the rule reads; scores as measured for the rest
@@ -149,12 +145,13 @@ def run_evaluate(checkpoint_path: str | Path, data: str | Path, out: str | Path 
 
 
 def _stream(loaded: LoadedModel, dataset: Dataset, progress: bool, batch_size: int = 32, fingerprint: bool = False,
-            after_first=None) -> dict:
+            meanwhile: tuple[str, ...] = ()) -> dict:
     """The model on every readable image of dataset, a batch at a time (decoding the next batches meanwhile), keeping
     per image only what the figures need: labels, logits, probabilities, distances, lesion scores, Dice and IoU, the
     mask's status and where the scan crop cut it (a few numbers), and with fingerprint its copy-check fingerprints,
-    taken from the same decoding; after_first() is called once the first batch is done. No image, mask or map is
-    kept: memory stays flat however large the folder."""
+    taken from the same decoding. The modules named in meanwhile are imported while the network runs: from the end
+    of the first batch (reading has loaded what it needs by then) until before this returns (import_ahead says why).
+    No image, mask or map is kept: memory stays flat however large the folder."""
     config = loaded.config
     size, steps = config["image_size"], config.get("preprocess", ())
     geometry: dict = {}
@@ -166,6 +163,7 @@ def _stream(loaded: LoadedModel, dataset: Dataset, progress: bool, batch_size: i
                 *load_masks(dataset.with_samples(samples), size, steps, geometry, report=False))
 
     prints: dict = {}
+    importing = None
     look = None
     if fingerprint:
         def look(sample, image):
@@ -180,15 +178,16 @@ def _stream(loaded: LoadedModel, dataset: Dataset, progress: bool, batch_size: i
         for key, value in found.items():
             if value is not None:
                 parts.setdefault(key, []).append(value)
-        if not kept and after_first is not None:
-            after_first()
+        if importing is None and meanwhile:
+            importing = import_ahead(*meanwhile)
         kept += samples
         status += batch_status
+    if importing is not None:
+        importing.join()
     if not kept:
         raise BusiError(f"{dataset.root}: none of the images could be read")
     dataset = dataset.with_samples(kept, skipped)
     report_mask_problems(dataset.samples, status)
-    if fingerprint:
-        parts["fingerprints"] = packed([prints[s.path] for s in kept])
     return {"dataset": dataset, "mask_status": status, "geometry": geometry,
-            **{key: value if key == "fingerprints" else torch.cat(value) for key, value in parts.items()}}
+            **{key: torch.cat(value) for key, value in parts.items()},
+            **({"fingerprints": packed([prints[s.path] for s in kept])} if fingerprint else {})}
